@@ -1,0 +1,1 @@
+"""dapo_jax: DAPO (Decoupled Clip and Dynamic sAmpling Policy Optimization) in JAX."""

@@ -1,0 +1,1 @@
+"""The DAPO algorithm: rewards, advantages, dynamic sampling, policy loss and the update step."""

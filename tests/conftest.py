@@ -1,0 +1,22 @@
+"""Test-wide settings: eight fake CPU devices (before JAX is imported) and float32 matmuls."""
+import os
+
+# Sharded code paths are tested on a CPU mesh of 8 fake devices; single-device tests use device 0.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Parity tests compare against float32 PyTorch: keep XLA's matmuls at full precision.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+import pathlib
+
+import pytest
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data_dir():
+  """../shared/data beside the project root; tests that need it skip where it is absent (a fresh clone)."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"{SHARED_DATA} is absent (it exists only beside the development checkout)")
+  return SHARED_DATA.resolve()
