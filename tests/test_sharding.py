@@ -1,0 +1,45 @@
+"""Mesh construction and logical-axis rules."""
+import jax
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from dapo_jax import sharding
+
+
+def test_make_mesh_fills_the_minus_one_axis_with_auto_axis_types():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": -1, "tensor": 2})
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert all(t == AxisType.Auto for t in mesh.axis_types)
+  assert dict(sharding.make_mesh().shape) == {"data": 1, "fsdp": jax.device_count(), "tensor": 1}
+
+
+@pytest.mark.parametrize("shape, message", [
+    ({"data": 3, "fsdp": -1}, "do not fit 8 devices"),
+    ({"data": 2, "fsdp": 2, "tensor": 1}, "use 4 devices but 8 are available"),
+    ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
+    ({"model": 8}, "unknown axes"),
+])
+def test_make_mesh_errors(shape, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(shape)
+
+
+def test_logical_rules_respect_divisibility_and_use_each_mesh_axis_once():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding.DEFAULT_RULES
+  assert sharding.logical_to_spec(("layers", "embed", "heads", "head_dim"), rules, mesh, (4, 64, 8, 16)) == \
+      P(None, "fsdp", "tensor", None)
+  # A single KV head cannot be split over tensor=2: replicated on that dimension.
+  assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), rules, mesh, (64, 1, 16)) == \
+      P("fsdp", None, None)
+  # batch takes data and fsdp together; an odd batch keeps only the axes that divide it.
+  assert sharding.logical_to_spec(("batch", None), rules, mesh, (8, 3)) == P(("data", "fsdp"), None)
+  assert sharding.logical_to_spec(("batch", None), rules, mesh, (2, 3)) == P("data", None)
+  # vocab and heads both map to tensor: the first claim wins.
+  assert sharding.logical_to_spec(("vocab", "heads"), rules, mesh, (8, 8)) == P("tensor", None)
+
+
+def test_unknown_logical_axis_names_the_rules():
+  mesh = sharding.make_mesh()
+  with pytest.raises(ValueError, match="No sharding rule for logical axis 'experts'"):
+    sharding.logical_to_spec(("experts",), sharding.DEFAULT_RULES, mesh)
