@@ -145,11 +145,12 @@ def _embed(params: Params, config: Qwen2Config, input_ids: jax.Array) -> jax.Arr
   return jnp.take(params["embed"], input_ids, axis=0).astype(config.dtype)
 
 
-def _lm_head(params: Params, config: Qwen2Config, h: jax.Array) -> jax.Array:
+def logits_from_hidden(params: Params, config: Qwen2Config, h: jax.Array) -> jax.Array:
+  """Final norm and LM head: hidden states [..., embed] -> logits [..., vocab] in the compute dtype."""
   h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
   if config.tie_word_embeddings:
-    return jnp.einsum("bse,ve->bsv", h, params["embed"].astype(config.dtype))
-  return jnp.einsum("bse,ev->bsv", h, params["lm_head"].astype(config.dtype))
+    return jnp.einsum("...e,ve->...v", h, params["embed"].astype(config.dtype))
+  return jnp.einsum("...e,ev->...v", h, params["lm_head"].astype(config.dtype))
 
 
 def _maybe_remat(fn, config: Qwen2Config):
@@ -184,7 +185,7 @@ def hidden_states(params: Params, config: Qwen2Config, input_ids: jax.Array,
 def forward(params: Params, config: Qwen2Config, input_ids: jax.Array, attention_mask: jax.Array | None = None,
             positions: jax.Array | None = None) -> jax.Array:
   """Logits [batch, length, vocab] of a (possibly left-padded) batch; padding positions' logits are junk."""
-  return _lm_head(params, config, hidden_states(params, config, input_ids, attention_mask, positions))
+  return logits_from_hidden(params, config, hidden_states(params, config, input_ids, attention_mask, positions))
 
 
 def extend(params: Params, config: Qwen2Config, cache: KVCache, tokens: jax.Array,
@@ -220,7 +221,7 @@ def extend(params: Params, config: Qwen2Config, cache: KVCache, tokens: jax.Arra
 
   h, (k, v) = jax.lax.scan(layer_fn, _embed(params, config, tokens), (params["layers"], cache.k, cache.v))
   new_cache = KVCache(k=k, v=v, lengths=offsets + num_new.astype(jnp.int32))
-  return _lm_head(params, config, h), new_cache
+  return logits_from_hidden(params, config, h), new_cache
 
 
 def _param(rng: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...], config: Qwen2Config,

@@ -1,0 +1,203 @@
+"""The jitted parts of a DAPO rollout step: log-probabilities of responses and the mini-batch update.
+
+A batch of trajectories is a dict of arrays in verl's layout: the prompt left-padded to P tokens, the response
+right-padded to R tokens, so every response starts at column P:
+  prompt_ids [B, P] int, prompt_mask [B, P], response_ids [B, R] int, response_mask [B, R] (1 on generated
+  tokens, EOS included), and for updates advantages [B] (or [B, R]), old_logp [B, R] and, with truncated
+  importance sampling, sampler_logp [B, R].
+
+One optimizer update consumes one mini-batch, given as a list of micro-batches (each its own padded shape, so
+micro-batches packed by a token budget need no common length). Their gradients are summed: the loss of each
+micro-batch is normalised by the mini-batch's totals (`dapo_jax/rl/loss.py`), so the sum is exactly the
+gradient of the whole mini-batch (DAPO_SPEC.md section 5, token-mean over the mini-batch).
+"""
+from collections.abc import Sequence
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dapo_jax.model import qwen2
+from dapo_jax.model.config import Qwen2Config
+from dapo_jax.rl import loss as loss_lib
+
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The policy-loss settings of `actor.*` (DAPO: 0.2 / 0.28 / 10, token-mean, no entropy bonus)."""
+  clip_low: float = 0.2
+  clip_high: float = 0.28
+  clip_c: float = 10.0
+  agg_mode: str = "token-mean"
+  entropy_coeff: float = 0.0
+  temperature: float = 1.0        # the sampling temperature: logits are divided by it (DAPO_SPEC.md section 6)
+  tis_cap: float | None = None    # truncated importance sampling against the sampler's log-probs; None = off
+  logits_chunk_size: int = 0      # response tokens per LM-head chunk; 0 = all at once
+
+  def __post_init__(self):
+    if self.agg_mode not in loss_lib.AGG_MODES:
+      raise ValueError(f"actor.loss_agg_mode must be one of {loss_lib.AGG_MODES}, got {self.agg_mode!r}")
+    if self.temperature <= 0:
+      raise ValueError(f"rollout.temperature must be > 0 for log-probabilities, got {self.temperature}")
+
+
+def learning_rate_at(rollout_step: int, base_lr: float, warmup_steps: int) -> float:
+  """Linear warmup then constant, counted in rollout steps: base_lr * min(1, (k + 1) / W) (DAPO_SPEC.md 6).
+
+  Unlike verl's k / W, the first rollout step already updates (at base_lr / W).
+  """
+  if warmup_steps <= 0:
+    return float(base_lr)
+  return float(base_lr) * min(1.0, (rollout_step + 1) / warmup_steps)
+
+
+def make_optimizer(*, learning_rate: float, b1: float = 0.9, b2: float = 0.999, weight_decay: float = 0.1,
+                   grad_clip: float = 1.0) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW; the learning rate is a hyperparameter the caller sets per update."""
+
+  def chain(learning_rate):
+    return optax.chain(optax.clip_by_global_norm(grad_clip),
+                       optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
+
+  return optax.inject_hyperparams(chain)(learning_rate=learning_rate)
+
+
+def _chunked(fn, h: jax.Array, targets: jax.Array, chunk_size: int):
+  """Applies fn(h_chunk, target_chunk) -> tuple of [B, c] arrays over the response axis in chunks.
+
+  Each chunk is rematerialised in the backward pass, so the [B, R, vocab] logits never exist at once; only a
+  [B, chunk, vocab] slice does. This is what lets 20k-token responses with a 152k vocabulary fit.
+  """
+  batch, length = targets.shape
+  if not chunk_size or chunk_size >= length:
+    return fn(h, targets)
+  num_chunks = -(-length // chunk_size)
+  pad = num_chunks * chunk_size - length
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  h_chunks = h.reshape(batch, num_chunks, chunk_size, -1).swapaxes(0, 1)
+  t_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+  outs = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), (h_chunks, t_chunks))
+  return tuple(o.swapaxes(0, 1).reshape(batch, -1)[:, :length] for o in outs)
+
+
+def response_logprobs(params: qwen2.Params, model_config: Qwen2Config, batch: Batch, *, temperature: float,
+                      chunk_size: int = 0, with_entropy: bool = False):
+  """log p(response token | everything before it) [B, R] (and the entropy of each position's distribution).
+
+  Logits are divided by `temperature` before the log-softmax (DAPO_SPEC.md section 6), in float32.
+  """
+  prompt_len = batch["prompt_ids"].shape[1]
+  response_len = batch["response_ids"].shape[1]
+  tokens = jnp.concatenate([batch["prompt_ids"], batch["response_ids"]], axis=1)
+  mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
+  h = qwen2.hidden_states(params, model_config, tokens, mask)
+  # Position t predicts token t + 1: the response tokens are predicted from columns P-1 .. P+R-2.
+  h = h[:, prompt_len - 1: prompt_len + response_len - 1]
+
+  def logprob_and_entropy(h_chunk, targets):
+    logits = qwen2.logits_from_hidden(params, model_config, h_chunk).astype(jnp.float32) / temperature
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    token_logp = jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if not with_entropy:
+      return (token_logp,)
+    return token_logp, loss_lib.entropy_from_logits(logits)
+
+  out = _chunked(logprob_and_entropy, h, batch["response_ids"], chunk_size)
+  return out if with_entropy else out[0]
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "temperature", "chunk_size"))
+def old_log_probs(params: qwen2.Params, batch: Batch, *, model_config: Qwen2Config, temperature: float,
+                  chunk_size: int = 0) -> jax.Array:
+  """The policy's log-probs of the sampled responses before this step's updates (`old_logp`), [B, R]."""
+  logp = response_logprobs(params, model_config, batch, temperature=temperature, chunk_size=chunk_size)
+  return jnp.where(batch["response_mask"] > 0, logp, 0.0)
+
+
+def micro_batch_loss(params: qwen2.Params, batch: Batch, totals: dict[str, jax.Array], *,
+                     model_config: Qwen2Config, loss_config: LossConfig):
+  """The micro-batch's share of the mini-batch loss (policy loss minus the entropy bonus), and its metrics."""
+  logp, entropy = response_logprobs(params, model_config, batch, temperature=loss_config.temperature,
+                                    chunk_size=loss_config.logits_chunk_size, with_entropy=True)
+  mask = batch["response_mask"]
+  tis = {}
+  if loss_config.tis_cap is not None:
+    tis = dict(sampler_logp=batch["sampler_logp"], tis_cap=loss_config.tis_cap)
+  pg_loss, metrics = loss_lib.policy_loss(
+      logp, batch["old_logp"], batch["advantages"], mask, clip_low=loss_config.clip_low,
+      clip_high=loss_config.clip_high, clip_c=loss_config.clip_c, agg_mode=loss_config.agg_mode,
+      num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], **tis)
+  entropy = loss_lib.aggregate(entropy, mask, loss_config.agg_mode, num_tokens=totals["num_tokens"],
+                               num_seqs=totals["num_seqs"])
+  metrics["actor/entropy"] = jax.lax.stop_gradient(entropy)
+  total = pg_loss - loss_config.entropy_coeff * entropy if loss_config.entropy_coeff else pg_loss
+  return total, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "loss_config"))
+def _micro_batch_gradients(params, batch, totals, *, model_config, loss_config):
+  grads, metrics = jax.grad(micro_batch_loss, has_aux=True)(params, batch, totals, model_config=model_config,
+                                                            loss_config=loss_config)
+  return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _add(accumulated, new):
+  return jax.tree.map(jnp.add, accumulated, new)
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer",), donate_argnums=(0, 1))
+def _apply(params, opt_state, grads, learning_rate, *, optimizer):
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm)
+
+  def update(operands):
+    params, opt_state = operands
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A non-finite gradient leaves params and optimizer state (moments, count) untouched: the update is skipped.
+  params, opt_state = jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
+  return params, opt_state, grad_norm, jnp.logical_not(finite)
+
+
+def mini_batch_totals(micro_batches: Sequence[Batch]) -> dict[str, np.ndarray]:
+  """The mini-batch's response-token count and number of responses with a valid token."""
+  masks = [np.asarray(mb["response_mask"]) > 0 for mb in micro_batches]
+  return {"num_tokens": np.float32(sum(m.sum() for m in masks)),
+          "num_seqs": np.float32(sum(m.any(axis=1).sum() for m in masks))}
+
+
+def update_step(params: qwen2.Params, opt_state, micro_batches: Sequence[Batch], *, learning_rate: float,
+                optimizer: optax.GradientTransformation, model_config: Qwen2Config, loss_config: LossConfig):
+  """One optimizer update over a mini-batch given as micro-batches; returns (params, opt_state, metrics).
+
+  `params` and `opt_state` are donated. Metrics (DAPO_SPEC.md section 10): actor/pg_loss, pg_clipfrac,
+  pg_clipfrac_lower, ppo_kl, entropy, grad_norm (before clipping), lr, skipped_updates (1 when the gradient
+  norm was not finite and the update was skipped).
+  """
+  if not micro_batches:
+    raise ValueError("update_step needs at least one micro-batch")
+  totals = {k: jnp.asarray(v) for k, v in mini_batch_totals(micro_batches).items()}
+  grad_sum = metric_sum = None
+  for micro in micro_batches:
+    grads, metrics = _micro_batch_gradients(params, micro, totals, model_config=model_config,
+                                            loss_config=loss_config)
+    if grad_sum is None:
+      grad_sum, metric_sum = grads, metrics
+    else:
+      grad_sum, metric_sum = _add((grad_sum, metric_sum), (grads, metrics))
+  params, opt_state, grad_norm, skipped = _apply(params, opt_state, grad_sum, learning_rate, optimizer=optimizer)
+  metrics = dict(metric_sum)
+  metrics.update({"actor/grad_norm": grad_norm, "actor/lr": jnp.asarray(learning_rate, jnp.float32),
+                  "actor/skipped_updates": skipped.astype(jnp.int32)})
+  return params, opt_state, metrics

@@ -1,0 +1,168 @@
+"""The jitted old-logprob pass and mini-batch update on a tiny model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dapo_jax.model import qwen2
+from dapo_jax.model.config import get_preset
+from dapo_jax.rl import step
+
+CONFIG = get_preset("tiny").replace(vocab_size=64)
+
+
+def _params(seed=0):
+  return qwen2.Qwen2(CONFIG, rngs=nnx.Rngs(seed)).params
+
+
+def _batch(seed=0, batch_size=4, prompt_len=5, response_len=6):
+  """Left-padded prompts and right-padded responses of varied lengths (one response has a single token)."""
+  rng = np.random.default_rng(seed)
+  prompt_lengths = rng.integers(1, prompt_len + 1, batch_size)
+  response_lengths = np.array([response_len, 1, 4, 3, 6, 2, 5, 6][:batch_size])
+  prompt_ids = rng.integers(0, CONFIG.vocab_size, (batch_size, prompt_len))
+  prompt_mask = (np.arange(prompt_len)[None] >= prompt_len - prompt_lengths[:, None]).astype(np.int32)
+  response_ids = rng.integers(0, CONFIG.vocab_size, (batch_size, response_len))
+  response_mask = (np.arange(response_len)[None] < response_lengths[:, None]).astype(np.int32)
+  return {"prompt_ids": prompt_ids * prompt_mask, "prompt_mask": prompt_mask,
+          "response_ids": response_ids * response_mask, "response_mask": response_mask}
+
+
+def test_response_logprobs_match_an_independent_computation():
+  params, batch, temperature = _params(), _batch(), 0.7
+  tokens = np.concatenate([batch["prompt_ids"], batch["response_ids"]], 1)
+  mask = np.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
+  logits = np.asarray(qwen2.forward(params, CONFIG, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
+  log_probs = jax.nn.log_softmax(logits / temperature, axis=-1)
+  prompt_len = batch["prompt_ids"].shape[1]
+  expected = np.zeros(batch["response_ids"].shape)
+  expected_entropy = np.zeros(batch["response_ids"].shape)
+  for b in range(tokens.shape[0]):
+    for t in range(batch["response_ids"].shape[1]):
+      row = np.asarray(log_probs[b, prompt_len + t - 1])
+      expected[b, t] = row[batch["response_ids"][b, t]]
+      expected_entropy[b, t] = -(np.exp(row) * row).sum()
+  valid = batch["response_mask"] > 0
+  old = step.old_log_probs(params, batch, model_config=CONFIG, temperature=temperature)
+  np.testing.assert_allclose(np.asarray(old)[valid], expected[valid], atol=1e-5)
+  assert np.all(np.asarray(old)[~valid] == 0)
+  for chunk_size in (0, 4, 1):  # 4 does not divide the 6 response tokens
+    logp, entropy = step.response_logprobs(params, CONFIG, batch, temperature=temperature,
+                                           chunk_size=chunk_size, with_entropy=True)
+    np.testing.assert_allclose(np.asarray(logp)[valid], expected[valid], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(entropy)[valid], expected_entropy[valid], atol=1e-5)
+
+
+def test_learning_rate_schedule_counts_rollout_steps():
+  # lr 1e-6, W = 10: (k + 1) / W * lr, then flat; the first step is not a no-op (verl's k / W would be).
+  assert step.learning_rate_at(0, 1e-6, 10) == pytest.approx(1e-7)
+  assert step.learning_rate_at(4, 1e-6, 10) == pytest.approx(5e-7)
+  assert step.learning_rate_at(9, 1e-6, 10) == pytest.approx(1e-6)
+  assert step.learning_rate_at(50, 1e-6, 10) == pytest.approx(1e-6)
+  assert step.learning_rate_at(0, 3e-4, 0) == pytest.approx(3e-4)
+
+
+def _with_rl_fields(batch, params, advantages):
+  batch = dict(batch)
+  batch["advantages"] = np.asarray(advantages, np.float32)
+  batch["old_logp"] = np.asarray(step.old_log_probs(params, batch, model_config=CONFIG, temperature=1.0))
+  return batch
+
+
+def _split(batch, sizes):
+  """Micro-batches of the given row counts, each trimmed to its own longest response (different shapes)."""
+  out, start = [], 0
+  for size in sizes:
+    micro = {k: v[start:start + size] for k, v in batch.items()}
+    width = max(int(micro["response_mask"].sum(1).max()), 1)
+    for key in ("response_ids", "response_mask", "old_logp"):
+      micro[key] = micro[key][:, :width]
+    out.append(micro)
+    start += size
+  return out
+
+
+def _copy(tree):
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def test_update_raises_logprobs_of_positively_advantaged_tokens():
+  params = _params(1)
+  batch = _with_rl_fields(_batch(1), params, [1.0, 1.0, 1.0, 1.0])
+  optimizer = step.make_optimizer(learning_rate=1e-3, weight_decay=0.0)
+  opt_state = optimizer.init(params)
+  loss_config = step.LossConfig()
+  valid = batch["response_mask"] > 0
+  before = np.asarray(batch["old_logp"])[valid].mean()
+  losses = []
+  for _ in range(3):
+    params, opt_state, metrics = step.update_step(params, opt_state, [batch], learning_rate=1e-3,
+                                                  optimizer=optimizer, model_config=CONFIG,
+                                                  loss_config=loss_config)
+    losses.append(float(metrics["actor/pg_loss"]))
+  after = np.asarray(step.old_log_probs(params, batch, model_config=CONFIG, temperature=1.0))[valid].mean()
+  assert after > before + 0.01
+  # With A = 1 everywhere the loss is -mean(ratio) (clipped at 1.28): -1 at the first update, then lower.
+  assert losses[0] == pytest.approx(-1.0, abs=1e-6)
+  assert losses[2] < losses[1] < losses[0]
+  assert int(metrics["actor/skipped_updates"]) == 0 and float(metrics["actor/lr"]) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batch_accumulation_gives_the_same_update(agg_mode):
+  base = _params(2)
+  batch = _with_rl_fields(_batch(2, batch_size=8), base, [1.0, -0.5, 2.0, -1.5, 0.3, -0.7, 1.1, -2.0])
+  # Move the policy away from old_logp first so that ratios differ from 1 and clipping takes part.
+  batch["old_logp"] = batch["old_logp"] + np.random.default_rng(0).normal(0, 0.3, batch["old_logp"].shape)
+  batch["old_logp"] = batch["old_logp"].astype(np.float32) * batch["response_mask"]
+  # Plain SGD, so the update is lr * gradient: Adam's first step, m / sqrt(v) = sign(g), would turn float
+  # rounding in near-zero gradients into full-size differences.
+  optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  loss_config = step.LossConfig(agg_mode=agg_mode, entropy_coeff=0.01)
+  results = []
+  for sizes in ([8], [4, 4], [2, 2, 2, 2], [1, 3, 4]):
+    params = _copy(base)
+    params, _, metrics = step.update_step(params, optimizer.init(params), _split(batch, sizes), learning_rate=1.0,
+                                          optimizer=optimizer, model_config=CONFIG, loss_config=loss_config)
+    results.append((params, metrics))
+  reference_params, reference_metrics = results[0]
+  assert float(reference_metrics["actor/pg_clipfrac"]) > 0  # the clipped branch is exercised
+  for params, metrics in results[1:]:
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    for name in reference_metrics:
+      np.testing.assert_allclose(np.asarray(metrics[name]), np.asarray(reference_metrics[name]), rtol=1e-5,
+                                 atol=1e-6, err_msg=name)
+
+
+def test_non_finite_gradient_skips_the_update():
+  params = _params(3)
+  batch = _with_rl_fields(_batch(3), params, [1.0, np.nan, 1.0, 1.0])
+  optimizer = step.make_optimizer(learning_rate=1e-2)
+  opt_state = optimizer.init(params)
+  kept = _copy(params)
+  new_params, new_state, metrics = step.update_step(params, opt_state, [batch], learning_rate=1e-2,
+                                                    optimizer=optimizer, model_config=CONFIG,
+                                                    loss_config=step.LossConfig())
+  assert int(metrics["actor/skipped_updates"]) == 1 and not np.isfinite(float(metrics["actor/grad_norm"]))
+  for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert int(new_state.inner_state[1][0].count) == 0  # Adam's step count did not advance
+
+
+def test_learning_rate_is_the_one_passed_in():
+  base = _params(4)
+  batch = _with_rl_fields(_batch(4), base, [1.0, -1.0, 0.5, -0.5])
+  optimizer = step.make_optimizer(learning_rate=123.0, weight_decay=0.0, grad_clip=1e9)
+  deltas = {}
+  for lr in (0.0, 1e-3, 2e-3):
+    params = _copy(base)
+    params, _, _ = step.update_step(params, optimizer.init(params), [batch], learning_rate=lr,
+                                    optimizer=optimizer, model_config=CONFIG, loss_config=step.LossConfig())
+    deltas[lr] = np.asarray(params["layers"]["up_kernel"]) - np.asarray(base["layers"]["up_kernel"])
+  assert np.all(deltas[0.0] == 0)
+  # Adam's first step moves each weight by lr * m / (sqrt(v) + eps) = ~lr * sign(g): twice the lr, twice the step.
+  np.testing.assert_allclose(deltas[2e-3], 2 * deltas[1e-3], rtol=1e-4, atol=1e-9)
+  assert np.abs(deltas[1e-3]).max() == pytest.approx(1e-3, rel=1e-3)
