@@ -1,0 +1,13 @@
+"""Early DAPO on Qwen2.5-32B base (AIME 2024 avg@32 = 44): full DAPO but sequence-level loss
+(seq-mean-token-mean), no dynamic sampling, generation batch = train batch (DAPO_SPEC.md section 9)."""
+import os
+
+from dapo_jax import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "dapo_qwen2_5_32b.py"))
+  c.actor.loss_agg_mode = "seq-mean-token-mean"
+  c.algorithm.filter_groups.enable = False
+  c.data.gen_batch_size = 512
+  return c

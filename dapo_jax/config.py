@@ -1,0 +1,224 @@
+"""The training program's configuration: every key with its default, and validation with clear errors.
+
+Config files in `configs/` start from `base_config()` and change what their recipe needs (big_vision style);
+`validate(config)` runs when the program starts and names the key of any unknown or inconsistent value. Key
+names follow verl's where verl has one (DAPO_SPEC.md section 11), so a verl user finds them.
+"""
+from collections.abc import Iterator
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+FILTER_METRICS = ("acc", "score", "reward")
+TRUNCATION_MODES = ("left", "error")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with the DAPO recipe's values (DAPO_SPEC.md section 9) where it has one."""
+  c = ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_files = ["~/data/dapo-math-17k.parquet"]
+  c.data.val_files = ["~/data/aime-2024.parquet"]
+  c.data.train_batch_size = 512     # prompts per rollout step
+  c.data.gen_batch_size = 1536      # prompts per generation batch (dynamic sampling tops up by these)
+  c.data.max_prompt_length = 2048
+  c.data.max_response_length = 20480
+  c.data.truncation = "left"
+  c.data.filter_overlong_prompts = False
+  c.data.shuffle = True
+  c.data.seed = 0
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.n = 16
+  c.rollout.temperature = 1.0
+  c.rollout.top_p = 1.0
+  c.rollout.top_k = 0               # 0: no top-k
+  c.rollout.max_concurrent_decodes = 256   # decode slots of the continuous-batching sampler
+  c.rollout.decode_steps_per_call = 8      # decode steps fused per device call (EOS checked between calls)
+  c.rollout.val_kwargs = ml_collections.ConfigDict()
+  c.rollout.val_kwargs.n = 32
+  c.rollout.val_kwargs.temperature = 1.0
+  c.rollout.val_kwargs.top_p = 0.7
+
+  c.actor = ml_collections.ConfigDict()
+  c.actor.ppo_mini_batch_size = 32  # prompts per optimizer update
+  c.actor.ppo_epochs = 1
+  c.actor.micro_batch_tokens = 32768  # token budget of a micro-batch (verl's dynamic batch size)
+  c.actor.clip_ratio_low = 0.2
+  c.actor.clip_ratio_high = 0.28
+  c.actor.clip_ratio_c = 10.0
+  c.actor.loss_agg_mode = "token-mean"
+  c.actor.entropy_coeff = 0.0
+  c.actor.logits_chunk_size = 2048  # response tokens per LM-head chunk in the loss (0: all at once)
+  c.actor.tis_cap = config_dict.placeholder(float)  # truncated importance sampling; None = off
+  c.actor.optim = ml_collections.ConfigDict()
+  c.actor.optim.lr = 1e-6
+  c.actor.optim.warmup_steps = 10
+  c.actor.optim.weight_decay = 0.1
+  c.actor.optim.b1 = 0.9
+  c.actor.optim.b2 = 0.999
+  c.actor.optim.grad_clip = 1.0
+
+  c.algorithm = ml_collections.ConfigDict()
+  c.algorithm.norm_adv_by_std = True
+  c.algorithm.filter_groups = ml_collections.ConfigDict()
+  c.algorithm.filter_groups.enable = True
+  c.algorithm.filter_groups.metric = "acc"
+  c.algorithm.filter_groups.max_num_gen_batches = 10
+  c.algorithm.filter_groups.carry_over = False
+
+  c.reward = ml_collections.ConfigDict()
+  c.reward.function = config_dict.placeholder(str)  # "module:function"; None = math_dapo for every source
+  c.reward.strict_box = False
+  c.reward.overlong_buffer = ml_collections.ConfigDict()
+  c.reward.overlong_buffer.enable = True
+  c.reward.overlong_buffer.len = 4096
+  c.reward.overlong_buffer.penalty_factor = 1.0
+  c.reward.overlong_filter = False
+  c.reward.num_workers = 8
+  c.reward.timeout_s = 10.0
+
+  c.trainer = ml_collections.ConfigDict()
+  c.trainer.total_training_steps = 1000
+  c.trainer.save_freq = 5
+  c.trainer.test_freq = 5
+  c.trainer.val_before_train = True
+  c.trainer.resume_from = config_dict.placeholder(str)
+  c.trainer.keep_checkpoints = 3
+  c.trainer.seed = 0
+  c.trainer.log_freq = 1
+
+  c.model = ml_collections.ConfigDict()
+  c.model.hf_checkpoint = config_dict.placeholder(str)
+  c.model.preset = config_dict.placeholder(str)
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "float32"
+  c.model.remat = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+  return c
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  for key in config.keys():
+    value = config[key]
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _leaves(value, path + ".")
+    else:
+      yield path, value
+
+
+class ConfigError(ValueError):
+  """A config key is unknown or its value is inconsistent; the message names the key."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f"config.{key}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ...] = ()) -> None:
+  """Fails on unknown keys and inconsistent values, naming the key and what to do.
+
+  `extra_sections` are top-level sections a recipe adds for its own use (e.g. the embedded default's
+  `warmup`), whose keys are not checked against the base.
+  """
+  known = dict(_leaves(base_config()))
+  for key, _ in _leaves(config):
+    if key.split(".")[0] in extra_sections:
+      continue
+    if key not in known:
+      close = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+      hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+      raise ConfigError(f"config.{key}: unknown key{hint}")
+
+  d, r, a, al, rw, t, m = (config.data, config.rollout, config.actor, config.algorithm, config.reward,
+                           config.trainer, config.model)
+  _check(bool(d.train_files), "data.train_files", "at least one training parquet file is needed")
+  _check(d.train_batch_size > 0, "data.train_batch_size", f"must be positive, got {d.train_batch_size}")
+  _check(d.gen_batch_size >= d.train_batch_size, "data.gen_batch_size",
+         f"({d.gen_batch_size}) must be >= data.train_batch_size ({d.train_batch_size})")
+  _check(d.max_prompt_length > 0 and d.max_response_length > 0, "data.max_response_length",
+         "max_prompt_length and max_response_length must be positive")
+  _check(d.truncation in TRUNCATION_MODES, "data.truncation", f"must be one of {TRUNCATION_MODES}")
+  _check(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
+  _check(r.temperature > 0, "rollout.temperature",
+         "must be > 0 for training (log-probs divide the logits by it); use greedy only for evaluation")
+  _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+  _check(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 disables top-k), got {r.top_k}")
+  _check(r.val_kwargs.n >= 1, "rollout.val_kwargs.n", f"must be >= 1, got {r.val_kwargs.n}")
+  _check(r.max_concurrent_decodes >= r.n, "rollout.max_concurrent_decodes",
+         f"({r.max_concurrent_decodes}) must hold at least one group of rollout.n ({r.n}) responses")
+  _check(r.decode_steps_per_call >= 1, "rollout.decode_steps_per_call", "must be >= 1")
+  _check(0 < a.ppo_mini_batch_size <= d.train_batch_size, "actor.ppo_mini_batch_size",
+         f"({a.ppo_mini_batch_size}) must be in 1..data.train_batch_size ({d.train_batch_size})")
+  _check(d.train_batch_size % a.ppo_mini_batch_size == 0, "actor.ppo_mini_batch_size",
+         f"data.train_batch_size ({d.train_batch_size}) must be divisible by it ({a.ppo_mini_batch_size})")
+  _check(a.ppo_epochs >= 1, "actor.ppo_epochs", "must be >= 1")
+  _check(a.micro_batch_tokens >= d.max_prompt_length + d.max_response_length, "actor.micro_batch_tokens",
+         f"({a.micro_batch_tokens}) must fit one full-length trajectory "
+         f"(data.max_prompt_length + data.max_response_length = {d.max_prompt_length + d.max_response_length})")
+  _check(0 <= a.clip_ratio_low < 1 and a.clip_ratio_high >= 0, "actor.clip_ratio_low",
+         "clip_ratio_low must be in [0, 1) and clip_ratio_high >= 0")
+  _check(a.clip_ratio_c > 1, "actor.clip_ratio_c", f"the dual-clip bound must be > 1, got {a.clip_ratio_c}")
+  _check(a.loss_agg_mode in AGG_MODES, "actor.loss_agg_mode", f"must be one of {AGG_MODES}")
+  _check(a.tis_cap is None or a.tis_cap > 0, "actor.tis_cap", "must be positive (or None to disable)")
+  _check(a.optim.lr >= 0 and a.optim.warmup_steps >= 0, "actor.optim.lr", "lr and warmup_steps must be >= 0")
+  _check(a.optim.grad_clip > 0, "actor.optim.grad_clip", "must be positive")
+  _check(al.filter_groups.metric in FILTER_METRICS, "algorithm.filter_groups.metric",
+         f"must be one of {FILTER_METRICS}")
+  ob = rw.overlong_buffer
+  _check(not ob.enable or 0 < ob.len <= d.max_response_length, "reward.overlong_buffer.len",
+         f"({ob.len}) must be in 1..data.max_response_length ({d.max_response_length})")
+  _check(ob.penalty_factor >= 0, "reward.overlong_buffer.penalty_factor", "must be >= 0")
+  _check(rw.function is None or ":" in rw.function, "reward.function",
+         f"must be 'module:function', got {rw.function!r}")
+  _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
+  _check(t.total_training_steps >= 1, "trainer.total_training_steps", "must be >= 1")
+  _check(t.save_freq >= 1 and t.test_freq >= 0, "trainer.save_freq", "save_freq must be >= 1, test_freq >= 0")
+  _check((m.hf_checkpoint is None) != (m.preset is None), "model.hf_checkpoint",
+         "set exactly one of model.hf_checkpoint (a Hugging Face directory) and model.preset")
+  _check(m.dtype in DTYPES and m.param_dtype in DTYPES, "model.dtype", f"dtype and param_dtype: one of {DTYPES}")
+
+
+# The paper's Table 1 ladder (DAPO_SPEC.md section 9): each rung adds one technique to the rung before.
+ABLATION_LADDER = ("grpo", "overlong_filter", "clip_higher", "soft_overlong", "token_level", "dapo")
+
+
+def apply_ablation(config: ml_collections.ConfigDict, rung: str) -> ml_collections.ConfigDict:
+  """Sets the algorithm keys of a rung of the Table 1 ladder (in place; returns the config). KL is off in all."""
+  if rung not in ABLATION_LADDER:
+    raise ConfigError(f"unknown ablation rung {rung!r}; choose one of {ABLATION_LADDER}")
+  level = ABLATION_LADDER.index(rung)
+  config.actor.clip_ratio_high = 0.28 if level >= ABLATION_LADDER.index("clip_higher") else 0.2
+  config.actor.clip_ratio_low = 0.2
+  # Overlong filtering (truncated responses masked out of the loss) is rung 2 only: rung 4's soft
+  # punishment replaces it, as in the DAPO recipe.
+  config.reward.overlong_filter = level in (ABLATION_LADDER.index("overlong_filter"),
+                                            ABLATION_LADDER.index("clip_higher"))
+  config.reward.overlong_buffer.enable = level >= ABLATION_LADDER.index("soft_overlong")
+  config.actor.loss_agg_mode = ("token-mean" if level >= ABLATION_LADDER.index("token_level")
+                                else "seq-mean-token-mean")
+  config.algorithm.filter_groups.enable = level >= ABLATION_LADDER.index("dapo")
+  return config
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, so a recipe can start from another file's recipe."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  if not os.path.exists(path):
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"dapo_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
