@@ -1,4 +1,4 @@
-"""Full DAPO on qwen2.5-7b base on a single host (one TPU VM or GPU box): the 32B recipe's algorithm with a
+"""Full DAPO on Qwen2.5-7B base on one host (a TPU VM or a GPU box): the 32B recipe's algorithm, with the
 batch and response length sized for one host. Needs --config.model.hf_checkpoint=DIR (the base model)."""
 import os
 
@@ -6,12 +6,6 @@ from dapo_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "dapo_qwen2_5_32b.py"), arg)
-  c.data.train_batch_size = 256
-  c.data.gen_batch_size = 3 * 256
-  c.data.max_response_length = 16384
-  c.reward.overlong_buffer.len = 16384 // 5
-  c.actor.ppo_mini_batch_size = 32
-  c.actor.micro_batch_tokens = 2 * (2048 + 16384)
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-  return c
+  full = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "dapo_qwen2_5_32b.py"), arg)
+  return config_lib.single_host_recipe(full, train_batch_size=256, max_response_length=16384,
+                                       ppo_mini_batch_size=32)

@@ -222,3 +222,20 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def single_host_recipe(full_recipe: ml_collections.ConfigDict, *, train_batch_size: int,
+                       max_response_length: int, ppo_mini_batch_size: int) -> ml_collections.ConfigDict:
+  """The full DAPO recipe sized for one host: the same algorithm with a smaller batch and response length.
+
+  Generation batches stay 3x the train batch, the overlong buffer a fifth of the response length (4096 of
+  20480 in the paper), and a micro-batch holds two full-length trajectories.
+  """
+  c = full_recipe
+  c.data.train_batch_size = train_batch_size
+  c.data.gen_batch_size = 3 * train_batch_size
+  c.data.max_response_length = max_response_length
+  c.reward.overlong_buffer.len = max_response_length // 5
+  c.actor.ppo_mini_batch_size = ppo_mini_batch_size
+  c.actor.micro_batch_tokens = 2 * (c.data.max_prompt_length + max_response_length)
+  return c
