@@ -92,3 +92,11 @@ def test_unknown_keys_are_refused_with_a_suggestion():
 def test_unknown_ablation_rung():
   with pytest.raises(config_lib.ConfigError, match="unknown ablation rung 'dynamic'"):
     config_lib.apply_ablation(config_lib.base_config(), "dynamic")
+
+
+def test_single_host_variant_sizes():
+  c = config_lib.load_config_file(os.path.join(CONFIG_DIR, "dapo_qwen2_5_7b.py"))
+  assert (c.data.train_batch_size, c.data.gen_batch_size, c.actor.ppo_mini_batch_size) == (256, 768, 32)
+  assert (c.data.max_response_length, c.reward.overlong_buffer.len) == (16384, 3276)
+  assert c.actor.micro_batch_tokens == 2 * (2048 + 16384)
+  assert c.actor.clip_ratio_high == 0.28 and c.algorithm.filter_groups.enable  # the algorithm is full DAPO
