@@ -1,0 +1,69 @@
+"""Trajectories -> padded arrays for the jitted passes, and micro-batches formed by a token budget.
+
+The layout is `dapo_jax/rl/step.py`'s: prompts left-padded, responses right-padded. Widths are rounded up to
+powers of two (length buckets) so that the jitted passes compile once per bucket rather than once per batch.
+Micro-batches are packed like verl's dynamic batch size: consecutive trajectories in the batch's own order (so
+a run is reproducible), until the padded token count would pass the budget.
+"""
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def bucket_length(length: int, minimum: int = 8) -> int:
+  """The smallest power of two >= length (and >= minimum)."""
+  return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+
+
+def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
+            prompt_width: int | None = None, response_width: int | None = None) -> dict[str, np.ndarray]:
+  """prompt_ids/prompt_mask [B, P] (left-padded) and response_ids/response_mask [B, R] (right-padded).
+
+  Widths default to the length bucket of the longest prompt / response.
+  """
+  if len(prompts) != len(responses):
+    raise ValueError(f"collate: {len(prompts)} prompts but {len(responses)} responses")
+  longest_prompt = max((len(p) for p in prompts), default=1)
+  longest_response = max((len(r) for r in responses), default=1)
+  prompt_width = prompt_width or bucket_length(longest_prompt)
+  response_width = response_width or bucket_length(longest_response)
+  if longest_prompt > prompt_width or longest_response > response_width:
+    raise ValueError(f"collate: a prompt ({longest_prompt}) or response ({longest_response}) is longer than its "
+                     f"width ({prompt_width} / {response_width})")
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("collate: empty prompt (a response needs at least one token to condition on)")
+  batch = len(prompts)
+  prompt_ids = np.full((batch, prompt_width), pad_id, np.int32)
+  prompt_mask = np.zeros((batch, prompt_width), np.int32)
+  response_ids = np.full((batch, response_width), pad_id, np.int32)
+  response_mask = np.zeros((batch, response_width), np.int32)
+  for row, (prompt, response) in enumerate(zip(prompts, responses)):
+    prompt_ids[row, prompt_width - len(prompt):] = prompt
+    prompt_mask[row, prompt_width - len(prompt):] = 1
+    response_ids[row, :len(response)] = response
+    response_mask[row, :len(response)] = 1
+  return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response_ids,
+          "response_mask": response_mask}
+
+
+def split_by_token_budget(prompt_lengths: Sequence[int], response_lengths: Sequence[int],
+                          token_budget: int) -> list[list[int]]:
+  """Consecutive index groups whose padded size (rows x bucketed prompt + response width) fits the budget.
+
+  A single trajectory longer than the budget gets a micro-batch of its own (the config check makes the budget
+  hold one full-length trajectory, so this happens only for budgets set by hand).
+  """
+  groups: list[list[int]] = []
+  current: list[int] = []
+  widest_prompt = widest_response = 0
+  for index, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+    new_prompt, new_response = max(widest_prompt, p), max(widest_response, r)
+    padded = (len(current) + 1) * (bucket_length(new_prompt) + bucket_length(new_response))
+    if current and padded > token_budget:
+      groups.append(current)
+      current, new_prompt, new_response = [], p, r
+    current.append(index)
+    widest_prompt, widest_response = new_prompt, new_response
+  if current:
+    groups.append(current)
+  return groups
