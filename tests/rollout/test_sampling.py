@@ -1,0 +1,121 @@
+"""Tests for dapo_jax.rollout.sampling: the per-row token choice and its two log-probabilities."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import transformers
+
+from dapo_jax.rollout import sampling
+from dapo_jax.rollout.sampling import SamplingParams
+
+
+def _keys(count: int, seed: int = 0) -> jax.Array:
+  return jax.random.split(jax.random.key(seed), count)
+
+
+def _sample_many(logits_row: np.ndarray, params: SamplingParams, count: int, seed: int = 0):
+  """`count` independent draws from one row of logits (the row repeated, one key per draw)."""
+  logits = jnp.broadcast_to(jnp.asarray(logits_row, jnp.float32), (count, logits_row.size))
+  return jax.tree.map(np.asarray, jax.jit(sampling.sample_tokens, static_argnums=2)(logits, _keys(count, seed),
+                                                                                    params))
+
+
+def _chi_square_p_value(tokens: np.ndarray, probs: np.ndarray, min_expected: float = 10.0) -> float:
+  """p-value of the draws against `probs`; categories expected fewer than `min_expected` times are pooled."""
+  probs = np.asarray(probs, np.float64) / np.sum(probs, dtype=np.float64)
+  expected = probs * tokens.size
+  observed = np.bincount(tokens, minlength=probs.size).astype(np.float64)
+  big = expected >= min_expected
+  observed_bins = np.append(observed[big], observed[~big].sum())
+  expected_bins = np.append(expected[big], expected[~big].sum())
+  if expected_bins[-1] == 0:  # nothing to pool: no impossible token may have been drawn either
+    assert observed_bins[-1] == 0
+    observed_bins, expected_bins = observed_bins[:-1], expected_bins[:-1]
+  return scipy.stats.chisquare(observed_bins, expected_bins).pvalue
+
+
+def _hf_kept(logits_row: np.ndarray, params: SamplingParams) -> np.ndarray:
+  """The tokens transformers' warpers (temperature, top-k, top-p, in generate's order) leave possible."""
+  scores = torch.tensor(logits_row[None], dtype=torch.float32)
+  warpers = [transformers.TemperatureLogitsWarper(params.temperature)]
+  if params.top_k:
+    warpers.append(transformers.TopKLogitsWarper(params.top_k))
+  if params.top_p < 1.0:
+    warpers.append(transformers.TopPLogitsWarper(params.top_p))
+  for warper in warpers:
+    scores = warper(None, scores)
+  return np.isfinite(scores[0].numpy())
+
+
+@pytest.fixture(scope="module")
+def logits_row() -> np.ndarray:
+  """A skewed distribution over 40 tokens: a few likely ones and a long tail."""
+  rng = np.random.default_rng(0)
+  return (rng.normal(size=40) * 2.0).astype(np.float32)
+
+
+def test_greedy_is_argmax_first_on_ties():
+  logits = jnp.array([[0.0, 3.0, 1.0, 3.0], [5.0, -1.0, 5.0, 2.0], [-2.0, -1.0, -3.0, -1.5]])
+  out = sampling.sample_tokens(logits, _keys(3), sampling.GREEDY)
+  np.testing.assert_array_equal(out.tokens, [1, 0, 1])
+  np.testing.assert_array_equal(out.logp_sampled, [0.0, 0.0, 0.0])
+  expected = jax.nn.log_softmax(logits)[jnp.arange(3), out.tokens]
+  np.testing.assert_allclose(out.logp_full, expected, rtol=1e-6)
+
+
+def test_untruncated_sampling_matches_the_softmax(logits_row):
+  temperature = 0.8
+  out = _sample_many(logits_row, SamplingParams(temperature=temperature), 20000)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits_row) / temperature))
+  assert _chi_square_p_value(out.tokens, probs) > 1e-3
+  expected_logp = np.log(probs)[out.tokens]
+  np.testing.assert_allclose(out.logp_full, expected_logp, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out.logp_sampled, out.logp_full)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0, top_p=0.7), SamplingParams(1.3, top_k=5),
+                                    SamplingParams(0.9, top_p=0.6, top_k=8)], ids=str)
+def test_truncated_sampling_stays_in_transformers_kept_set_and_matches_it(logits_row, params):
+  kept = _hf_kept(logits_row, params)
+  assert 1 < kept.sum() < kept.size  # the case truncates, and leaves a choice
+  out = _sample_many(logits_row, params, 20000, seed=1)
+  assert kept[out.tokens].all(), "sampled a token outside the nucleus / top-k"
+  full = np.asarray(jax.nn.softmax(jnp.asarray(logits_row) / params.temperature))
+  truncated = np.where(kept, full, 0.0) / full[kept].sum()
+  assert _chi_square_p_value(out.tokens, truncated) > 1e-3
+  np.testing.assert_allclose(out.logp_full, np.log(full)[out.tokens], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out.logp_sampled, np.log(truncated[out.tokens]), rtol=1e-4, atol=1e-5)
+
+
+def test_top_p_nucleus_is_the_smallest_prefix_reaching_p():
+  # Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.8 needs the first two, 0.81 the first three.
+  logits = np.log(np.array([0.15, 0.5, 0.05, 0.3], np.float32))
+  for top_p, nucleus in ((0.5, {1}), (0.79, {1, 3}), (0.81, {0, 1, 3}), (0.99, {0, 1, 2, 3})):
+    out = _sample_many(logits, SamplingParams(1.0, top_p=top_p), 4000, seed=2)
+    assert set(np.unique(out.tokens)) == nucleus, top_p
+
+
+def test_draws_depend_only_on_their_own_key_and_row(logits_row):
+  other = np.random.default_rng(5).normal(size=(7, 40)).astype(np.float32)
+  keys = _keys(8, seed=3)
+  params = SamplingParams(1.0, top_p=0.9)
+  together = sampling.sample_tokens(jnp.asarray(np.vstack([other, logits_row[None]])), keys, params)
+  alone = sampling.sample_tokens(jnp.asarray(logits_row[None]), keys[7:], params)
+  assert int(together.tokens[7]) == int(alone.tokens[0])
+
+
+def test_response_keys_separate_prompts_samples_and_positions():
+  keys = {(p, s): np.asarray(sampling.response_key(0, p, s)) for p in range(3) for s in range(3)}
+  assert len({k.tobytes() for k in keys.values()}) == 9
+  np.testing.assert_array_equal(keys[(1, 2)], sampling.response_key(0, 1, 2))
+  assert not np.array_equal(sampling.response_key(1, 1, 2), keys[(1, 2)])
+  positions = sampling.token_keys(jnp.stack([keys[(0, 0)]] * 3), jnp.arange(3))
+  assert len({np.asarray(jax.random.key_data(k)).tobytes() for k in positions}) == 3
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])
+def test_invalid_parameters_are_rejected(kwargs):
+  with pytest.raises(ValueError, match="SamplingParams"):
+    SamplingParams(**kwargs)
