@@ -125,14 +125,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return out.reshape(b, s, num_heads, d)
 
 
-def _project_qkv(layer: Params, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+def project_qkv(layer: Params, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Query, key and value projections (with bias) of normed hidden states x [b, s, embed], before RoPE."""
   def proj(name):
     return (jnp.einsum("bse,ehd->bshd", x, layer[f"{name}_kernel"].astype(dtype))
             + layer[f"{name}_bias"].astype(dtype))
   return proj("q"), proj("k"), proj("v")
 
 
-def _attention_out_and_mlp(layer: Params, h: jax.Array, attn: jax.Array, config: Qwen2Config) -> jax.Array:
+def attention_out_and_mlp(layer: Params, h: jax.Array, attn: jax.Array, config: Qwen2Config) -> jax.Array:
+  """The rest of a decoder layer after attention: output projection + residual, then the SwiGLU MLP block."""
   dtype = config.dtype
   h = h + jnp.einsum("bshd,hde->bse", attn, layer["o_kernel"].astype(dtype))
   x = rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
@@ -141,7 +143,8 @@ def _attention_out_and_mlp(layer: Params, h: jax.Array, attn: jax.Array, config:
   return h + jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, layer["down_kernel"].astype(dtype))
 
 
-def _embed(params: Params, config: Qwen2Config, input_ids: jax.Array) -> jax.Array:
+def embed_tokens(params: Params, config: Qwen2Config, input_ids: jax.Array) -> jax.Array:
+  """Token embeddings of input_ids [...] in the compute dtype."""
   return jnp.take(params["embed"], input_ids, axis=0).astype(config.dtype)
 
 
@@ -174,11 +177,11 @@ def hidden_states(params: Params, config: Qwen2Config, input_ids: jax.Array,
 
   def layer_fn(h, layer):
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
-    q, k, v = _project_qkv(layer, x, config.dtype)
+    q, k, v = project_qkv(layer, x, config.dtype)
     attn = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
-    return _attention_out_and_mlp(layer, h, attn, config), None
+    return attention_out_and_mlp(layer, h, attn, config), None
 
-  h, _ = jax.lax.scan(_maybe_remat(layer_fn, config), _embed(params, config, input_ids), params["layers"])
+  h, _ = jax.lax.scan(_maybe_remat(layer_fn, config), embed_tokens(params, config, input_ids), params["layers"])
   return h
 
 
@@ -191,6 +194,19 @@ def forward(params: Params, config: Qwen2Config, input_ids: jax.Array, attention
 def extend(params: Params, config: Qwen2Config, cache: KVCache, tokens: jax.Array,
            num_new: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
   """Appends `tokens` [batch, s] to each row of the cache and returns their logits [batch, s, vocab].
+
+  It is `extend_hidden_states` (see there for how each row advances) followed by the final norm and LM head.
+  """
+  h, cache = extend_hidden_states(params, config, cache, tokens, num_new)
+  return logits_from_hidden(params, config, h), cache
+
+
+def extend_hidden_states(params: Params, config: Qwen2Config, cache: KVCache, tokens: jax.Array,
+                         num_new: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+  """Appends `tokens` [batch, s] to each row of the cache; returns their last hidden states [batch, s, embed].
+
+  The hidden states are before the final norm (`logits_from_hidden` finishes them), so a prefill can apply the
+  LM head to the last prompt position only.
 
   Row b's tokens go to cache indices lengths[b] .. lengths[b]+s-1 (positions likewise) and attend causally to
   everything before them. `num_new` [batch] (default s) says how many of the s tokens are real: a
@@ -212,16 +228,16 @@ def extend(params: Params, config: Qwen2Config, cache: KVCache, tokens: jax.Arra
   def layer_fn(h, layer_and_cache):
     layer, k_cache, v_cache = layer_and_cache
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
-    q, k, v = _project_qkv(layer, x, config.dtype)
+    q, k, v = project_qkv(layer, x, config.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
     attn = attention(q, k_cache.astype(config.dtype), v_cache.astype(config.dtype), mask)
-    return _attention_out_and_mlp(layer, h, attn, config), (k_cache, v_cache)
+    return attention_out_and_mlp(layer, h, attn, config), (k_cache, v_cache)
 
-  h, (k, v) = jax.lax.scan(layer_fn, _embed(params, config, tokens), (params["layers"], cache.k, cache.v))
+  h, (k, v) = jax.lax.scan(layer_fn, embed_tokens(params, config, tokens), (params["layers"], cache.k, cache.v))
   new_cache = KVCache(k=k, v=v, lengths=offsets + num_new.astype(jnp.int32))
-  return logits_from_hidden(params, config, h), new_cache
+  return h, new_cache
 
 
 def _param(rng: jax.Array, shape: tuple[int, ...], axes: tuple[str, ...], config: Qwen2Config,

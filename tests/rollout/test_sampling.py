@@ -3,12 +3,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 import transformers
 
 from dapo_jax.rollout import sampling
 from dapo_jax.rollout.sampling import SamplingParams
+from tests.rollout.rollout_fixtures import chi_square_p_value
 
 
 def _keys(count: int, seed: int = 0) -> jax.Array:
@@ -20,20 +20,6 @@ def _sample_many(logits_row: np.ndarray, params: SamplingParams, count: int, see
   logits = jnp.broadcast_to(jnp.asarray(logits_row, jnp.float32), (count, logits_row.size))
   return jax.tree.map(np.asarray, jax.jit(sampling.sample_tokens, static_argnums=2)(logits, _keys(count, seed),
                                                                                     params))
-
-
-def _chi_square_p_value(tokens: np.ndarray, probs: np.ndarray, min_expected: float = 10.0) -> float:
-  """p-value of the draws against `probs`; categories expected fewer than `min_expected` times are pooled."""
-  probs = np.asarray(probs, np.float64) / np.sum(probs, dtype=np.float64)
-  expected = probs * tokens.size
-  observed = np.bincount(tokens, minlength=probs.size).astype(np.float64)
-  big = expected >= min_expected
-  observed_bins = np.append(observed[big], observed[~big].sum())
-  expected_bins = np.append(expected[big], expected[~big].sum())
-  if expected_bins[-1] == 0:  # nothing to pool: no impossible token may have been drawn either
-    assert observed_bins[-1] == 0
-    observed_bins, expected_bins = observed_bins[:-1], expected_bins[:-1]
-  return scipy.stats.chisquare(observed_bins, expected_bins).pvalue
 
 
 def _hf_kept(logits_row: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -69,7 +55,7 @@ def test_untruncated_sampling_matches_the_softmax(logits_row):
   temperature = 0.8
   out = _sample_many(logits_row, SamplingParams(temperature=temperature), 20000)
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits_row) / temperature))
-  assert _chi_square_p_value(out.tokens, probs) > 1e-3
+  assert chi_square_p_value(out.tokens, probs) > 1e-3
   expected_logp = np.log(probs)[out.tokens]
   np.testing.assert_allclose(out.logp_full, expected_logp, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(out.logp_sampled, out.logp_full)
@@ -84,7 +70,7 @@ def test_truncated_sampling_stays_in_transformers_kept_set_and_matches_it(logits
   assert kept[out.tokens].all(), "sampled a token outside the nucleus / top-k"
   full = np.asarray(jax.nn.softmax(jnp.asarray(logits_row) / params.temperature))
   truncated = np.where(kept, full, 0.0) / full[kept].sum()
-  assert _chi_square_p_value(out.tokens, truncated) > 1e-3
+  assert chi_square_p_value(out.tokens, truncated) > 1e-3
   np.testing.assert_allclose(out.logp_full, np.log(full)[out.tokens], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out.logp_sampled, np.log(truncated[out.tokens]), rtol=1e-4, atol=1e-5)
 

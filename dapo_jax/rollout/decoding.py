@@ -1,0 +1,269 @@
+"""The device side of rollouts: prefill, insert into decode slots, and k fused decode steps.
+
+Pure functions over arrays (no JetStream here, so the training program can import them cheaply); the group
+sampler (`sampler.py`) and the JetStream engine (`engine.py`) are two drivers of the same three functions:
+
+    prefix = prefill(params, config, padded_prompts, prompt_lengths)           # once per prompt
+    state = insert(prefix, state, prefix_rows, slots, response_keys, sampling)  # into n slots: a group
+    state, out = decode_steps(params, config, state, num_steps, sampling)       # all slots, num_steps tokens
+
+Decode state. Each of `num_slots` rows holds one response in progress: its KV cache, the position of its next
+cache entry, and the *next token*: already sampled (with its two log-probs) but not yet returned or fed to the
+model. A decode step returns the next tokens, feeds them, and samples the following ones; `insert` samples a
+response's first token from the prefill's logits. So a step's output is exactly the tokens of the responses in
+order, and JetStream's orchestrator, which streams only what `generate` returns, loses no first token.
+
+Randomness. The token at response position t is drawn with `fold_in(response_key, t)`, and the response key
+comes from (seed, prompt index, sample index) (`sampling.response_key`), so a response does not depend on the
+slot it runs in or on what runs beside it.
+
+Speed (decode is most of an RL step). The KV cache is kept per layer, laid out [slots, kv_heads, length,
+head_dim] so both attention contractions run as batched matrix products without transposing the cache (3x
+faster than the model's [slots, length, kv_heads, head_dim] layout on CPU). Decoder layers are unrolled in
+Python rather than scanned: each layer's cache is then its own buffer, updated in place inside the step loop,
+where a scan over stacked layers copies every layer's cache in and out on every step. The stacked weights are
+sliced once per call, outside the step loop. The prefill applies the LM head to each prompt's last token only.
+"""
+from collections.abc import Callable
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dapo_jax import sharding as sharding_lib
+from dapo_jax.model import qwen2
+from dapo_jax.model.config import Qwen2Config
+from dapo_jax.rollout import sampling as sampling_lib
+from dapo_jax.rollout.sampling import SamplingParams
+
+# Logical axes (dapo_jax/sharding.py rules) of the decode state's per-layer caches and per-slot vectors.
+SLOT_CACHE_AXES = ("cache_batch", "kv_heads", "cache_length", "head_dim")
+SLOT_AXES = ("cache_batch",)
+
+
+class Prefix(NamedTuple):
+  """The result of prefilling P prompts: their KV caches and the logits of each prompt's next token."""
+  k: jax.Array        # [layers, P, kv_heads, bucket_length, head_dim]
+  v: jax.Array        # [layers, P, kv_heads, bucket_length, head_dim]
+  lengths: jax.Array  # [P] int32: true prompt lengths (cache entries beyond them are padding)
+  logits: jax.Array   # [P, vocab] float32: logits after each prompt's last token
+
+
+class DecodeState(NamedTuple):
+  """Everything a decode step transforms, for `num_slots` rows (decode slots)."""
+  k: tuple[jax.Array, ...]   # per layer [slots, kv_heads, max_length, head_dim]
+  v: tuple[jax.Array, ...]   # per layer [slots, kv_heads, max_length, head_dim]
+  lengths: jax.Array         # [slots] int32: cache entries in use, i.e. the cache index of `tokens` when fed
+  tokens: jax.Array          # [slots] int32: the next token of each response, sampled but not yet returned
+  logp_sampled: jax.Array    # [slots] float32: its log-prob under the distribution it was drawn from
+  logp_full: jax.Array       # [slots] float32: its log-prob under the untruncated temperature-scaled softmax
+  positions: jax.Array       # [slots] int32: its position in the response (0 for the first response token)
+  response_keys: jax.Array   # [slots, 2] uint32: raw key data of each slot's response
+
+  @property
+  def num_slots(self) -> int:
+    return self.tokens.shape[0]
+
+  @property
+  def max_length(self) -> int:
+    return self.k[0].shape[2]
+
+
+class DecodeOutput(NamedTuple):
+  """The tokens a call to `decode_steps` returned, per slot in step order."""
+  tokens: jax.Array        # [slots, num_steps] int32
+  logp_sampled: jax.Array  # [slots, num_steps] float32
+  logp_full: jax.Array     # [slots, num_steps] float32
+
+
+def init_decode_state(config: Qwen2Config, num_slots: int, max_length: int, dtype=None,
+                      shardings: DecodeState | None = None) -> DecodeState:
+  """Empty decode state: every slot free (its outputs are junk until something is inserted into it).
+
+  With `shardings` (`decode_state_shardings`) each array is created directly in its sharding.
+  """
+  shape = (num_slots, config.num_kv_heads, max_length, config.head_dim)
+  dtype = dtype or config.dtype
+
+  def zeros() -> DecodeState:
+    return DecodeState(
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        lengths=jnp.zeros((num_slots,), jnp.int32), tokens=jnp.zeros((num_slots,), jnp.int32),
+        logp_sampled=jnp.zeros((num_slots,), jnp.float32), logp_full=jnp.zeros((num_slots,), jnp.float32),
+        positions=jnp.zeros((num_slots,), jnp.int32), response_keys=jnp.zeros((num_slots, 2), jnp.uint32))
+
+  return jax.jit(zeros, out_shardings=shardings)() if shardings is not None else zeros()
+
+
+def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array) -> Prefix:
+  """Runs P right-padded prompts `tokens` [P, bucket_length] with true `lengths` [P] through the model.
+
+  Each row's padding is written into its cache beyond its length, where it is never attended to and is
+  overwritten by the response; the LM head runs on each prompt's last real token only.
+  """
+  num_prompts, bucket_length = tokens.shape
+  cache = qwen2.init_cache(config, num_prompts, bucket_length)
+  hidden, cache = qwen2.extend_hidden_states(params, config, cache, tokens, num_new=lengths)
+  last_hidden = hidden[jnp.arange(num_prompts), lengths - 1]
+  logits = qwen2.logits_from_hidden(params, config, last_hidden).astype(jnp.float32)
+  # [layers, P, length, kv_heads, head_dim] -> the decode layout [layers, P, kv_heads, length, head_dim].
+  return Prefix(k=jnp.swapaxes(cache.k, 2, 3), v=jnp.swapaxes(cache.v, 2, 3), lengths=lengths.astype(jnp.int32),
+                logits=logits)
+
+
+def insert(prefix: Prefix, state: DecodeState, prefix_rows: jax.Array, slots: jax.Array,
+           response_keys: jax.Array, sampling: SamplingParams) -> DecodeState:
+  """Starts responses: slot `slots[j]` gets prompt `prefix_rows[j]` of the prefix and the key `response_keys[j]`.
+
+  Several slots may take the same prefix row (the samples of one group share one prefill). A slot index
+  >= num_slots marks an unused entry (padding the call to a fixed size) and is dropped. Each response's first
+  token is sampled here, from the prefix logits, with the key of response position 0.
+  """
+  bucket_length = prefix.k.shape[3]
+  if bucket_length > state.max_length:
+    raise ValueError(f"insert: the prefix holds {bucket_length} positions but the decode cache only "
+                     f"{state.max_length}; make the cache longer than the prompt bucket")
+  rows = jnp.asarray(prefix_rows, jnp.int32)
+  slots = jnp.asarray(slots, jnp.int32)
+  first = sampling_lib.sample_tokens(
+      prefix.logits[rows], sampling_lib.token_keys(response_keys, jnp.zeros_like(rows)), sampling)
+
+  def put(cache_layer, prefix_layer):
+    return cache_layer.at[slots, :, :bucket_length].set(prefix_layer[rows].astype(cache_layer.dtype), mode="drop")
+
+  def set_rows(values, new_values):
+    return values.at[slots].set(new_values.astype(values.dtype), mode="drop")
+
+  return DecodeState(
+      k=tuple(put(cache, prefix.k[i]) for i, cache in enumerate(state.k)),
+      v=tuple(put(cache, prefix.v[i]) for i, cache in enumerate(state.v)),
+      lengths=set_rows(state.lengths, prefix.lengths[rows]),
+      tokens=set_rows(state.tokens, first.tokens),
+      logp_sampled=set_rows(state.logp_sampled, first.logp_sampled),
+      logp_full=set_rows(state.logp_full, first.logp_full),
+      positions=set_rows(state.positions, jnp.zeros_like(rows)),
+      response_keys=set_rows(state.response_keys, response_keys))
+
+
+def decode_steps(params: qwen2.Params, config: Qwen2Config, state: DecodeState, num_steps: int,
+                 sampling: SamplingParams) -> tuple[DecodeState, DecodeOutput]:
+  """`num_steps` decode steps for every slot in one device call.
+
+  Each step returns the slots' next tokens, feeds them to the model and samples the following ones. Slots
+  whose response has ended keep going (their tokens are junk the caller ignores); a slot's cache writes past
+  the cache's end are dropped.
+  """
+  # Static slices, taken once per call: the step loop then reads each layer's weights in place.
+  layers = [jax.tree.map(lambda weight, i=i: weight[i], params["layers"]) for i in range(config.num_layers)]
+
+  def step(state: DecodeState, _):
+    logits, k, v = _decode_forward(params, layers, config, state)
+    following = sampling_lib.sample_tokens(
+        logits, sampling_lib.token_keys(state.response_keys, state.positions + 1), sampling)
+    emitted = (state.tokens, state.logp_sampled, state.logp_full)
+    state = state._replace(k=k, v=v, lengths=state.lengths + 1, tokens=following.tokens,
+                           logp_sampled=following.logp_sampled, logp_full=following.logp_full,
+                           positions=state.positions + 1)
+    return state, emitted
+
+  state, (tokens, logp_sampled, logp_full) = jax.lax.scan(step, state, None, length=num_steps)
+  return state, DecodeOutput(tokens=tokens.T, logp_sampled=logp_sampled.T, logp_full=logp_full.T)
+
+
+def _decode_forward(params: qwen2.Params, layers: list[qwen2.Params], config: Qwen2Config,
+                    state: DecodeState) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """One token per slot through the model: logits [slots, vocab] (float32) and the updated per-layer caches."""
+  slots = jnp.arange(state.num_slots)
+  positions = state.lengths[:, None]  # [slots, 1]: the fed token's position is its cache index
+  cos, sin = qwen2.rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+  visible = jnp.arange(state.max_length)[None, :] <= state.lengths[:, None]  # [slots, max_length]
+  h = qwen2.embed_tokens(params, config, state.tokens[:, None])  # [slots, 1, embed]
+  new_k, new_v = [], []
+  for layer, k_cache, v_cache in zip(layers, state.k, state.v):
+    x = qwen2.rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
+    q, k, v = qwen2.project_qkv(layer, x, config.dtype)
+    q, k = qwen2.apply_rotary(q, cos, sin), qwen2.apply_rotary(k, cos, sin)
+    k_cache = k_cache.at[slots, :, state.lengths].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[slots, :, state.lengths].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+    attn = _slot_attention(q, k_cache.astype(config.dtype), v_cache.astype(config.dtype), visible)
+    h = qwen2.attention_out_and_mlp(layer, h, attn, config)
+    new_k.append(k_cache)
+    new_v.append(v_cache)
+  logits = qwen2.logits_from_hidden(params, config, h[:, 0]).astype(jnp.float32)
+  return logits, tuple(new_k), tuple(new_v)
+
+
+def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+  """Grouped-query attention of one query per slot: q [slots, 1, heads, d], k/v [slots, kv_heads, length, d].
+
+  The same arithmetic as `qwen2.attention` (float32 scores and softmax, heads grouped contiguously per KV
+  head), in the cache's layout.
+  """
+  num_slots, _, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[1]
+  q = q[:, 0].reshape(num_slots, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  scores = jnp.einsum("bkgd,bktd->bkgt", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+  scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgt,bktd->bkgd", probs, v)
+  return out.reshape(num_slots, 1, num_heads, head_dim)
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+  """The prefill length bucket of a prompt: the next power of two >= length (at least `minimum`)."""
+  if length < 1:
+    raise ValueError(f"a prompt needs at least one token, got length {length}")
+  return max(minimum, 1 << (length - 1).bit_length())
+
+
+def decode_state_shardings(config: Qwen2Config, mesh: jax.sharding.Mesh, num_slots: int, max_length: int,
+                           rules=None) -> DecodeState:
+  """NamedShardings of a decode state on `mesh`: slots over the data-parallel axes, KV heads over `tensor`.
+
+  An axis that does not divide its dimension is replicated instead (as for the weights, `dapo_jax/sharding.py`).
+  """
+  rules = rules or sharding_lib.DEFAULT_RULES
+  cache_shape = (num_slots, config.num_kv_heads, max_length, config.head_dim)
+  cache = sharding_lib.logical_sharding(SLOT_CACHE_AXES, rules, mesh, cache_shape)
+  slot = sharding_lib.logical_sharding(SLOT_AXES, rules, mesh, (num_slots,))
+  keys = sharding_lib.logical_sharding(SLOT_AXES + (None,), rules, mesh, (num_slots, 2))
+  return DecodeState(k=(cache,) * config.num_layers, v=(cache,) * config.num_layers, lengths=slot, tokens=slot,
+                     logp_sampled=slot, logp_full=slot, positions=slot, response_keys=keys)
+
+
+class JittedFunctions(NamedTuple):
+  """`prefill(params, tokens, lengths)`, `insert(prefix, state, prefix_rows, slots, response_keys, sampling)` and
+  `decode_steps(params, state, num_steps, sampling)`, jitted for one config (and decode-state sharding)."""
+  prefill: Callable
+  insert: Callable
+  decode_steps: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = None) -> JittedFunctions:
+  """The device functions jitted for one model config; cached, so samplers and engines share compilations.
+
+  `insert` and `decode_steps` donate the decode state, whose caches are then updated in place; with
+  `state_shardings` (`decode_state_shardings`), the state they return keeps that sharding.
+  """
+  def constrain(state: DecodeState) -> DecodeState:
+    if state_shardings is None:
+      return state
+    return jax.lax.with_sharding_constraint(state, state_shardings)
+
+  def prefill_fn(params, tokens, lengths):
+    return prefill(params, config, tokens, lengths)
+
+  def insert_fn(prefix, state, prefix_rows, slots, response_keys, sampling):
+    return constrain(insert(prefix, state, prefix_rows, slots, response_keys, sampling))
+
+  def decode_fn(params, state, num_steps, sampling):
+    state, output = decode_steps(params, config, state, num_steps, sampling)
+    return constrain(state), output
+
+  return JittedFunctions(
+      prefill=jax.jit(prefill_fn),
+      insert=jax.jit(insert_fn, static_argnames=("sampling",), donate_argnames=("state",)),
+      decode_steps=jax.jit(decode_fn, static_argnames=("num_steps", "sampling"), donate_argnames=("state",)))

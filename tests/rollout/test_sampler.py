@@ -1,0 +1,244 @@
+"""Tests for dapo_jax.rollout.sampler: the continuous-batching group sampler.
+
+Greedy output is checked token for token against transformers' greedy `generate` on random-weight checkpoints;
+sampled output against the softmax and against itself under different batching (it must not depend on it).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dapo_jax import sharding as sharding_lib
+from dapo_jax.model import hf_io
+from dapo_jax.model import qwen2
+from dapo_jax.rollout import sampler as sampler_lib
+from dapo_jax.rollout.sampling import GREEDY, SamplingParams
+from tests.rollout.rollout_fixtures import (PARITY_CONFIGS, chi_square_p_value, eos_ids_hit_by, random_prompts,
+                                            truncate_at_eos)
+
+MAX_NEW_TOKENS = 10
+PROMPT_LENGTHS = (5, 11, 20)  # two prefill buckets (16, 32)
+
+
+def _tokens(group: sampler_lib.Group) -> list[list[int]]:
+  return [response.token_ids.tolist() for response in group.responses]
+
+
+@pytest.mark.parametrize("with_eos", [False, True], ids=["no_eos", "eos"])
+@pytest.mark.parametrize("name", PARITY_CONFIGS)
+def test_greedy_matches_transformers_generate(checkpoints, name, with_eos):
+  checkpoint = checkpoints[name]
+  prompts = random_prompts(checkpoint.vocab_size, PROMPT_LENGTHS, seed=1)
+  references = [checkpoint.greedy(prompt, MAX_NEW_TOKENS) for prompt in prompts]
+  eos_ids = eos_ids_hit_by(references, positions=(2, 6, 9)) if with_eos else []
+  if with_eos:
+    references = [checkpoint.greedy(prompt, MAX_NEW_TOKENS, eos_ids) for prompt in prompts]
+    assert any(len(reference) < MAX_NEW_TOKENS for reference in references)
+  # Fewer slots than responses, and a call length that does not divide the response length: slots are refilled
+  # mid-call boundaries and responses end inside calls.
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=2, max_prompt_length=24,
+                                     max_response_length=MAX_NEW_TOKENS, eos_ids=eos_ids, steps_per_call=3)
+  groups = sampler.sample(checkpoint.params, prompts, n=2, seed=0, sampling=GREEDY)
+  assert [group.prompt_index for group in groups] == [0, 1, 2]
+  for group, prompt, reference in zip(groups, prompts, references):
+    assert group.prompt_ids.tolist() == prompt
+    for response in group.responses:
+      assert response.token_ids.tolist() == reference
+      ended_by_eos = bool(eos_ids) and reference[-1] in eos_ids
+      assert response.finish_reason == ("eos" if ended_by_eos else "length")
+      np.testing.assert_array_equal(response.logp_sampled, 0.0)
+      assert response.logp_full.shape == response.token_ids.shape and np.all(response.logp_full <= 0)
+
+
+def test_greedy_logp_full_is_the_models_log_softmax(checkpoints):
+  checkpoint = checkpoints["tied_gqa"]
+  prompt = random_prompts(checkpoint.vocab_size, (7,), seed=2)[0]
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=1, max_prompt_length=8, max_response_length=6)
+  response = sampler.sample(checkpoint.params, [prompt], n=1, seed=0, sampling=GREEDY)[0].responses[0]
+  sequence = jnp.asarray([prompt + response.token_ids.tolist()])
+  log_probs = jax.nn.log_softmax(qwen2.forward(checkpoint.params, checkpoint.config, sequence)[0], axis=-1)
+  expected = log_probs[len(prompt) - 1:-1][jnp.arange(6), response.token_ids]
+  np.testing.assert_allclose(response.logp_full, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(checkpoints):
+  """Sampled groups of prompts whose responses end at many different lengths, in one batched run."""
+  checkpoint = checkpoints["untied_mha"]
+  prompts = random_prompts(checkpoint.vocab_size, (3, 9, 17, 4, 12, 6), seed=3)
+  # A fifth of the vocabulary ends a response: lengths spread over 1 .. max.
+  eos_ids = list(range(0, checkpoint.vocab_size, 5))
+  sampling = SamplingParams(temperature=1.0, top_p=0.95)
+  kwargs = dict(max_prompt_length=20, max_response_length=12, eos_ids=eos_ids)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=5, steps_per_call=4, **kwargs)
+  order = []
+  groups = sampler.sample(checkpoint.params, prompts, n=3, seed=7, sampling=sampling,
+                          on_group_done=lambda index, responses: order.append(index))
+  return dict(checkpoint=checkpoint, prompts=prompts, sampling=sampling, kwargs=kwargs, groups=groups, order=order)
+
+
+def test_continuous_batching_returns_what_each_prompt_alone_returns(mixed_run):
+  checkpoint, groups = mixed_run["checkpoint"], mixed_run["groups"]
+  lengths = {len(response.token_ids) for group in groups for response in group.responses}
+  reasons = {response.finish_reason for group in groups for response in group.responses}
+  assert len(lengths) >= 4 and reasons == {"eos", "length"}, "the case should mix response lengths"
+  # Alone: one prompt at a time, with its index; and with other slot counts and call lengths.
+  for num_slots, steps_per_call in ((1, 1), (3, 5)):
+    sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=num_slots, steps_per_call=steps_per_call,
+                                       **mixed_run["kwargs"])
+    for index, prompt in enumerate(mixed_run["prompts"]):
+      alone = sampler.sample(checkpoint.params, [prompt], n=3, seed=7, sampling=mixed_run["sampling"],
+                             first_prompt_index=index)
+      assert len(alone) == 1 and alone[0].prompt_index == index
+      assert _tokens(alone[0]) == _tokens(groups[index])
+      for ours, theirs in zip(alone[0].responses, groups[index].responses):
+        assert ours.finish_reason == theirs.finish_reason
+        np.testing.assert_allclose(ours.logp_full, theirs.logp_full, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ours.logp_sampled, theirs.logp_sampled, rtol=1e-5, atol=1e-6)
+
+
+def test_samples_of_a_group_differ_and_seeds_matter(mixed_run):
+  checkpoint, groups = mixed_run["checkpoint"], mixed_run["groups"]
+  assert any(len({tuple(tokens) for tokens in _tokens(group)}) > 1 for group in groups)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=5, steps_per_call=4, **mixed_run["kwargs"])
+  other_seed = sampler.sample(checkpoint.params, mixed_run["prompts"], n=3, seed=8, sampling=mixed_run["sampling"])
+  assert [_tokens(group) for group in other_seed] != [_tokens(group) for group in groups]
+
+
+def test_truncated_sampling_logprobs_are_consistent(mixed_run):
+  for group in mixed_run["groups"]:
+    for response in group.responses:
+      # Truncation only removes mass: the kept distribution gives each kept token at least its full probability.
+      assert np.all(response.logp_sampled >= response.logp_full - 1e-6)
+      assert np.all(response.logp_sampled <= 1e-6)
+
+
+def test_groups_stream_out_in_completion_order(mixed_run):
+  order, groups = mixed_run["order"], mixed_run["groups"]
+  assert sorted(order) == list(range(len(groups)))
+  assert order != sorted(order), "the case should have a later prompt finish before an earlier one"
+
+
+def test_groups_come_out_of_step_as_they_finish(checkpoints):
+  checkpoint = checkpoints["tied_gqa"]
+  prompts = random_prompts(checkpoint.vocab_size, (6, 8), seed=4)
+  long_reference = checkpoint.greedy(prompts[0], 12)
+  short_reference = checkpoint.greedy(prompts[1], 12)
+  # An eos that ends prompt 1's response after two tokens but never appears in prompt 0's.
+  eos = short_reference[1]
+  assert eos not in long_reference and eos not in short_reference[:1]
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=4, max_prompt_length=8, max_response_length=12,
+                                     eos_ids=[eos], steps_per_call=2)
+  finished_at = {}
+  with sampler.start(checkpoint.params, n=2, seed=0, sampling=GREEDY) as run:
+    run.submit(0, prompts[0])
+    run.submit(1, prompts[1])
+    while not run.idle:
+      for group in run.step():
+        finished_at[group.prompt_index] = run.stats.decode_calls
+        assert group.prompt_index not in run.in_flight
+  # Prompt 1 ends in the first call (2 tokens); prompt 0 runs 12 tokens, 6 calls.
+  assert finished_at == {1: 1, 0: 6}
+
+
+def test_a_group_shares_one_prefill(checkpoints):
+  checkpoint = checkpoints["untied_mqa"]
+  prompts = random_prompts(checkpoint.vocab_size, (5, 6, 30, 7), seed=5)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=3, max_prompt_length=32, max_response_length=4,
+                                     steps_per_call=2)
+  # Groups of 5 over 3 slots: every group is inserted in parts, from the one prefix.
+  with sampler.start(checkpoint.params, n=5, seed=0, sampling=SamplingParams(temperature=1.0)) as run:
+    for index, prompt in enumerate(prompts):
+      run.submit(index, prompt)
+    groups = []
+    while not run.idle:
+      groups += run.step()
+    stats = run.stats
+  assert sorted(group.prompt_index for group in groups) == [0, 1, 2, 3]
+  assert all(len(group.responses) == 5 for group in groups)
+  assert stats.prefilled_prompts == 4
+  assert stats.prefill_calls <= 4
+  assert stats.generated_tokens == 4 * 5 * 4
+
+
+def test_prompts_of_one_bucket_are_prefilled_together(checkpoints):
+  checkpoint = checkpoints["untied_mqa"]
+  prompts = random_prompts(checkpoint.vocab_size, (5, 6, 7, 8), seed=6)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=8, max_prompt_length=16, max_response_length=2)
+  with sampler.start(checkpoint.params, n=2, seed=0, sampling=GREEDY) as run:
+    for index, prompt in enumerate(prompts):
+      run.submit(index, prompt)
+    while not run.idle:
+      run.step()
+    assert run.stats.prefill_calls == 1 and run.stats.prefilled_prompts == 4
+
+
+def test_admit_stops_admission_and_is_done_cancels(checkpoints):
+  checkpoint = checkpoints["tied_gqa"]
+  prompts = random_prompts(checkpoint.vocab_size, (4,) * 6, seed=7)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=2, max_prompt_length=8, max_response_length=3)
+  pulled = []
+
+  def prompt_stream():
+    for prompt in prompts:
+      pulled.append(len(pulled))
+      yield prompt
+
+  groups = sampler.sample(checkpoint.params, prompt_stream(), n=1, seed=0, admit=lambda index: index < 3)
+  assert [group.prompt_index for group in groups] == [0, 1, 2]
+  assert pulled == [0, 1, 2]  # prompts are pulled lazily: nothing past the refusal
+  done = []
+  groups = sampler.sample(checkpoint.params, prompts, n=1, seed=0, on_group_done=lambda i, r: done.append(i),
+                          is_done=lambda: len(done) >= 1)
+  assert len(groups) == 1 and len(done) == 1
+
+
+def test_cancel_drops_queued_and_running_prompts(checkpoints):
+  checkpoint = checkpoints["tied_gqa"]
+  prompts = random_prompts(checkpoint.vocab_size, (4, 5, 6), seed=8)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=2, max_prompt_length=8, max_response_length=8,
+                                     steps_per_call=2)
+  with sampler.start(checkpoint.params, n=2, seed=0, sampling=GREEDY) as run:
+    for index, prompt in enumerate(prompts):
+      run.submit(index, prompt)
+    assert not run.has_room()
+    assert run.step() == []  # prompt 0 runs in both slots
+    run.cancel([0, 2])  # one running, one queued
+    assert run.in_flight == [1] and run.free_slots == 2
+    groups = []
+    while not run.idle:
+      groups += run.step()
+  assert [group.prompt_index for group in groups] == [1]
+  assert _tokens(groups[0]) == [checkpoint.greedy(prompts[1], 8)] * 2
+
+
+def test_bad_prompts_are_rejected(checkpoints):
+  checkpoint = checkpoints["tied_gqa"]
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=1, max_prompt_length=4, max_response_length=2)
+  with sampler.start(checkpoint.params, n=1, seed=0) as run:
+    with pytest.raises(ValueError, match="max_prompt_length"):
+      run.submit(0, [1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="max_prompt_length"):
+      run.submit(0, [])
+    with pytest.raises(ValueError, match="token ids"):
+      run.submit(0, [checkpoint.vocab_size])
+    run.submit(0, [1])
+    with pytest.raises(ValueError, match="already in flight"):
+      run.submit(0, [2])
+    with pytest.raises(RuntimeError, match="already open"):
+      sampler.start(checkpoint.params, n=1, seed=0)
+
+
+def test_first_token_distribution_matches_the_softmax(checkpoints):
+  checkpoint = checkpoints["untied_mha"]
+  prompt = random_prompts(checkpoint.vocab_size, (6,), seed=9)[0]
+  temperature = 1.5  # flattens the random model's peaked distribution: more categories get tested
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=256, max_prompt_length=8, max_response_length=1,
+                                     steps_per_call=1)
+  group = sampler.sample(checkpoint.params, [prompt], n=4096, seed=11,
+                         sampling=SamplingParams(temperature=temperature))[0]
+  first_tokens = np.array([response.token_ids[0] for response in group.responses])
+  logits = qwen2.forward(checkpoint.params, checkpoint.config, jnp.asarray([prompt]))[0, -1]
+  probs = np.asarray(jax.nn.softmax(logits / temperature), np.float64)
+  assert np.sum(probs * first_tokens.size >= 10) >= 5  # enough frequent tokens for the test to have power
+  assert chi_square_p_value(first_tokens, probs) > 1e-3
