@@ -1,11 +1,14 @@
 """Helpers of the rollout tests: random-weight transformers checkpoints in both frameworks, reference outputs."""
+import json
 import pathlib
 
 import numpy as np
 import scipy.stats
+import tokenizers
 import torch
 
 from dapo_jax.model import hf_io
+from dapo_jax.model.tokenizer import CHATML_CHAT_TEMPLATE
 from tests.model import hf_fixtures
 
 # The checkpoints the parity tests run on (hf_fixtures.HF_CONFIGS): tied head with GQA, untied head with MQA
@@ -69,3 +72,32 @@ def chi_square_p_value(tokens: np.ndarray, probs: np.ndarray, min_expected: floa
     assert observed_bins[-1] == 0
     observed_bins, expected_bins = observed_bins[:-1], expected_bins[:-1]
   return scipy.stats.chisquare(observed_bins, expected_bins).pvalue
+
+
+_TOKENIZER_TEXT = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a model samples a response for every prompt in the batch",
+    "one two three four five six seven eight nine ten",
+    "sampling stops at the end of the response or at the length limit",
+]
+TOKENIZER_SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def save_small_tokenizer(directory: pathlib.Path, vocab_size: int) -> dict[str, int]:
+  """Writes a small BPE tokenizer.json (Metaspace, so decode restores spaces) with ChatML special tokens, a
+  tokenizer_config.json naming eos/pad and a ChatML chat template, in a layout transformers loads too.
+
+  Returns the ids of the special tokens by name. The vocabulary fits models with `vocab_size` >= its size.
+  """
+  bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+  bpe.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+  bpe.decoder = tokenizers.decoders.Metaspace()
+  bpe.train_from_iterator(_TOKENIZER_TEXT * 10, tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=list(TOKENIZER_SPECIAL_TOKENS), show_progress=False))
+  assert bpe.get_vocab_size() <= vocab_size
+  directory.mkdir(parents=True, exist_ok=True)
+  bpe.save(str(directory / "tokenizer.json"))
+  (directory / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+      "unk_token": "<unk>", "add_bos_token": False, "chat_template": CHATML_CHAT_TEMPLATE}))
+  return {token: bpe.token_to_id(token) for token in TOKENIZER_SPECIAL_TOKENS}
