@@ -1,15 +1,14 @@
 """Helpers of the rollout tests: random-weight transformers checkpoints in both frameworks, reference outputs."""
-import json
 import pathlib
 
 import numpy as np
 import scipy.stats
-import tokenizers
 import torch
+import transformers
 
 from dapo_jax.model import hf_io
-from dapo_jax.model.tokenizer import CHATML_CHAT_TEMPLATE
 from tests.model import hf_fixtures
+from tests.model.test_tokenizer import _train_qwen_like_tokenizer as train_qwen_like_tokenizer
 
 # The checkpoints the parity tests run on (hf_fixtures.HF_CONFIGS): tied head with GQA, untied head with MQA
 # and three layers, untied head with plain multi-head attention.
@@ -17,12 +16,13 @@ PARITY_CONFIGS = ("tied_gqa", "untied_mqa", "untied_mha")
 
 
 class Checkpoint:
-  """A saved random-weight transformers Qwen2 checkpoint, the same weights loaded into our model."""
+  """A saved random-weight transformers Qwen2 checkpoint (hf_fixtures.HF_CONFIGS[name] unless `hf_model` is
+  given), the same weights loaded into our model."""
 
-  def __init__(self, name: str, directory: pathlib.Path):
+  def __init__(self, name: str, directory: pathlib.Path, hf_model=None):
     self.name = name
     self.directory = directory
-    self.hf_model = hf_fixtures.make_hf_model(name)
+    self.hf_model = hf_model if hf_model is not None else hf_fixtures.make_hf_model(name)
     self.hf_model.generation_config.eos_token_id = None
     self.hf_model.generation_config.pad_token_id = 0
     hf_fixtures.save_hf_model(self.hf_model, str(directory))
@@ -74,30 +74,24 @@ def chi_square_p_value(tokens: np.ndarray, probs: np.ndarray, min_expected: floa
   return scipy.stats.chisquare(observed_bins, expected_bins).pvalue
 
 
-_TOKENIZER_TEXT = [
-    "the cat sat on the mat and the dog sat on the log",
-    "a model samples a response for every prompt in the batch",
-    "one two three four five six seven eight nine ten",
-    "sampling stops at the end of the response or at the length limit",
-]
-TOKENIZER_SPECIAL_TOKENS = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# A model for the tokenizer tests: its vocabulary covers the Qwen-style tokenizer of tests/model/test_tokenizer.py.
+QWEN_LIKE_MODEL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
+                       max_position_embeddings=512)
 
 
-def save_small_tokenizer(directory: pathlib.Path, vocab_size: int) -> dict[str, int]:
-  """Writes a small BPE tokenizer.json (Metaspace, so decode restores spaces) with ChatML special tokens, a
-  tokenizer_config.json naming eos/pad and a ChatML chat template, in a layout transformers loads too.
-
-  Returns the ids of the special tokens by name. The vocabulary fits models with `vocab_size` >= its size.
-  """
-  bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-  bpe.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
-  bpe.decoder = tokenizers.decoders.Metaspace()
-  bpe.train_from_iterator(_TOKENIZER_TEXT * 10, tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=list(TOKENIZER_SPECIAL_TOKENS), show_progress=False))
-  assert bpe.get_vocab_size() <= vocab_size
+def make_qwen_like_checkpoint(directory: pathlib.Path) -> "Checkpoint":
+  """A random-weight checkpoint with a Qwen2.5-style tokenizer beside it: byte-level BPE, Qwen's special tokens
+  and chat template (the tokenizer the model tests check against transformers)."""
+  hf_tokenizer = train_qwen_like_tokenizer()
+  vocab_size = -(-len(hf_tokenizer) // 8) * 8  # padded, as released checkpoints pad theirs
+  torch.manual_seed(1)
+  config = transformers.Qwen2Config(vocab_size=vocab_size, **QWEN_LIKE_MODEL)
+  hf_model = transformers.Qwen2ForCausalLM(config).to(torch.float32).eval()
+  with torch.no_grad():
+    for name, param in hf_model.named_parameters():
+      param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else 0.15 * torch.randn_like(param))
   directory.mkdir(parents=True, exist_ok=True)
-  bpe.save(str(directory / "tokenizer.json"))
-  (directory / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-      "unk_token": "<unk>", "add_bos_token": False, "chat_template": CHATML_CHAT_TEMPLATE}))
-  return {token: bpe.token_to_id(token) for token in TOKENIZER_SPECIAL_TOKENS}
+  hf_tokenizer.save_pretrained(directory)
+  return Checkpoint("qwen_like", directory, hf_model=hf_model)

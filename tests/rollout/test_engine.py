@@ -9,7 +9,7 @@ from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import GREEDY, SamplingParams
 from jetstream.engine import engine_api
 from jetstream.engine import token_utils
-from tests.rollout.rollout_fixtures import PARITY_CONFIGS, random_prompts, save_small_tokenizer
+from tests.rollout.rollout_fixtures import PARITY_CONFIGS, random_prompts
 
 NEW_TOKENS = 8
 
@@ -126,22 +126,25 @@ def test_engine_properties_and_errors(checkpoints):
     _engine(checkpoint, max_prefill_length=48)
 
 
-def test_jetstream_tokenizer_has_no_bos_and_stops_on_every_eos(checkpoints, tmp_path):
-  checkpoint = checkpoints["tied_gqa"]
-  special = save_small_tokenizer(tmp_path, checkpoint.vocab_size)
-  tokenizer = load_tokenizer(tmp_path)
-  engine = _engine(checkpoint, tokenizer=tokenizer, eos_ids=[special["<|im_end|>"], special["<|endoftext|>"]])
+def test_jetstream_tokenizer_has_no_bos_and_stops_on_every_eos(qwen_like_checkpoint):
+  checkpoint = qwen_like_checkpoint
+  tokenizer = load_tokenizer(checkpoint.directory)
+  assert tokenizer.bos_id is None
+  endoftext, im_end = (tokenizer.encode(token)[0] for token in ("<|endoftext|>", "<|im_end|>"))
+  engine = _engine(checkpoint, tokenizer=tokenizer, eos_ids=[im_end, endoftext])
   adapter = engine.build_tokenizer(engine.get_tokenizer())
   assert adapter.bos_id == engine_lib.NO_BOS_ID
-  assert adapter.stop_tokens == {special["<|im_end|>"], special["<|endoftext|>"]}
-  padded, true_length = adapter.encode("the cat sat", is_bos=True, max_prefill_length=32, jax_padding=False)
-  ids = tokenizer.encode("the cat sat")
+  assert adapter.stop_tokens == {im_end, endoftext}
+  text = "The quick brown fox"
+  padded, true_length = adapter.encode(text, is_bos=True, max_prefill_length=32, jax_padding=False)
+  ids = tokenizer.encode(text)
   assert true_length == len(ids) and padded.tolist()[:true_length] == ids and padded.size == 16
-  assert adapter.decode(ids) == "the cat sat"
+  assert adapter.decode(ids) == text
   # Token requests: JetStream prepends the reported bos id; prefill drops the placeholder again.
   params = engine.load_params()
   with_placeholder, length = token_utils.pad_tokens(np.asarray(ids), adapter.bos_id, adapter.pad_id, is_bos=True,
                                                     max_prefill_length=32, jax_padding=False)
+  assert with_placeholder[0] == engine_lib.NO_BOS_ID
   prefix = engine.prefill(params=params, padded_tokens=with_placeholder, true_length=length)
   plain = engine.prefill(params=params, padded_tokens=padded, true_length=true_length)
   np.testing.assert_array_equal(prefix.prefix.logits, plain.prefix.logits)
