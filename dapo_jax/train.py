@@ -1,0 +1,432 @@
+"""python -m dapo_jax.train [--config configs/<name>.py[:arg]] [--workdir DIR] [--config.key=value ...]
+
+The DAPO training program, readable top to bottom: `train(config, workdir)` builds the policy, the data and the
+optimizer, then runs rollout steps: draw prompts -> sample groups -> score + overlong shaping -> dynamic
+sampling (order-preserving, stops sampling as soon as the batch is decided) -> old log-probs -> group
+advantages -> mini-batch updates -> metrics -> checkpoint -> validation. With no flags it runs the embedded
+default (configs/default.py) in ./runs/default.
+"""
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+from flax import nnx
+
+from dapo_jax import checkpoint as checkpoint_lib
+from dapo_jax import config as config_lib
+from dapo_jax import metrics as metrics_lib
+from dapo_jax import sft
+from dapo_jax import sharding
+from dapo_jax.data import math as math_data
+from dapo_jax.data import synthetic
+from dapo_jax.model import hf_io
+from dapo_jax.model import qwen2
+from dapo_jax.model import tokenizer as tokenizer_lib
+from dapo_jax.model.config import get_preset
+from dapo_jax.rl import advantages as advantages_lib
+from dapo_jax.rl import batching
+from dapo_jax.rl import filtering
+from dapo_jax.rl import rewards
+from dapo_jax.rl import step
+from dapo_jax.rollout import sampler as sampler_lib
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "./runs/default", "Where checkpoints, metrics and caches go.")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_EXTRA_SECTIONS = ("synthetic", "warmup")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Set-up: data, tokenizer and the initial policy
+
+
+def _resolve_paths(paths, workdir: str) -> list[str]:
+  return [os.path.expanduser(p.format(workdir=workdir)) for p in paths]
+
+
+def _prepare_synthetic_task(config, workdir: str) -> str | None:
+  """Writes the embedded default's task files into the workdir once; returns its tokenizer directory."""
+  if "synthetic" not in config:
+    return None
+  directory = os.path.join(workdir, "data")
+  files = synthetic.SyntheticTaskFiles(os.path.join(directory, "train.parquet"),
+                                       os.path.join(directory, "heldout.parquet"),
+                                       os.path.join(directory, "tokenizer"))
+  if not all(os.path.exists(p) for p in dataclasses.astuple(files)):
+    logging.info("Writing the synthetic arithmetic task to %s", directory)
+    files = synthetic.write_synthetic_task(directory, config.synthetic.seed, num_heldout=config.synthetic.num_heldout,
+                                           train_repeats=config.synthetic.train_repeats)
+  return files.tokenizer_dir
+
+
+def _initial_policy(config, workdir: str, tokenizer, mesh) -> tuple[Any, qwen2.Params]:
+  """(model config, params): an HF checkpoint, or a preset (warmed up on the synthetic task when configured)."""
+  dtype, param_dtype = _DTYPES[config.model.dtype], _DTYPES[config.model.param_dtype]
+  if config.model.hf_checkpoint:
+    model_config, model = hf_io.load_hf_checkpoint(config.model.hf_checkpoint, dtype=dtype, param_dtype=param_dtype,
+                                                   mesh=mesh, remat=config.model.remat)
+    return model_config, model.params
+  base_dir = os.path.join(workdir, "base_model")
+  if "warmup" in config and os.path.exists(os.path.join(base_dir, "config.json")):
+    logging.info("Loading the warmed-up base model cached in %s", base_dir)
+    model_config, model = hf_io.load_hf_checkpoint(base_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                                                   remat=config.model.remat)
+    return model_config, model.params
+  model_config = get_preset(config.model.preset, dtype=dtype, param_dtype=param_dtype, remat=config.model.remat)
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(f"config.model.preset: {config.model.preset!r} has vocab_size "
+                                 f"{model_config.vocab_size} < the tokenizer's {tokenizer.vocab_size}")
+  model = qwen2.Qwen2(model_config, rngs=nnx.Rngs(config.trainer.seed))
+  params = sharding.shard_params(model.params, sharding.param_shardings(model, mesh))
+  if "warmup" not in config:
+    return model_config, params
+  w = config.warmup
+  train_problems, _ = synthetic.split_problems(config.synthetic.seed, config.synthetic.num_heldout)
+  pairs = synthetic.warmup_pairs(train_problems, w.steps * w.batch_size, config.synthetic.seed,
+                                 wrong_order_fraction=w.wrong_order_fraction)
+  examples = [(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True),
+               tokenizer.encode(r) + [tokenizer.eos_id]) for p, r in pairs]
+  logging.info("Supervised warm-up of the base model: %d steps of %d examples (%.0f%% wrong-order solutions)",
+               w.steps, w.batch_size, 100 * w.wrong_order_fraction)
+  params, _ = sft.supervised_warmup(params, model_config, examples, steps=w.steps, batch_size=w.batch_size,
+                                    learning_rate=w.lr, pad_id=tokenizer.pad_id, seed=config.synthetic.seed)
+  model = qwen2.abstract_model(model_config)
+  graphdef, state = nnx.split(model)
+  nnx.replace_by_pure_dict(state, params)
+  hf_io.save_hf_checkpoint(nnx.merge(graphdef, state), model_config, base_dir)
+  tokenizer.save(base_dir)
+  return model_config, params
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scoring groups
+
+
+def _score_group(responses: list[sampler_lib.Response], example: math_data.PromptExample, *, config, tokenizer,
+                 score_fn, pool) -> dict:
+  """Scores, shapes and records one finished group (DAPO_SPEC.md sections 1-2)."""
+  texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in responses]
+  scored = rewards.score_batch(texts, [example.ground_truth] * len(texts),
+                               default_score_fn=score_fn,
+                               num_workers=0 if pool is None else None, pool=pool, timeout_s=config.reward.timeout_s)
+  lengths = np.array([len(r.token_ids) for r in responses])
+  scores = scored.scores.astype(np.float32)
+  shaped = scores.copy()
+  ob = config.reward.overlong_buffer
+  if ob.enable:
+    shaped = shaped + rewards.overlong_penalties(lengths, config.data.max_response_length, ob.len,
+                                                 ob.penalty_factor).astype(np.float32)
+  return {"example": example, "responses": responses, "texts": texts, "scores": scores, "rewards": shaped,
+          "accs": scored.accs.astype(np.float32), "lengths": lengths, "timeouts": scored.num_timeouts}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Turning a selected batch into training arrays
+
+
+def _training_batches(groups: list[dict], config, tokenizer) -> tuple[list[list[dict]], dict]:
+  """Mini-batches (each a list of micro-batches of numpy arrays) and the batch's statistics."""
+  n = config.rollout.n
+  rewards_all = np.concatenate([g["rewards"] for g in groups])
+  group_ids = np.repeat(np.arange(len(groups)), n)
+  advantages = advantages_lib.group_advantages(rewards_all, group_ids, norm_by_std=config.algorithm.norm_adv_by_std)
+  prompts, responses, sampler_logps, truncated = [], [], [], []
+  for g in groups:
+    for r in g["responses"]:
+      prompts.append(list(g["example"].prompt_ids))
+      responses.append(list(r.token_ids))
+      sampler_logps.append(np.asarray(r.logp_full, np.float32))
+      truncated.append(r.finish_reason == "length")
+  loss_masked = np.array(truncated) if config.reward.overlong_filter else np.zeros(len(responses), bool)
+  per_update = config.actor.ppo_mini_batch_size * n
+  mini_batches = []
+  for start in range(0, len(responses), per_update):
+    rows = list(range(start, min(start + per_update, len(responses))))
+    micro_rows = batching.split_by_token_budget([len(prompts[i]) for i in rows], [len(responses[i]) for i in rows],
+                                                config.actor.micro_batch_tokens)
+    micro_batches = []
+    for micro in micro_rows:
+      picked = [rows[i] for i in micro]
+      mb = batching.collate([prompts[i] for i in picked], [responses[i] for i in picked], pad_id=tokenizer.pad_id)
+      width = mb["response_ids"].shape[1]
+      mb["response_mask"] = mb["response_mask"] * (~loss_masked[picked])[:, None].astype(np.int32)
+      mb["advantages"] = advantages[picked]
+      mb["sampler_logp"] = np.stack([np.pad(sampler_logps[i], (0, width - len(sampler_logps[i]))) for i in picked])
+      micro_batches.append(mb)
+    mini_batches.append(micro_batches)
+  stats = {"advantages": advantages, "overlong_masked": int(loss_masked.sum()),
+           "prompt_lengths": np.array([len(p) for p in prompts]),
+           "response_lengths": np.array([len(r) for r in responses]), "truncated": np.array(truncated)}
+  return mini_batches, stats
+
+
+def _summary(name: str, values) -> dict[str, float]:
+  values = np.asarray(values, np.float64)
+  return {f"{name}/mean": float(values.mean()), f"{name}/max": float(values.max()), f"{name}/min": float(values.min())}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _validate(params, sampler, val_prompts, config, tokenizer, score_fn, pool, seed) -> dict:
+  """avg@k, best@k, maj@k and pass@k of k samples per unique validation problem (DAPO_SPEC.md section 8)."""
+  vk = config.rollout.val_kwargs
+  params_for_sampling = sampler_lib.SamplingParams(temperature=vk.temperature, top_p=vk.top_p,
+                                                   top_k=config.rollout.top_k)
+  results = []
+  examples = list(val_prompts)
+  groups = sampler.sample(params, [e.prompt_ids for e in examples], n=vk.n, seed=seed, sampling=params_for_sampling)
+  for group in groups:
+    example = examples[group.prompt_index]
+    scored = _score_group(group.responses, example, config=config, tokenizer=tokenizer, score_fn=score_fn,
+                          pool=pool)
+    for acc, text in zip(scored["accs"], scored["texts"]):
+      pred = rewards.last_answer_line(text[-rewards.RESPONSE_TAIL_CHARS:])
+      results.append(metrics_lib.SampleResult(example.data_source, str(group.prompt_index), float(acc), pred))
+  return metrics_lib.validation_metrics(results)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU VM preemption) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: finishing this step, saving a checkpoint and exiting")
+    self.requested = True
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs DAPO; returns the last step's metrics."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  config_lib.validate(config, extra_sections=_EXTRA_SECTIONS)
+  preemption = _Preemption()
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.mesh_from_config(config.mesh)
+
+  # Data and tokenizer.
+  task_tokenizer_dir = _prepare_synthetic_task(config, workdir)
+  tokenizer = tokenizer_lib.load_tokenizer(config.model.hf_checkpoint or task_tokenizer_dir)
+  options = math_data.PromptOptions(max_prompt_length=config.data.max_prompt_length,
+                                    truncation=config.data.truncation,
+                                    filter_overlong_prompts=config.data.filter_overlong_prompts)
+  train_prompts = math_data.training_prompts(_resolve_paths(config.data.train_files, workdir), tokenizer, options)
+  val_prompts = (math_data.validation_prompts(_resolve_paths(config.data.val_files, workdir), tokenizer, options)
+                 if config.data.val_files else [])
+  gen_batches = math_data.epoch_batches(train_prompts, batch_size=config.data.gen_batch_size,
+                                        seed=config.data.seed if config.data.shuffle else None)
+  data_iterator = math_data.batch_iterator(gen_batches)
+  if config.reward.function:
+    score_fn = rewards.load_reward_function(config.reward.function)
+  else:
+    score_fn = functools.partial(rewards.math_dapo_score, strict_box=config.reward.strict_box)
+  pool = rewards.RewardPool(config.reward.num_workers) if config.reward.num_workers > 0 else None
+
+  # Policy, optimizer, sampler and the dynamic-sampling state machine.
+  model_config, params = _initial_policy(config, workdir, tokenizer, mesh)
+  optim = config.actor.optim
+  optimizer = step.make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2,
+                                  weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
+  opt_state = optimizer.init(params)
+  loss_config = step.LossConfig(clip_low=config.actor.clip_ratio_low, clip_high=config.actor.clip_ratio_high,
+                                clip_c=config.actor.clip_ratio_c, agg_mode=config.actor.loss_agg_mode,
+                                entropy_coeff=config.actor.entropy_coeff, temperature=config.rollout.temperature,
+                                tis_cap=config.actor.tis_cap, logits_chunk_size=config.actor.logits_chunk_size)
+  sampler = sampler_lib.GroupSampler(
+      model_config, num_slots=config.rollout.max_concurrent_decodes,
+      max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length,
+      eos_ids=tokenizer.eos_ids, steps_per_call=config.rollout.decode_steps_per_call)
+  train_sampling = sampler_lib.SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+                                              top_k=config.rollout.top_k)
+  fg = config.algorithm.filter_groups
+  dynamic = filtering.DynamicSampler(train_batch_size=config.data.train_batch_size, n=config.rollout.n,
+                                     gen_batch_size=config.data.gen_batch_size,
+                                     max_num_gen_batches=fg.max_num_gen_batches, metric=fg.metric,
+                                     enabled=fg.enable, carry_over=fg.carry_over)
+
+  # Resume from the newest complete checkpoint (or trainer.resume_from).
+  checkpointer = checkpoint_lib.Checkpointer(config.trainer.resume_from or os.path.join(workdir, "checkpoints"),
+                                             max_to_keep=config.trainer.keep_checkpoints)
+  start_step = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, meta = checkpointer.restore(latest, checkpoint_lib.abstract_like({"params": params,
+                                                                            "opt_state": opt_state}))
+    params, opt_state = state["params"], state["opt_state"]
+    data_iterator.set_state(meta["data_iterator"])
+    dynamic.load_state_dict(meta["dynamic_sampling"])
+    start_step = meta["rollout_step"]
+    logging.info("Resumed from rollout step %d", start_step)
+  if start_step == 0 and config.trainer.val_before_train and val_prompts:
+    logging.info("Validation before training ...")
+    val = _validate(params, sampler, val_prompts, config, tokenizer, score_fn, pool,
+                    seed=config.trainer.seed + 10**6)
+    writer.write_scalars(0, val)
+    logging.info("step 0: %s", json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k}))
+
+  last_metrics: dict = {}
+  run_start = time.time()
+  for rollout_step in range(start_step, config.trainer.total_training_steps):
+    step_start = time.time()
+    learning_rate = step.learning_rate_at(rollout_step, optim.lr, optim.warmup_steps)
+
+    # 1-3. Sample groups, scoring each as it finishes, until dynamic sampling has decided the batch. Prompts
+    # are admitted in draw order while dynamic sampling still wants them; generation batches are opened only
+    # when the groups drawn so far can no longer fill the batch.
+    gen_start = time.time()
+    drawn: dict[int, math_data.PromptExample] = {}
+    queue: collections.deque[int] = collections.deque()
+    timeouts = 0
+    data_exhausted = False
+    seed = (config.trainer.seed * 1_000_003 + rollout_step) % 2**31
+    with sampler.start(params, n=config.rollout.n, seed=seed, sampling=train_sampling) as run:
+      while not dynamic.is_decided():
+        if not queue and dynamic.needs_more_prompts():
+          try:
+            examples = next(data_iterator)
+          except StopIteration:
+            data_exhausted = True
+          else:
+            ids = dynamic.open_gen_batch(len(examples))
+            drawn.update(zip(ids, examples))
+            queue.extend(ids)
+        while queue and run.has_room() and dynamic.wants_group(queue[0]):
+          group_id = queue.popleft()
+          run.submit(group_id, drawn[group_id].prompt_ids)
+        if run.idle:
+          break  # nothing in flight and nothing left to admit: only when the data ran out
+        for group in run.step():
+          scored = _score_group(group.responses, drawn[group.prompt_index], config=config, tokenizer=tokenizer,
+                                score_fn=score_fn, pool=pool)
+          timeouts += scored["timeouts"]
+          dynamic.add_group(group.prompt_index,
+                            {"acc": scored["accs"], "score": scored["scores"], "reward": scored["rewards"]}, scored)
+      if not dynamic.is_decided():
+        logging.info("The training data ran out at rollout step %d (exhausted: %s); stopping", rollout_step,
+                     data_exhausted)
+        break
+      run.cancel(run.in_flight)
+    gen_time = time.time() - gen_start
+    selection = dynamic.take_batch()
+    groups = list(selection.payloads)
+
+    # 4-5. Old log-probs (before any update of this step) and group advantages.
+    old_start = time.time()
+    mini_batches, stats = _training_batches(groups, config, tokenizer)
+    mismatch = []
+    for micro_batches in mini_batches:
+      for mb in micro_batches:
+        mb["old_logp"] = np.asarray(step.old_log_probs(params, mb, model_config=model_config,
+                                                       temperature=loss_config.temperature,
+                                                       chunk_size=loss_config.logits_chunk_size))
+        valid = mb["response_mask"] > 0
+        mismatch.append((mb["old_logp"] - mb["sampler_logp"])[valid])
+    old_time = time.time() - old_start
+
+    # 6. One optimizer update per mini-batch (ppo_epochs passes, no shuffle).
+    update_start = time.time()
+    update_metrics = []
+    for _ in range(config.actor.ppo_epochs):
+      for micro_batches in mini_batches:
+        params, opt_state, m = step.update_step(params, opt_state, micro_batches, learning_rate=learning_rate,
+                                                optimizer=optimizer, model_config=model_config,
+                                                loss_config=loss_config)
+        update_metrics.append(jax.device_get(m))
+    update_time = time.time() - update_start
+
+    # 7. Metrics (DAPO_SPEC.md section 10).
+    step_time = time.time() - step_start
+    diff = np.concatenate(mismatch) if mismatch else np.zeros(1)
+    scores = np.concatenate([g["scores"] for g in groups])
+    shaped = np.concatenate([g["rewards"] for g in groups])
+    out = {name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]}
+    out["actor/skipped_updates"] = float(sum(m["actor/skipped_updates"] for m in update_metrics))
+    out.update(_summary("critic/score", scores))
+    out.update(_summary("critic/rewards", shaped))
+    out.update(_summary("critic/advantages", stats["advantages"]))
+    out.update(_summary("response_length", stats["response_lengths"]))
+    out["response_length/clip_ratio"] = float(stats["truncated"].mean())
+    out.update(_summary("prompt_length", stats["prompt_lengths"]))
+    out.update({k: float(v) for k, v in selection.metrics.items()})
+    out["train/overlong_masked"] = float(stats["overlong_masked"])
+    out["reward/timeouts"] = float(timeouts)
+    out["rollout/logprob_abs_diff"] = float(np.abs(diff).mean())
+    out["rollout/ratio_mean"] = float(np.exp(diff).mean())
+    out["rollout/ratio_max"] = float(np.exp(diff).max())
+    out.update({"timing_s/gen": gen_time, "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time,
+                "timing_s/step": step_time, "perf/time_per_step": step_time,
+                "perf/throughput": float(stats["response_lengths"].sum() + stats["prompt_lengths"].sum()) / step_time})
+    writer.write_scalars(rollout_step + 1, out)
+    writer.write_histograms(rollout_step + 1, {"response_length": stats["response_lengths"]})
+    if (rollout_step + 1) % config.trainer.log_freq == 0:
+      done = rollout_step + 1 - start_step
+      eta = (time.time() - run_start) / done * (config.trainer.total_training_steps - rollout_step - 1)
+      logging.info("step %d/%d: score %.3f raw_acc %.3f kept %d/%d gen_batches %d entropy %.3f  %.2f s/step, ETA %.0f s",
+                   rollout_step + 1, config.trainer.total_training_steps, out["critic/score/mean"],
+                   out.get("train/raw_acc", float("nan")), int(out.get("train/kept_groups", 0)),
+                   int(out.get("train/kept_groups", 0) + out.get("train/dropped_groups", 0)),
+                   int(out.get("train/num_gen_batches", 0)), out["actor/entropy"], step_time, eta)
+    if rollout_step == start_step:
+      samples = "\n\n".join(f"{g['example'].prompt_text}\n---\n{g['texts'][0]}" for g in groups[:4])
+      writer.write_texts(rollout_step + 1, {"samples": samples})
+    last_metrics = out
+
+    # 8. Checkpoint and validation.
+    finished = rollout_step + 1 == config.trainer.total_training_steps
+    if (rollout_step + 1) % config.trainer.save_freq == 0 or finished or preemption.requested:
+      checkpointer.save(rollout_step + 1, {"params": params, "opt_state": opt_state},
+                        {"rollout_step": rollout_step + 1, "data_iterator": data_iterator.get_state(),
+                         "dynamic_sampling": dynamic.state_dict()})
+    if val_prompts and config.trainer.test_freq and ((rollout_step + 1) % config.trainer.test_freq == 0 or finished):
+      val = _validate(params, sampler, val_prompts, config, tokenizer, score_fn, pool,
+                      seed=config.trainer.seed + 10**6)
+      writer.write_scalars(rollout_step + 1, val)
+      logging.info("step %d validation: %s", rollout_step + 1,
+                   json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k or "pass@1" in k}))
+      last_metrics = {**out, **val}
+    writer.flush()
+    if preemption.requested:
+      break
+  checkpointer.wait()
+  checkpointer.close()
+  if pool is not None:
+    pool.close()
+  writer.close()
+  return last_metrics
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
