@@ -91,3 +91,17 @@ def validation_metrics(results: Iterable[SampleResult], *, prefix: str = "val-co
       metrics[f"{key}/best@{k}"] = float(np.mean([best_at_k(a, k) for a in accs]))
       metrics[f"{key}/maj@{k}"] = float(np.mean([maj_at_k(p, a, k) for p, a in zip(preds, accs)]))
   return metrics
+
+
+def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
+  """Every scalar a run wrote to its TensorBoard event files: {tag: [(step, value), ...]} in step order."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  out = {}
+  for tag in accumulator.Tags()["tensors"]:
+    values = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)]
+    if all(v.ndim == 0 and v.dtype.kind == "f" for _, v in values):  # scalars, not texts or histograms
+      out[tag] = sorted((step, float(v)) for step, v in values)
+  return out
