@@ -13,7 +13,6 @@ checkpoint's generation_config.json when it names some (else the tokenizer's eos
 Weights are loaded in float32: on CPU, XLA's bfloat16 matrix-vector products are much slower.
 """
 import json
-import os
 
 from absl import app
 from absl import flags
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 
 from dapo_jax.model import hf_io
 from dapo_jax.model import tokenizer as tokenizer_lib
+from dapo_jax.rollout import checkpoint_generation
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
@@ -45,28 +45,6 @@ MAX_SLOTS = 64
 STEPS_PER_CALL = 16
 
 
-def generation_eos_ids(checkpoint: str) -> list[int] | None:
-  """The `eos_token_id`s of the checkpoint's generation_config.json, or None when it names none."""
-  path = os.path.join(checkpoint, tokenizer_lib.GENERATION_CONFIG)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    value = json.load(f).get("eos_token_id")
-  if value is None:
-    return None
-  return [int(token_id) for token_id in (value if isinstance(value, list) else [value])]
-
-
-def load_checkpoint_tokenizer(checkpoint: str) -> tokenizer_lib.Tokenizer | None:
-  """The tokenizer beside the weights, or None when the directory has no tokenizer file."""
-  try:
-    return tokenizer_lib.load_tokenizer(checkpoint)
-  except tokenizer_lib.TokenizerLoadError:
-    if os.path.exists(os.path.join(checkpoint, tokenizer_lib.TOKENIZER_JSON)):
-      raise  # a tokenizer that is there but broken is an error, not an absence
-    return None
-
-
 def prompt_token_ids(tokenizer: tokenizer_lib.Tokenizer | None) -> list[int]:
   if _PROMPT_IDS.value is not None:
     try:
@@ -86,16 +64,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   checkpoint = _CHECKPOINT.value
   config, model = hf_io.load_hf_checkpoint(checkpoint, dtype=jnp.float32)
-  tokenizer = load_checkpoint_tokenizer(checkpoint)
+  tokenizer = checkpoint_generation.load_optional_tokenizer(checkpoint)
   prompt = prompt_token_ids(tokenizer)
   if not prompt:
     raise app.UsageError("the prompt is empty")
-  if _NO_EOS.value:
-    eos_ids = []
-  else:
-    eos_ids = generation_eos_ids(checkpoint)
-    if eos_ids is None:
-      eos_ids = list(tokenizer.eos_ids) if tokenizer is not None else []
+  eos_ids = [] if _NO_EOS.value else checkpoint_generation.stop_ids(checkpoint, tokenizer)
   sampling = SamplingParams(temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value)
   sampler = sampler_lib.GroupSampler(
       config, num_slots=min(_N.value, MAX_SLOTS), max_prompt_length=len(prompt),
