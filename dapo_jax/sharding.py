@@ -49,9 +49,12 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
   if any(s == 0 or s < -1 for s in sizes) or len(devices) % known:
     raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} do not fit {len(devices)} devices")
   sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh: axis sizes {dict(zip(MESH_AXES, sizes))} use {math.prod(sizes)} devices but "
-                     f"{len(devices)} are available; use -1 for one axis to take the rest")
+  if math.prod(sizes) < len(devices):
+    # Explicit sizes that leave devices out (a CPU demo on a multi-device host, a debugging run) are allowed,
+    # but never silently: the unused devices are named in the log.
+    logging.warning("mesh: axis sizes %s use %d of the %d devices; the rest stay idle (use -1 for one axis to "
+                    "take them all)", dict(zip(MESH_AXES, sizes)), math.prod(sizes), len(devices))
+    devices = devices[:math.prod(sizes)]
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 

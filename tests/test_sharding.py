@@ -15,13 +15,18 @@ def test_make_mesh_fills_the_minus_one_axis_with_auto_axis_types():
 
 @pytest.mark.parametrize("shape, message", [
     ({"data": 3, "fsdp": -1}, "do not fit 8 devices"),
-    ({"data": 2, "fsdp": 2, "tensor": 1}, "use 4 devices but 8 are available"),
     ({"data": -1, "fsdp": -1}, "at most one axis may be -1"),
     ({"model": 8}, "unknown axes"),
 ])
 def test_make_mesh_errors(shape, message):
   with pytest.raises(ValueError, match=message):
     sharding.make_mesh(shape)
+
+
+def test_explicit_sizes_may_leave_devices_idle():
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 1})
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "tensor": 1}
+  assert list(mesh.devices.flat) == jax.devices()[:2]
 
 
 def test_logical_rules_respect_divisibility_and_use_each_mesh_axis_once():
