@@ -1,0 +1,180 @@
+"""Rollout throughput: our group sampler against transformers' `generate`, side by side on the same machine.
+
+    .venv/bin/python scripts/bench_rollout.py [--configs tiny,60m] [--batches 1,16,64] [--modes greedy,sample]
+        [--prompt_length 64] [--new_tokens 128] [--repeats 3] [--output results.json]
+
+Both run the same random-weight Qwen2 configuration (the weights are made by transformers, saved, and loaded into
+our model), in float32 on the CPU, on the same random prompts, every response forced to `new_tokens` tokens (no
+eos). For each batch size (prompts decoded together; one response each) and mode (greedy, or sampling at
+temperature 1 with top_p 1 and no top-k) the two are timed alternately, after a warm-up that compiles ours, and
+the best of `repeats` runs is kept. Throughput is new tokens per second over the whole call (prefill included).
+
+It prints one JSON document: per setting, both figures and `ratio` (ours / transformers), and our figure as a
+fraction of the machine's limits: at batch b, every decode step streams all weights once (b tokens per weight
+read) and each token costs about 2 flops per weight, so tokens/s <= min(b * bandwidth / weight bytes,
+peak flops / flops per token). Bandwidth and peak are measured here (a streaming reduction over a large array and
+a large matrix product in XLA) unless given.
+
+The machine may be shared: the load average before and after is recorded; compare figures from one run only.
+"""
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# pylint: disable=wrong-import-position
+from dapo_jax.model import hf_io
+from dapo_jax.rollout import sampler as sampler_lib
+from dapo_jax.rollout.sampling import GREEDY, SamplingParams
+# pylint: enable=wrong-import-position
+
+# transformers Qwen2Config keyword arguments of the benchmarked shapes.
+CONFIGS = {
+    # The model preset "tiny" of dapo_jax.model.config.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10_000.0),
+    # ~55M weights (39M of them in the embedding and the untied head), as in issue 4.
+    "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1_000_000.0),
+}
+MODES = {"greedy": GREEDY, "sample": SamplingParams(temperature=1.0, top_p=1.0, top_k=0)}
+
+_CONFIGS = flags.DEFINE_list("configs", ["tiny", "60m"], f"Model shapes to run, of {sorted(CONFIGS)}.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes (prompts decoded together).")
+_MODES = flags.DEFINE_list("modes", ["greedy", "sample"], f"Of {sorted(MODES)}.")
+_PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "New tokens per response (forced: no eos).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per setting and framework; the best is kept.")
+_STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 16, "Our decode steps per device call.")
+_BANDWIDTH = flags.DEFINE_float("bandwidth_gbs", 0.0, "Memory bandwidth in GB/s; 0 measures it.")
+_PEAK = flags.DEFINE_float("peak_gflops", 0.0, "float32 matmul peak in GFLOP/s; 0 measures it.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here.")
+
+
+def measure_machine() -> dict:
+  """Streaming bandwidth (a reduction over 512 MB) and float32 matmul peak (2048^3), best of 5, in XLA."""
+  big = jnp.ones((128 * 2**20,), jnp.float32)
+  reduce = jax.jit(jnp.sum)
+  left = jnp.ones((2048, 2048), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+
+  def best_seconds(fn, arg):
+    fn(arg).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+      start = time.perf_counter()
+      fn(arg).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    return best
+
+  bandwidth = big.nbytes / best_seconds(reduce, big) / 1e9
+  peak = 2 * 2048**3 / best_seconds(matmul, left) / 1e9
+  return {"bandwidth_gbs": round(bandwidth, 1), "peak_gflops": round(peak, 1)}
+
+
+def cost_per_token(hf_config: dict, context: float) -> tuple[float, float]:
+  """(bytes of weights streamed per decode step, flops per generated token) of a config at a mean context."""
+  e, i, v, layers = (hf_config["hidden_size"], hf_config["intermediate_size"], hf_config["vocab_size"],
+                     hf_config["num_hidden_layers"])
+  heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+  d = e // heads
+  per_layer = e * heads * d * 2 + e * kv_heads * d * 2 + 3 * e * i  # q, o, k, v, gate, up, down
+  matmul_weights = layers * per_layer + v * e  # the LM head is read every step, tied or not
+  attention_flops = 4 * layers * heads * d * context
+  return 4.0 * matmul_weights, 2.0 * matmul_weights + attention_flops
+
+
+def make_models(name: str, directory: str):
+  torch.manual_seed(0)
+  hf_config = transformers.Qwen2Config(max_position_embeddings=4096, **CONFIGS[name])
+  hf_model = transformers.Qwen2ForCausalLM(hf_config).to(torch.float32).eval()
+  hf_model.generation_config.eos_token_id = None
+  hf_model.generation_config.pad_token_id = 0
+  hf_model.save_pretrained(directory)
+  config, model = hf_io.load_hf_checkpoint(directory, dtype=jnp.float32)
+  return hf_model, config, model.params
+
+
+def run_transformers(hf_model, prompts: np.ndarray, mode: str, new_tokens: int) -> float:
+  ids = torch.tensor(prompts, dtype=torch.long)
+  kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=mode == "sample")
+  if mode == "sample":
+    kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+  start = time.perf_counter()
+  with torch.no_grad():
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+  seconds = time.perf_counter() - start
+  assert out.shape == (prompts.shape[0], prompts.shape[1] + new_tokens), out.shape
+  return seconds
+
+
+def run_ours(sampler: sampler_lib.GroupSampler, params, prompts: np.ndarray, mode: str, seed: int) -> float:
+  start = time.perf_counter()
+  groups = sampler.sample(params, prompts.tolist(), n=1, seed=seed, sampling=MODES[mode])
+  seconds = time.perf_counter() - start
+  assert all(len(g.responses[0].token_ids) == sampler.max_response_length for g in groups)
+  return seconds
+
+
+def main(argv):
+  del argv
+  unknown = set(_CONFIGS.value) - set(CONFIGS) | set(_MODES.value) - set(MODES)
+  if unknown:
+    raise app.UsageError(f"unknown configs or modes: {sorted(unknown)}")
+  load_before = os.getloadavg()
+  machine = measure_machine()
+  bandwidth = _BANDWIDTH.value or machine["bandwidth_gbs"]
+  peak = _PEAK.value or machine["peak_gflops"]
+  new_tokens, prompt_length = _NEW_TOKENS.value, _PROMPT_LENGTH.value
+  results = []
+  for name in _CONFIGS.value:
+    with tempfile.TemporaryDirectory() as directory:
+      hf_model, config, params = make_models(name, directory)
+    weight_bytes, flops = cost_per_token(CONFIGS[name], context=prompt_length + new_tokens / 2)
+    for batch in (int(b) for b in _BATCHES.value):
+      prompts = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_length))
+      sampler = sampler_lib.GroupSampler(config, num_slots=batch, max_prompt_length=prompt_length,
+                                         max_response_length=new_tokens,
+                                         steps_per_call=min(_STEPS_PER_CALL.value, new_tokens))
+      limit = min(batch * bandwidth * 1e9 / weight_bytes, peak * 1e9 / flops)
+      for mode in _MODES.value:
+        run_ours(sampler, params, prompts, mode, seed=0)  # compiles
+        run_transformers(hf_model, prompts[:, :8], mode, 4)  # warms up
+        ours, theirs = [], []
+        for repeat in range(_REPEATS.value):
+          ours.append(run_ours(sampler, params, prompts, mode, seed=repeat))
+          theirs.append(run_transformers(hf_model, prompts, mode, new_tokens))
+        ours_rate = batch * new_tokens / min(ours)
+        theirs_rate = batch * new_tokens / min(theirs)
+        result = {"config": name, "batch": batch, "mode": mode, "ours_tokens_per_s": round(ours_rate, 1),
+                  "transformers_tokens_per_s": round(theirs_rate, 1), "ratio": round(ours_rate / theirs_rate, 2),
+                  "machine_limit_tokens_per_s": round(limit, 1), "fraction_of_limit": round(ours_rate / limit, 3)}
+        print(json.dumps(result), flush=True)
+        results.append(result)
+  report = {
+      "prompt_length": prompt_length, "new_tokens": new_tokens, "repeats": _REPEATS.value,
+      "steps_per_call": _STEPS_PER_CALL.value, "dtype": "float32", "torch_threads": torch.get_num_threads(),
+      "cpu_count": os.cpu_count(), "bandwidth_gbs": bandwidth, "peak_gflops": peak, "measured": machine,
+      "load_average_before": [round(x, 2) for x in load_before],
+      "load_average_after": [round(x, 2) for x in os.getloadavg()], "results": results,
+  }
+  text = json.dumps(report, indent=1)
+  print(text)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
