@@ -58,7 +58,7 @@ _EXTRA_SECTIONS = ("synthetic", "warmup")
 
 
 def _resolve_paths(paths, workdir: str) -> list[str]:
-  return [os.path.expanduser(p.format(workdir=workdir)) for p in paths]
+  return [os.path.expanduser(p.replace("{workdir}", workdir)) for p in paths]
 
 
 def _prepare_synthetic_task(config, workdir: str) -> str | None:
