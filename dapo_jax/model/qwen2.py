@@ -125,16 +125,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return out.reshape(b, s, num_heads, d)
 
 
-def project_qkv(layer: Params, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Query, key and value projections (with bias) of normed hidden states x [b, s, embed], before RoPE."""
+def _project_qkv(layer: Params, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
   def proj(name):
     return (jnp.einsum("bse,ehd->bshd", x, layer[f"{name}_kernel"].astype(dtype))
             + layer[f"{name}_bias"].astype(dtype))
   return proj("q"), proj("k"), proj("v")
 
 
-def attention_out_and_mlp(layer: Params, h: jax.Array, attn: jax.Array, config: Qwen2Config) -> jax.Array:
-  """The rest of a decoder layer after attention: output projection + residual, then the SwiGLU MLP block."""
+def _attention_out_and_mlp(layer: Params, h: jax.Array, attn: jax.Array, config: Qwen2Config) -> jax.Array:
   dtype = config.dtype
   h = h + jnp.einsum("bshd,hde->bse", attn, layer["o_kernel"].astype(dtype))
   x = rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
@@ -177,9 +175,9 @@ def hidden_states(params: Params, config: Qwen2Config, input_ids: jax.Array,
 
   def layer_fn(h, layer):
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
-    q, k, v = project_qkv(layer, x, config.dtype)
+    q, k, v = _project_qkv(layer, x, config.dtype)
     attn = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
-    return attention_out_and_mlp(layer, h, attn, config), None
+    return _attention_out_and_mlp(layer, h, attn, config), None
 
   h, _ = jax.lax.scan(_maybe_remat(layer_fn, config), embed_tokens(params, config, input_ids), params["layers"])
   return h
@@ -228,12 +226,12 @@ def extend_hidden_states(params: Params, config: Qwen2Config, cache: KVCache, to
   def layer_fn(h, layer_and_cache):
     layer, k_cache, v_cache = layer_and_cache
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
-    q, k, v = project_qkv(layer, x, config.dtype)
+    q, k, v = _project_qkv(layer, x, config.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
     attn = attention(q, k_cache.astype(config.dtype), v_cache.astype(config.dtype), mask)
-    return attention_out_and_mlp(layer, h, attn, config), (k_cache, v_cache)
+    return _attention_out_and_mlp(layer, h, attn, config), (k_cache, v_cache)
 
   h, (k, v) = jax.lax.scan(layer_fn, embed_tokens(params, config, tokens), (params["layers"], cache.k, cache.v))
   new_cache = KVCache(k=k, v=v, lengths=offsets + num_new.astype(jnp.int32))

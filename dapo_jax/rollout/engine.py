@@ -5,6 +5,7 @@ API, so JetStream's own orchestrator and gRPC server (`dapo_jax.serve`) can run 
 
     engine = QwenEngine(config, params=params, tokenizer=tokenizer, num_slots=8, max_prefill_length=1024,
                         max_response_length=1024, sampling=SamplingParams(temperature=0.0))
+    params = engine.load_params()                                                 # EngineParams
     prefix = engine.prefill(params=params, padded_tokens=tokens, true_length=n)   # KV cache + first logits
     state = engine.insert(prefix, engine.init_decode_state(), slot=0)           # samples the first token
     state, result = engine.generate(params, state)                              # ResultTokens, all slots
@@ -54,6 +55,13 @@ from dapo_jax.rollout.sampling import SamplingParams
 
 # The BOS id reported to JetStream when the tokenizer has none; `QwenEngine.prefill` drops it.
 NO_BOS_ID = -1
+
+
+class EngineParams(NamedTuple):
+  """What `load_params` returns and prefill / generate take: the model's weights (prefill reads their stacked
+  layers) and the same weights laid out for decode steps (`decoding.decode_weights`)."""
+  model: qwen2.Params
+  decode: decoding.DecodeWeights
 
 
 class EnginePrefix(NamedTuple):
@@ -133,8 +141,8 @@ class QwenEngine(engine_api.Engine):
       num_slots: decode slots (JetStream's max_concurrent_decodes).
       max_prefill_length: the longest prompt; a power of two >= 16 (one of JetStream's prefill buckets).
       max_response_length: tokens a slot can generate after its prompt (sizes the KV cache).
-      params: the weights `load_params` returns; or give `checkpoint`, a Hugging Face directory to load them
-        from (into `mesh` when given).
+      params: the model weights (the plain dict) `load_params` lays out; or give `checkpoint`, a Hugging Face
+        directory to load them from (into `mesh` when given).
       tokenizer: for text requests and stop tokens; `eos_ids` defaults to its eos ids.
       eos_ids: stop ids reported to JetStream (the engine itself decodes until the orchestrator stops a slot).
       sampling: how tokens are chosen (default greedy).
@@ -173,14 +181,20 @@ class QwenEngine(engine_api.Engine):
   # -----------------------------------------------------------------------------------------------------------
   # Parameters and state
 
-  def load_params(self, *args, **kwargs) -> qwen2.Params:
-    """The weights: those given to the constructor, or loaded from its checkpoint into the engine's mesh."""
+  def load_params(self, *args, **kwargs) -> EngineParams:
+    """The weights given to the constructor, or loaded from its checkpoint into the engine's mesh, as
+    `EngineParams` (what prefill and generate take)."""
     del args, kwargs
     if self._params is None:
       _, model = hf_io.load_hf_checkpoint(self._checkpoint, dtype=self.config.dtype,
                                           param_dtype=self.config.param_dtype, mesh=self._mesh)
       self._params = model.params
-    return self._params
+    return self.engine_params(self._params)
+
+  def engine_params(self, params: qwen2.Params) -> EngineParams:
+    """`EngineParams` of model weights (e.g. freshly trained ones): adds their decode layout (a copy of the
+    decoder-layer weights)."""
+    return EngineParams(model=params, decode=self._functions.decode_weights(params))
 
   def init_decode_state(self, *args, **kwargs) -> decoding.DecodeState:
     del args, kwargs
@@ -190,7 +204,7 @@ class QwenEngine(engine_api.Engine):
   # -----------------------------------------------------------------------------------------------------------
   # Prefill, insert, generate
 
-  def prefill(self, *, params: qwen2.Params, existing_prefix: EnginePrefix | None = None,
+  def prefill(self, *, params: EngineParams, existing_prefix: EnginePrefix | None = None,
               padded_tokens: jax.Array | np.ndarray, true_length: int) -> EnginePrefix:
     """The prompt's KV cache and next-token logits; the prompt is re-padded to its power-of-two bucket."""
     if existing_prefix is not None:
@@ -204,10 +218,10 @@ class QwenEngine(engine_api.Engine):
     bucket = decoding.bucket_length(tokens.size)
     padded = np.zeros((1, bucket), np.int32)
     padded[0, :tokens.size] = tokens
-    prefix = self._functions.prefill(params, padded, np.array([tokens.size], np.int32))
+    prefix = self._functions.prefill(params.model, padded, np.array([tokens.size], np.int32))
     return EnginePrefix(prefix=prefix, prompt_number=jnp.asarray(next(self._prompt_numbers), jnp.int32))
 
-  def prefill_multisampling(self, *, params: qwen2.Params, padded_tokens: jax.Array | np.ndarray,
+  def prefill_multisampling(self, *, params: EngineParams, padded_tokens: jax.Array | np.ndarray,
                             true_length: int, num_samples: int) -> EnginePrefix:
     """Prefills a prompt once for a group of `num_samples` responses (insert them with `bulk_insert`)."""
     if num_samples < 1 or num_samples > self._num_slots:
@@ -228,11 +242,11 @@ class QwenEngine(engine_api.Engine):
     """Starts the prefix's (first) response in `slot`, sampling its first token."""
     return self.bulk_insert(prefix, decode_state, [slot])
 
-  def generate(self, params: qwen2.Params,
+  def generate(self, params: EngineParams,
                decode_state: decoding.DecodeState) -> tuple[decoding.DecodeState, engine_api.ResultTokens]:
     """`steps_per_generate` tokens for every slot."""
     num_steps = self.steps_per_generate
-    decode_state, output = self._functions.decode_steps(params, decode_state, num_steps=num_steps,
+    decode_state, output = self._functions.decode_steps(params.decode, decode_state, num_steps=num_steps,
                                                         sampling=self.sampling)
     data = self._result_data(output.tokens, decode_state.positions, num_steps=num_steps)
     return decode_state, engine_api.ResultTokens(

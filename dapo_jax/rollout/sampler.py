@@ -122,6 +122,10 @@ class GroupSampler:
   Build one per model shape and reuse it: compilations are cached per (prompt bucket, batch sizes, sampling
   parameters). Parameters are passed to every `sample`/`start`, so the trainer's updated weights are used as
   they are (put them in this sampler's sharding first if the trainer's differs).
+
+  Memory: while a run is open it holds the decode state (the KV cache of `num_slots` responses of up to
+  `max_prompt_length + max_response_length` tokens) and a second copy of the decoder-layer weights, unstacked
+  for fast decode steps (`decoding.decode_weights`); both are freed when the run closes.
   """
 
   def __init__(self, config: Qwen2Config, *, num_slots: int, max_prompt_length: int, max_response_length: int,
@@ -170,6 +174,8 @@ class GroupSampler:
   def start(self, params: qwen2.Params, *, n: int, seed: int,
             sampling: SamplingParams = SamplingParams()) -> "SamplingRun":
     """Opens a sampling run (one at a time per sampler): submit prompts, call `step()` until `idle`, close.
+
+    The run keeps `params` for prefills and lays out a copy of the layer weights for decode steps.
 
     Args:
       params: the model weights (the plain dict of `Qwen2.params`).
@@ -247,7 +253,8 @@ class SamplingRun:
 
   def __init__(self, sampler: GroupSampler, params: qwen2.Params, *, n: int, seed: int, sampling: SamplingParams):
     self._sampler = sampler
-    self._params = params
+    self._params = params  # prefill reads the model's stacked layers
+    self._weights = sampler.functions.decode_weights(params)  # decode steps read unstacked ones
     self.n = n
     self.seed = seed
     self.sampling = sampling
@@ -270,6 +277,7 @@ class SamplingRun:
     """Ends the run and frees the decode state; unfinished groups are dropped."""
     self.closed = True
     self._state = None
+    self._weights = None
     self._queue.clear()
     self._prefilled.clear()
     self._groups.clear()
@@ -343,7 +351,7 @@ class SamplingRun:
       return []
     sampler = self._sampler
     self._state, output = sampler.functions.decode_steps(
-        self._params, self._state, num_steps=sampler.steps_per_call, sampling=self.sampling)
+        self._weights, self._state, num_steps=sampler.steps_per_call, sampling=self.sampling)
     self.stats.decode_calls += 1
     self.stats.decode_steps += sampler.steps_per_call
     tokens, logp_sampled, logp_full = jax.device_get(tuple(output))

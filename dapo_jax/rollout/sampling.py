@@ -84,21 +84,29 @@ def token_keys(response_keys: jax.Array, positions: jax.Array) -> jax.Array:
 def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> SampledTokens:
   """Chooses one token per row of `logits` [batch, vocab]; `keys` [batch] are typed keys (unused when greedy)."""
   logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
   if params.greedy:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logp_full = _take(jax.nn.log_softmax(logits, axis=-1), tokens)
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    # The first index holding the maximum, with two plain reductions: XLA:CPU's argmax (a variadic reduce of
+    # value and index) is several times slower, and this runs on every decode step.
+    tokens = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
+    logp_full = -jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1))  # log_softmax at the maximum
     return SampledTokens(tokens, jnp.zeros_like(logp_full), logp_full)
 
-  log_probs = jax.nn.log_softmax(logits / params.temperature, axis=-1)
+  scaled = logits / params.temperature
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
-  vocab = logits.shape[-1]
   top_k = params.top_k if 0 < params.top_k < vocab else 0
   if top_k == 0 and params.top_p >= 1.0:
-    # No truncation: invert the cumulative distribution in vocabulary order.
-    probs = jnp.exp(log_probs)
-    tokens = _invert_cdf(probs, uniforms)
-    logp_full = _take(log_probs, tokens)
+    # No truncation: invert the cumulative distribution in vocabulary order, on unnormalised probabilities
+    # (one exp per logit; the log-softmax is only needed at the chosen token).
+    best = jnp.max(scaled, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(scaled - best)
+    tokens = _invert_cdf(unnormalised, uniforms)
+    log_total = jnp.log(jnp.sum(unnormalised, axis=-1))
+    logp_full = _take(scaled, tokens) - best[:, 0] - log_total
     return SampledTokens(tokens, logp_full, logp_full)
+
+  log_probs = jax.nn.log_softmax(scaled, axis=-1)
 
   # Candidates in descending probability: the top k, or the whole vocabulary (sorted) for top-p alone.
   candidate_log_probs, candidate_ids = jax.lax.top_k(log_probs, top_k or vocab)
