@@ -82,19 +82,25 @@ def test_continuous_batching_returns_what_each_prompt_alone_returns(mixed_run):
   lengths = {len(response.token_ids) for group in groups for response in group.responses}
   reasons = {response.finish_reason for group in groups for response in group.responses}
   assert len(lengths) >= 4 and reasons == {"eos", "length"}, "the case should mix response lengths"
-  # Alone: one prompt at a time, with its index; and with other slot counts and call lengths.
-  for num_slots, steps_per_call in ((1, 1), (3, 5)):
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=5, steps_per_call=4, **mixed_run["kwargs"])
+  for index, prompt in enumerate(mixed_run["prompts"]):
+    alone = sampler.sample(checkpoint.params, [prompt], n=3, seed=7, sampling=mixed_run["sampling"],
+                           first_prompt_index=index)
+    assert len(alone) == 1 and alone[0].prompt_index == index
+    assert _tokens(alone[0]) == _tokens(groups[index])
+    for ours, theirs in zip(alone[0].responses, groups[index].responses):
+      assert ours.finish_reason == theirs.finish_reason
+      np.testing.assert_allclose(ours.logp_full, theirs.logp_full, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(ours.logp_sampled, theirs.logp_sampled, rtol=1e-5, atol=1e-6)
+
+
+def test_output_does_not_depend_on_slot_count_or_call_length(mixed_run):
+  checkpoint = mixed_run["checkpoint"]
+  for num_slots, steps_per_call in ((1, 1), (2, 5)):
     sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=num_slots, steps_per_call=steps_per_call,
                                        **mixed_run["kwargs"])
-    for index, prompt in enumerate(mixed_run["prompts"]):
-      alone = sampler.sample(checkpoint.params, [prompt], n=3, seed=7, sampling=mixed_run["sampling"],
-                             first_prompt_index=index)
-      assert len(alone) == 1 and alone[0].prompt_index == index
-      assert _tokens(alone[0]) == _tokens(groups[index])
-      for ours, theirs in zip(alone[0].responses, groups[index].responses):
-        assert ours.finish_reason == theirs.finish_reason
-        np.testing.assert_allclose(ours.logp_full, theirs.logp_full, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(ours.logp_sampled, theirs.logp_sampled, rtol=1e-5, atol=1e-6)
+    groups = sampler.sample(checkpoint.params, mixed_run["prompts"], n=3, seed=7, sampling=mixed_run["sampling"])
+    assert [_tokens(group) for group in groups] == [_tokens(group) for group in mixed_run["groups"]]
 
 
 def test_samples_of_a_group_differ_and_seeds_matter(mixed_run):
