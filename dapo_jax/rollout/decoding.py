@@ -20,14 +20,14 @@ slot it runs in or on what runs beside it.
 
 Speed (decode is most of an RL step). Decode steps read `DecodeWeights`: the decoder layers' weights unstacked
 into one array per layer and weight, in the compute dtype, with the q, k and v projections fused into one
-matrix and the MLP's gate and up into another (fewer, larger matrix products). Slicing a layer out of the stacked weights inside the step function would
-copy it on every call, and the layer loop is unrolled in Python (not scanned) so that each layer's KV cache is
-its own buffer, updated in place across steps, where a scan over stacked layers copies every layer's cache in
-and out of the loop on every step. The price is a second copy of the layer weights while decoding (made once per
-run by `decode_weights`). The caches are laid out so that both attention contractions are plain batched matrix
-products over (slot, KV head): keys [slots, kv_heads, head_dim, length], values [slots, kv_heads, length,
-head_dim] (on CPU, 3-7x faster than attention over the model's [slots, length, kv_heads, head_dim] layout). The prefill applies the LM head to each prompt's last token
-only. Together these make a decode step about 1.5-2x faster than `qwen2.extend` in a scan on CPU.
+matrix and the MLP's gate and up into another (fewer, larger matrix products). Slicing a layer out of the
+stacked weights inside the step function would copy it on every call. The layer loop is unrolled in Python (not
+scanned) so that each layer's KV cache is its own buffer, updated in place across steps, where a scan over
+stacked layers copies every layer's cache in and out of the loop on every step. The price is a second copy of
+the layer weights while decoding (made once per run by `decode_weights`). The caches are laid out so that both
+attention contractions are plain batched matrix products over (slot, KV head): keys [slots, kv_heads, head_dim,
+length], values [slots, kv_heads, length, head_dim] (on CPU several times faster than attention over the model's
+[slots, length, kv_heads, head_dim] layout). The prefill applies the LM head to each prompt's last token only.
 """
 from collections.abc import Callable
 import functools
