@@ -30,7 +30,8 @@ Two ways to drive it, over the same machinery:
 
 Determinism: response j of prompt i draws its token t with a key made from (seed, i, j, t) only, so the output
 is a function of the seed, the prompts and the parameters: it does not depend on slot assignment, on which other
-prompts run beside it, on `num_slots` or on `steps_per_call`.
+prompts run beside it, on `num_slots` or on `steps_per_call` (the tests check this token for token on CPU; a
+backend whose matrix products round differently for different batch shapes could, rarely, flip a near-tie).
 
 This module does not import JetStream (which loads TensorFlow); `engine.py` wraps the same device functions in
 JetStream's Engine API for its orchestrator and server.
