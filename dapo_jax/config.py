@@ -12,9 +12,14 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-FILTER_METRICS = ("acc", "score", "reward")
-TRUNCATION_MODES = ("left", "error")
+from dapo_jax.data import math as math_data
+from dapo_jax.rl import filtering
+from dapo_jax.rl import loss as loss_lib
+
+# The accepted values come from the modules that implement them, so the check and the code cannot drift apart.
+AGG_MODES = loss_lib.AGG_MODES
+FILTER_METRICS = filtering.FILTER_METRICS
+TRUNCATION_MODES = math_data.TRUNCATION_MODES
 DTYPES = ("float32", "bfloat16")
 
 
