@@ -107,10 +107,7 @@ def _initial_policy(config, workdir: str, tokenizer, mesh) -> tuple[Any, qwen2.P
                w.steps, w.batch_size, 100 * w.wrong_order_fraction)
   params, _ = sft.supervised_warmup(params, model_config, examples, steps=w.steps, batch_size=w.batch_size,
                                     learning_rate=w.lr, pad_id=tokenizer.pad_id, seed=config.synthetic.seed)
-  model = qwen2.abstract_model(model_config)
-  graphdef, state = nnx.split(model)
-  nnx.replace_by_pure_dict(state, params)
-  hf_io.save_hf_checkpoint(nnx.merge(graphdef, state), model_config, base_dir)
+  hf_io.save_hf_checkpoint(params, model_config, base_dir)
   tokenizer.save(base_dir)
   return model_config, params
 
@@ -274,6 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Resume from the newest complete checkpoint (or trainer.resume_from).
   checkpointer = checkpoint_lib.Checkpointer(config.trainer.resume_from or os.path.join(workdir, "checkpoints"),
                                              max_to_keep=config.trainer.keep_checkpoints)
+  checkpoint_lib.write_policy_files(checkpointer.directory, model_config, tokenizer)
   start_step = 0
   latest = checkpointer.latest_step()
   if latest is not None:

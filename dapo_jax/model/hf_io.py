@@ -307,16 +307,16 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=jnp.float32, param_dtyp
 # Saving
 
 
-def save_hf_checkpoint(model: qwen2.Qwen2, config: Qwen2Config, path: str | os.PathLike, *, dtype=None,
+def save_hf_checkpoint(params: qwen2.Params, config: Qwen2Config, path: str | os.PathLike, *, dtype=None,
                        max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None) -> None:
-  """Writes `model` as a Hugging Face Qwen2 checkpoint directory (config.json + safetensors).
+  """Writes `params` (a model's plain params dict, `Qwen2.params`) as a Hugging Face Qwen2 checkpoint directory
+  (config.json + safetensors).
 
   Weights are written in `dtype` (default: the model's parameter dtype), one tensor at a time, in shards of
   at most `max_shard_bytes` with a `model.safetensors.index.json` when more than one shard is needed.
   """
   directory = os.fspath(path)
   os.makedirs(directory, exist_ok=True)
-  params = model.params
   np_dtype = np.dtype(dtype or config.param_dtype)
   dtype_name = {np.dtype(v): k for k, v in _DTYPE_NAMES.items()}.get(np_dtype)
   if dtype_name is None:

@@ -56,7 +56,7 @@ def test_export_then_transformers_load_gives_same_logits(fixture_name, request, 
   directory, _ = request.getfixturevalue(fixture_name)
   config, model = hf_io.load_hf_checkpoint(directory)
   out = str(tmp_path / "export")
-  hf_io.save_hf_checkpoint(model, config, out, generation_config={"eos_token_id": [3, 4]})
+  hf_io.save_hf_checkpoint(model.params, config, out, generation_config={"eos_token_id": [3, 4]})
   reloaded = transformers.Qwen2ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   np.testing.assert_allclose(hf_fixtures.hf_logits(reloaded, PROMPT), np.asarray(model(jnp.asarray(PROMPT))),
                              atol=TOL, rtol=0)
@@ -71,7 +71,7 @@ def test_export_in_bf16_and_in_shards(untied_dir, tmp_path):
   directory, _ = untied_dir
   config, model = hf_io.load_hf_checkpoint(directory)
   out = str(tmp_path / "bf16_sharded")
-  hf_io.save_hf_checkpoint(model, config, out, dtype=jnp.bfloat16, max_shard_bytes=20_000)
+  hf_io.save_hf_checkpoint(model.params, config, out, dtype=jnp.bfloat16, max_shard_bytes=20_000)
   index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
   assert len(set(index["weight_map"].values())) > 1
   assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
