@@ -8,7 +8,6 @@ default (configs/default.py) in ./runs/default.
 """
 import collections
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -117,11 +116,12 @@ def _initial_policy(config, workdir: str, tokenizer, mesh) -> tuple[Any, qwen2.P
 
 
 def _score_group(responses: list[sampler_lib.Response], example: math_data.PromptExample, *, config, tokenizer,
-                 score_fn, pool) -> dict:
-  """Scores, shapes and records one finished group (DAPO_SPEC.md sections 1-2)."""
+                 score_fns, pool) -> dict:
+  """Scores (by the example's data source), shapes and records one finished group (DAPO_SPEC.md sections 1-2)."""
   texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in responses]
   scored = rewards.score_batch(texts, [example.ground_truth] * len(texts),
-                               default_score_fn=score_fn,
+                               data_sources=[example.data_source] * len(texts), score_fns=score_fns,
+                               default_score_fn=None,
                                num_workers=0 if pool is None else None, pool=pool, timeout_s=config.reward.timeout_s)
   lengths = np.array([len(r.token_ids) for r in responses])
   scores = scored.scores.astype(np.float32)
@@ -183,7 +183,7 @@ def _summary(name: str, values) -> dict[str, float]:
 # Validation
 
 
-def _validate(params, sampler, val_prompts, config, tokenizer, score_fn, pool, seed) -> dict:
+def _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool, seed) -> dict:
   """avg@k, best@k, maj@k and pass@k of k samples per unique validation problem (DAPO_SPEC.md section 8)."""
   vk = config.rollout.val_kwargs
   params_for_sampling = sampler_lib.SamplingParams(temperature=vk.temperature, top_p=vk.top_p,
@@ -193,7 +193,7 @@ def _validate(params, sampler, val_prompts, config, tokenizer, score_fn, pool, s
   groups = sampler.sample(params, [e.prompt_ids for e in examples], n=vk.n, seed=seed, sampling=params_for_sampling)
   for group in groups:
     example = examples[group.prompt_index]
-    scored = _score_group(group.responses, example, config=config, tokenizer=tokenizer, score_fn=score_fn,
+    scored = _score_group(group.responses, example, config=config, tokenizer=tokenizer, score_fns=score_fns,
                           pool=pool)
     for acc, text in zip(scored["accs"], scored["texts"]):
       pred = rewards.last_answer_line(text[-rewards.RESPONSE_TAIL_CHARS:])
@@ -240,10 +240,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   gen_batches = math_data.epoch_batches(train_prompts, batch_size=config.data.gen_batch_size,
                                         seed=config.data.seed if config.data.shuffle else None)
   data_iterator = math_data.batch_iterator(gen_batches)
-  if config.reward.function:
-    score_fn = rewards.load_reward_function(config.reward.function)
-  else:
-    score_fn = functools.partial(rewards.math_dapo_score, strict_box=config.reward.strict_box)
+  data_sources = sorted({e.data_source for e in train_prompts} | {e.data_source for e in val_prompts})
+  score_fns = rewards.reward_functions(data_sources, function=config.reward.function,
+                                       strict_box=config.reward.strict_box)
+  logging.info("Reward: %s for data sources %s", config.reward.function or "math_dapo", data_sources)
   pool = rewards.RewardPool(config.reward.num_workers) if config.reward.num_workers > 0 else None
 
   # Policy, optimizer, sampler and the dynamic-sampling state machine.
@@ -284,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from rollout step %d", start_step)
   if start_step == 0 and config.trainer.val_before_train and val_prompts:
     logging.info("Validation before training ...")
-    val = _validate(params, sampler, val_prompts, config, tokenizer, score_fn, pool,
+    val = _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool,
                     seed=config.trainer.seed + 10**6)
     writer.write_scalars(0, val)
     logging.info("step 0: %s", json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k}))
@@ -322,7 +322,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           break  # nothing in flight and nothing left to admit: only when the data ran out
         for group in run.step():
           scored = _score_group(group.responses, drawn[group.prompt_index], config=config, tokenizer=tokenizer,
-                                score_fn=score_fn, pool=pool)
+                                score_fns=score_fns, pool=pool)
           timeouts += scored["timeouts"]
           dynamic.add_group(group.prompt_index,
                             {"acc": scored["accs"], "score": scored["scores"], "reward": scored["rewards"]}, scored)
@@ -403,7 +403,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         {"rollout_step": rollout_step + 1, "data_iterator": data_iterator.get_state(),
                          "dynamic_sampling": dynamic.state_dict()})
     if val_prompts and config.trainer.test_freq and ((rollout_step + 1) % config.trainer.test_freq == 0 or finished):
-      val = _validate(params, sampler, val_prompts, config, tokenizer, score_fn, pool,
+      val = _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool,
                       seed=config.trainer.seed + 10**6)
       writer.write_scalars(rollout_step + 1, val)
       logging.info("step %d validation: %s", rollout_step + 1,

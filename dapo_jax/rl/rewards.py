@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib
+import inspect
 import math
 import multiprocessing
 import os
@@ -332,7 +334,45 @@ def load_reward_function(spec: str) -> ScoreFn:
   return target
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceBoundFunction:
+  """A user's reward function with its data source bound, called the way verl calls a custom reward function:
+  `fn(data_source=..., solution_str=..., ground_truth=..., extra_info=None)` when its signature names
+  `data_source`, else `fn(solution, ground_truth)`. A frozen dataclass, so worker processes can unpickle it."""
+  fn: ScoreFn
+  data_source: str
+
+  def __call__(self, solution: str, ground_truth: str) -> Any:
+    try:
+      parameters = inspect.signature(self.fn).parameters
+    except (TypeError, ValueError):  # builtins and some C callables have no signature: call them plainly
+      parameters = {}
+    if "data_source" not in parameters:
+      return self.fn(solution, ground_truth)
+    kwargs = {"data_source": self.data_source, "solution_str": solution, "ground_truth": ground_truth}
+    if "extra_info" in parameters:
+      kwargs["extra_info"] = None
+    return self.fn(**kwargs)
+
+
+def reward_functions(data_sources: Sequence[str], *, function: str | None = None,
+                     strict_box: bool = False) -> dict[str, ScoreFn]:
+  """The dispatch table `{data_source: fn}` of a run (config keys `reward.function`, `reward.strict_box`).
+
+  Without `function`, every source is scored by `math_dapo_score`. With `function = "module:function"`, every
+  source is scored by the user's function, which receives the data source (verl's custom reward function) and
+  so may dispatch on it itself.
+  """
+  if function is None:
+    default = functools.partial(math_dapo_score, strict_box=strict_box) if strict_box else math_dapo_score
+    return {source: default for source in data_sources}
+  custom = load_reward_function(function)
+  return {source: SourceBoundFunction(custom, source) for source in data_sources}
+
+
 def _function_name(fn: ScoreFn) -> str:
+  if isinstance(fn, SourceBoundFunction):
+    return f"{_function_name(fn.fn)} (data_source {fn.data_source!r})"
   return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 

@@ -56,6 +56,13 @@ def always_half(solution, ground_truth):
   return 0.5
 
 
+def source_aware(data_source, solution_str, ground_truth, extra_info=None):
+  """A verl-style custom reward function that dispatches on the data source itself."""
+  if data_source == "exact":
+    return {"score": 1.0 if solution_str == ground_truth else -1.0, "pred": solution_str}
+  return math_dapo_score(solution_str, ground_truth)
+
+
 def worker_pid(solution, ground_truth):
   """Reports the worker's process id, to check that scoring happens outside the test process."""
   return {"score": -1.0, "acc": False, "pred": str(os.getpid())}
@@ -457,6 +464,34 @@ def test_score_result_normalisation():
 # --------------------------------------------------------------------------------------------------------------
 # load_reward_function
 # --------------------------------------------------------------------------------------------------------------
+
+
+def test_reward_functions_default_to_math_dapo_for_every_source():
+  table = rewards.reward_functions(["math_dapo", "aime"])
+  assert table == {"math_dapo": math_dapo_score, "aime": math_dapo_score}
+  strict = rewards.reward_functions(["math_dapo"], strict_box=True)["math_dapo"]
+  assert strict("Answer: 7", "7")["score"] == -1.0  # no \boxed{} in strict-box mode
+  assert strict("so \\boxed{7}", "7")["score"] == 1.0
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_custom_reward_function_receives_the_data_source(num_workers):
+  table = rewards.reward_functions(["exact", "math_dapo"], function="tests.rl.test_rewards:source_aware")
+  solutions = ["Answer: 7", "Answer: 7", "7"]
+  scored = score_batch(solutions, ["7", "7", "7"], data_sources=["exact", "math_dapo", "exact"], score_fns=table,
+                       default_score_fn=None, num_workers=num_workers)
+  np.testing.assert_array_equal(scored.scores, [-1.0, 1.0, 1.0])  # "exact" compares whole strings
+  # A plain (solution, ground_truth) function works too, for every source.
+  plain = rewards.reward_functions(["exact"], function="tests.rl.test_rewards:always_half")
+  assert score_batch(["x"], ["7"], data_sources=["exact"], score_fns=plain, default_score_fn=None,
+                     num_workers=num_workers).scores.tolist() == [0.5]
+
+
+def test_unknown_data_source_is_an_error_naming_it():
+  table = rewards.reward_functions(["math_dapo"])
+  with pytest.raises(KeyError, match="no reward function for data_source 'gsm8k'"):
+    score_batch(["Answer: 1"], ["1"], data_sources=["gsm8k"], score_fns=table, default_score_fn=None,
+                num_workers=0)
 
 
 def test_load_reward_function_finds_module_functions():
