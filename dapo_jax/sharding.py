@@ -13,6 +13,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from flax import nnx
+import optax
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -126,3 +127,15 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedShard
 def shard_params(params, shardings):
   """Places a params pytree into its shardings."""
   return jax.device_put(params, shardings)
+
+
+def optimizer_state_shardings(optimizer, abstract_opt_state, params_shardings, mesh: Mesh):
+  """NamedShardings of an optimizer state: every copy of the params tree inside it (Adam's moments) sharded like
+  the params, everything else (step counts, injected hyperparameters) replicated.
+
+  `abstract_opt_state` is `jax.eval_shape(optimizer.init, params)` (or a concrete state).
+  """
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return optax.tree_map_params(optimizer, lambda _, param_sharding: param_sharding, abstract_opt_state,
+                               params_shardings, transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, NamedSharding))

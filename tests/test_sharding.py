@@ -1,9 +1,13 @@
 """Mesh construction and logical-axis rules."""
 import jax
+import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from dapo_jax import sharding
+from dapo_jax.model import qwen2
+from dapo_jax.model.config import get_preset
+from dapo_jax.rl import step
 
 
 def test_make_mesh_fills_the_minus_one_axis_with_auto_axis_types():
@@ -48,3 +52,22 @@ def test_unknown_logical_axis_names_the_rules():
   mesh = sharding.make_mesh()
   with pytest.raises(ValueError, match="No sharding rule for logical axis 'experts'"):
     sharding.logical_to_spec(("experts",), sharding.DEFAULT_RULES, mesh)
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+  model = qwen2.abstract_model(get_preset("tiny"))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+  shardings = sharding.param_shardings(model, mesh)
+  optimizer = step.make_optimizer(learning_rate=1e-3)
+  abstract_state = jax.eval_shape(optimizer.init, model.params)
+  state_shardings = sharding.optimizer_state_shardings(optimizer, abstract_state, shardings, mesh)
+  param_specs = sorted(str(s.spec) for s in jax.tree.leaves(shardings))
+  assert sorted(str(s.spec) for s in jax.tree.leaves(state_shardings.inner_state[1][0].mu)) == param_specs
+  assert sorted(str(s.spec) for s in jax.tree.leaves(state_shardings.inner_state[1][0].nu)) == param_specs
+  assert state_shardings.inner_state[1][0].count.spec == P()
+  assert any(spec != "PartitionSpec()" for spec in param_specs)
+  # The state really lands there: init under jit with those out_shardings.
+  params = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), model.params, shardings)
+  state = jax.jit(optimizer.init, out_shardings=state_shardings)(params)
+  for leaf, target in zip(jax.tree.leaves(state), jax.tree.leaves(state_shardings)):
+    assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
