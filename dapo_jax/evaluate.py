@@ -1,0 +1,309 @@
+"""Accuracy of a checkpoint on math problems: avg@k, best@k, maj@k and pass@k per data source (DAPO_SPEC.md 8).
+
+    python -m dapo_jax.evaluate --checkpoint DIR --data FILE.parquet[,FILE2.parquet...] [--k 32]
+        [--temperature 1.0] [--top_p 0.7] [--top_k 0] [--max_prompt_length 2048] [--max_response_length 20480]
+        [--seed 0] [--reward_function module:fn] [--strict_box] [--num_slots 64] [--reward_workers 8]
+        [--dtype float32] [--output DIR]
+
+`--checkpoint` is a Hugging Face Qwen2 directory or one of our training checkpoints (a workdir, its
+checkpoints/ directory, or one step directory checkpoints/<step>). `--data` files are in the DAPO-Math schema;
+rows with the same data source, prompt and ground truth are evaluated once, with k samples (AIME-2024's 960
+rows are 30 problems x 32). The defaults are DAPO's validation settings: k = 32, temperature 1.0, top-p 0.7,
+prompts of at most 2048 tokens (longer ones keep their end), responses of at most 20480 tokens, math_dapo
+scoring. Prompts get the checkpoint's chat template; responses stop at the checkpoint's eos ids (the
+tokenizer's and generation_config.json's, as in training).
+
+Prints a table per data source and writes, to `--output` (default: ./eval_<YYYYmmdd_HHMMSS>, created):
+  * summary.json: the metrics (`val-core/<data_source>/acc/{mean@k,best@k,maj@k,pass@k}`, the trainer's
+    names), the settings, the checkpoint, problem and row counts, response lengths, time;
+  * problems.jsonl: one line per unique problem: where it came from, its ground truth, how many of its k
+    responses are correct, their predictions, the majority prediction, finish reasons, lengths and the
+    responses themselves.
+"""
+from collections.abc import Sequence
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dapo_jax import checkpoint as checkpoint_lib
+from dapo_jax import metrics as metrics_lib
+from dapo_jax import validation
+from dapo_jax.data import math as math_data
+from dapo_jax.model import hf_io
+from dapo_jax.model import tokenizer as tokenizer_lib
+from dapo_jax.rl import rewards
+from dapo_jax.rollout import checkpoint_generation
+from dapo_jax.rollout import sampler as sampler_lib
+from dapo_jax.rollout.sampling import SamplingParams
+
+SUMMARY_FILE = "summary.json"
+PROBLEMS_FILE = "problems.jsonl"
+METRIC_PREFIX = "val-core"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class EvaluationError(ValueError):
+  """The checkpoint or the data cannot be evaluated; the message says which file and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """How a checkpoint is evaluated (the flags of the same names)."""
+  k: int = 32
+  temperature: float = 1.0
+  top_p: float = 0.7
+  top_k: int = 0
+  max_prompt_length: int = 2048
+  max_response_length: int = 20480
+  seed: int = 0
+  reward_function: str | None = None
+  strict_box: bool = False
+  num_slots: int = 64
+  reward_workers: int = rewards.DEFAULT_NUM_WORKERS
+  reward_timeout_s: float = rewards.DEFAULT_TIMEOUT_S
+  dtype: str = "float32"
+  decode_steps_per_call: int = 16
+
+  def check(self) -> None:
+    """Raises ValueError naming the flag of the first bad value."""
+    for name in ("k", "max_prompt_length", "max_response_length", "num_slots", "decode_steps_per_call"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+    if self.reward_workers < 0:
+      raise ValueError(f"--reward_workers must be >= 0 (0 scores in this process), got {self.reward_workers}")
+    if not 0 <= self.seed < 2**31:
+      raise ValueError(f"--seed must be in [0, 2**31), got {self.seed}")
+    if self.dtype not in _DTYPES:
+      raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # checks the ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """An evaluation's outcome: `summary` is summary.json, `problems` the lines of problems.jsonl."""
+  summary: dict[str, Any]
+  problems: list[dict[str, Any]]
+  result: validation.ValidationResult
+
+
+def problem_record(problem: validation.ProblemResult) -> dict[str, Any]:
+  """One line of problems.jsonl."""
+  example = problem.example
+  return {
+      "index": problem.index,
+      "data_source": example.data_source,
+      "location": example.location,
+      "num_duplicates": example.num_duplicates,
+      "ground_truth": example.ground_truth,
+      "prompt": example.prompt_text,
+      "prompt_tokens": int(len(example.prompt_ids)),
+      "prompt_truncated_tokens": example.num_truncated_tokens,
+      "k": len(problem.responses),
+      "num_correct": problem.num_correct,
+      "accuracy": problem.accuracy,
+      "correct": [bool(a) for a in problem.accs],
+      "scores": [float(s) for s in problem.scores],
+      "predictions": problem.predictions,
+      "majority_prediction": problem.majority_prediction,
+      "finish_reasons": problem.finish_reasons,
+      "response_lengths": problem.response_lengths,
+      "responses": problem.texts,
+  }
+
+
+def _length_summary(lengths: np.ndarray) -> dict[str, float]:
+  return {"mean": float(lengths.mean()), "max": int(lengths.max()), "min": int(lengths.min())}
+
+
+def summarize(result: validation.ValidationResult, *, checkpoint: str, description: str,
+              data_files: Sequence[str], settings: EvalSettings, eos_ids: Sequence[int]) -> dict[str, Any]:
+  """The contents of summary.json."""
+  sources: dict[str, dict[str, int]] = {}
+  for p in result.problems:
+    entry = sources.setdefault(p.example.data_source, {"problems": 0, "rows": 0})
+    entry["problems"] += 1
+    entry["rows"] += p.example.num_duplicates
+  lengths = np.array([n for p in result.problems for n in p.response_lengths])
+  truncated = np.array([r == sampler_lib.FINISH_LENGTH for p in result.problems for r in p.finish_reasons])
+  return {
+      "checkpoint": os.path.abspath(checkpoint),
+      "checkpoint_description": description,
+      "data_files": [os.path.abspath(f) if "://" not in f else f for f in data_files],
+      "settings": {**dataclasses.asdict(settings), "eos_ids": list(eos_ids)},
+      "data_sources": dict(sorted(sources.items())),
+      "metrics": result.metrics,
+      "response_length": _length_summary(lengths),
+      "clip_ratio": float(truncated.mean()),
+      "reward_timeouts": result.num_timeouts,
+      "generated_tokens": int(lengths.sum()),
+      "elapsed_s": result.elapsed_s,
+      "tokens_per_s": float(lengths.sum() / max(result.elapsed_s, 1e-9)),
+  }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+  """The metrics of summary.json as a table per data source: avg@k, then pass@k, best@k and maj@k by k."""
+  k = summary["settings"]["k"]
+  lines = [f"{summary['checkpoint_description']}: k = {k} samples per problem, temperature "
+           f"{summary['settings']['temperature']}, top_p {summary['settings']['top_p']}"]
+  for source, counts in summary["data_sources"].items():
+    key = f"{METRIC_PREFIX}/{source}/acc"
+    metrics = summary["metrics"]
+    lines.append("")
+    lines.append(f"{source}: {counts['problems']} problems ({counts['rows']} rows), "
+                 f"avg@{k} = {metrics[f'{key}/mean@{k}']:.4f}")
+    lines.append(f"{'k':>6}  {'pass@k':>8}  {'best@k':>8}  {'maj@k':>8}")
+    for kk in metrics_lib.k_values(k):
+      lines.append(f"{kk:>6}  {metrics[f'{key}/pass@{kk}']:>8.4f}  {metrics[f'{key}/best@{kk}']:>8.4f}  "
+                   f"{metrics[f'{key}/maj@{kk}']:>8.4f}")
+  length = summary["response_length"]
+  lines.append("")
+  lines.append(f"responses: mean {length['mean']:.1f} tokens (max {length['max']}), "
+               f"{100 * summary['clip_ratio']:.1f}% cut at {summary['settings']['max_response_length']}; "
+               f"{summary['generated_tokens']} tokens in {summary['elapsed_s']:.1f} s")
+  return "\n".join(lines)
+
+
+def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings = EvalSettings()) -> Evaluation:
+  """Loads the checkpoint and the problems, samples k responses per problem, scores them; writes nothing."""
+  settings.check()
+  # A typo in a file name or the reward function fails now, not after the weights have loaded.
+  for path in data_files:
+    if "://" not in path and not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no such data file")
+  if settings.reward_function is not None:
+    rewards.load_reward_function(settings.reward_function)
+  policy = checkpoint_lib.load_policy(checkpoint, dtype=_DTYPES[settings.dtype])
+  tokenizer = checkpoint_generation.load_optional_tokenizer(policy.files_dir)
+  if tokenizer is None:
+    raise FileNotFoundError(
+        f"{policy.files_dir}: no tokenizer files (tokenizer.json or tokenizer.model); the evaluator needs the "
+        "tokenizer to render prompts and read responses. Copy the base model's tokenizer files there.")
+  if tokenizer.vocab_size > policy.config.vocab_size:
+    raise EvaluationError(f"{policy.files_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                     f"{policy.config.vocab_size}: they do not belong together")
+  options = math_data.PromptOptions(max_prompt_length=settings.max_prompt_length, truncation="left")
+  prompts = math_data.validation_prompts(list(data_files), tokenizer, options)
+  if not len(prompts):
+    raise EvaluationError(f"{', '.join(data_files)}: no rows to evaluate")
+  sources = sorted({e.data_source for e in prompts})
+  score_fns = rewards.reward_functions(sources, function=settings.reward_function, strict_box=settings.strict_box)
+  logging.info("Evaluating %s on %d problems (%s) x %d samples", policy.description, len(prompts),
+               ", ".join(sources), settings.k)
+
+  eos_ids = tokenizer.eos_ids
+  longest_prompt = max(len(e.prompt_ids) for e in prompts)
+  sampler = sampler_lib.GroupSampler(
+      policy.config, num_slots=min(settings.num_slots, settings.k * len(prompts)),
+      max_prompt_length=longest_prompt, max_response_length=settings.max_response_length, eos_ids=eos_ids,
+      steps_per_call=min(settings.decode_steps_per_call, settings.max_response_length))
+  sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+  pool = rewards.RewardPool(settings.reward_workers) if settings.reward_workers > 0 else None
+  try:
+    result = validation.validate(policy.params, sampler, prompts, tokenizer=tokenizer, n=settings.k,
+                                 sampling=sampling, seed=settings.seed, score_fns=score_fns, pool=pool,
+                                 timeout_s=settings.reward_timeout_s, prefix=METRIC_PREFIX)
+  finally:
+    if pool is not None:
+      pool.close()
+  summary = summarize(result, checkpoint=checkpoint, description=policy.description, data_files=data_files,
+                      settings=settings, eos_ids=eos_ids)
+  return Evaluation(summary=summary, problems=[problem_record(p) for p in result.problems], result=result)
+
+
+def write_outputs(directory: str, evaluation: Evaluation) -> None:
+  """Writes summary.json and problems.jsonl into `directory` (created; files of an earlier run are replaced)."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, SUMMARY_FILE), "w") as f:
+    json.dump(evaluation.summary, f, indent=2)
+    f.write("\n")
+  with open(os.path.join(directory, PROBLEMS_FILE), "w") as f:
+    for record in evaluation.problems:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A Hugging Face Qwen2 directory, or a training workdir, its checkpoints/ directory or one "
+    "step directory in it.", required=True)
+_DATA = flags.DEFINE_list("data", None, "Parquet files in the DAPO-Math schema, comma separated.", required=True)
+_K = flags.DEFINE_integer("k", 32, "Samples per unique problem (the k of avg@k).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 0.7, "Nucleus sampling mass in (0, 1].")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 keeps all.")
+_MAX_PROMPT_LENGTH = flags.DEFINE_integer("max_prompt_length", 2048,
+                                          "Most prompt tokens; longer prompts keep their last tokens.")
+_MAX_RESPONSE_LENGTH = flags.DEFINE_integer("max_response_length", 20480, "Most tokens per response.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed, in [0, 2**31).")
+_REWARD_FUNCTION = flags.DEFINE_string(
+    "reward_function", None, "A custom reward function 'package.module:function' (verl's signature); default "
+    "math_dapo.")
+_STRICT_BOX = flags.DEFINE_bool("strict_box", False, "math_dapo's strict-box mode: read the last \\boxed{}.")
+_NUM_SLOTS = flags.DEFINE_integer("num_slots", 64, "Responses decoded together (memory: their KV caches).")
+_REWARD_WORKERS = flags.DEFINE_integer(
+    "reward_workers", rewards.DEFAULT_NUM_WORKERS, "Reward scoring processes, each response bounded by "
+    "--reward_timeout_s; 0 scores in this process without a time bound.")
+_REWARD_TIMEOUT_S = flags.DEFINE_float("reward_timeout_s", rewards.DEFAULT_TIMEOUT_S,
+                                       "Seconds to score one response before it counts as wrong.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES),
+                           "Weights and compute dtype (float32: XLA:CPU's bfloat16 matrix products are slow).")
+_DECODE_STEPS_PER_CALL = flags.DEFINE_integer("decode_steps_per_call", 16,
+                                              "Decode steps fused into one device call.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for summary.json and problems.jsonl; default "
+                              "./eval_<YYYYmmdd_HHMMSS>.")
+
+# What a missing file, a bad checkpoint or bad data raises: reported in one line, without a traceback.
+_USER_ERRORS = (FileNotFoundError, EvaluationError, math_data.DataSchemaError, hf_io.CheckpointError,
+                tokenizer_lib.TokenizerLoadError)
+
+
+def settings_from_flags() -> EvalSettings:
+  return EvalSettings(k=_K.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
+                      max_prompt_length=_MAX_PROMPT_LENGTH.value, max_response_length=_MAX_RESPONSE_LENGTH.value,
+                      seed=_SEED.value, reward_function=_REWARD_FUNCTION.value, strict_box=_STRICT_BOX.value,
+                      num_slots=_NUM_SLOTS.value, reward_workers=_REWARD_WORKERS.value,
+                      reward_timeout_s=_REWARD_TIMEOUT_S.value, dtype=_DTYPE.value,
+                      decode_steps_per_call=_DECODE_STEPS_PER_CALL.value)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  # Orbax reports every detail of a restore at INFO through absl's logger; progress lines are ours (root).
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  settings = settings_from_flags()
+  output = _OUTPUT.value or os.path.abspath(time.strftime("eval_%Y%m%d_%H%M%S"))
+  data_files = [f for f in _DATA.value if f]
+  if not data_files:
+    raise app.UsageError("--data names no file")
+  try:
+    settings.check()
+    if settings.reward_function is not None:
+      rewards.load_reward_function(settings.reward_function)
+  except (ValueError, ImportError, TypeError) as error:
+    raise app.UsageError(str(error)) from None
+  try:
+    evaluation = evaluate(_CHECKPOINT.value, data_files, settings)
+  except _USER_ERRORS as error:
+    sys.exit(f"dapo_jax.evaluate: error: {error}")
+  write_outputs(output, evaluation)
+  print(format_table(evaluation.summary))
+  print(f"\nWrote {os.path.join(output, SUMMARY_FILE)} and {os.path.join(output, PROBLEMS_FILE)} "
+        f"({jax.devices()[0].platform})", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
