@@ -1,8 +1,11 @@
-"""Prints completions of a prompt from a Hugging Face Qwen2 checkpoint, through the group sampler.
+"""Prints completions of a prompt from a checkpoint, through the group sampler.
 
     python -m dapo_jax.generate --checkpoint DIR (--prompt TEXT | --prompt_ids 1,2,3) [--max_new_tokens N]
         [--temperature T --top_p P --top_k K --n N --seed S] [--no_eos] [--raw] [--json]
 
+`--checkpoint` is a Hugging Face Qwen2 directory or one of our training checkpoints (a workdir, its checkpoints/
+directory, whose newest complete step is taken, or one step directory checkpoints/<step>); the tokenizer and
+generation_config.json come from the HF directory itself or from the training checkpoint's policy/ directory.
 `--prompt` text is rendered with the checkpoint's chat template (a user turn and the generation prompt) unless
 `--raw`; `--prompt_ids` are used as given. `--temperature 0` is greedy. Responses stop at the eos ids of the
 checkpoint's generation_config.json when it names some (else the tokenizer's eos), or at `--max_new_tokens`;
@@ -13,18 +16,22 @@ checkpoint's generation_config.json when it names some (else the tokenizer's eos
 Weights are loaded in float32: on CPU, XLA's bfloat16 matrix-vector products are much slower.
 """
 import json
+import sys
 
 from absl import app
 from absl import flags
 import jax.numpy as jnp
 
+from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax.model import hf_io
 from dapo_jax.model import tokenizer as tokenizer_lib
 from dapo_jax.rollout import checkpoint_generation
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Qwen2 checkpoint directory.", required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A Hugging Face Qwen2 directory, or a training workdir, its checkpoints/ directory or one "
+    "step directory in it.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (chat template applied unless --raw).")
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt token ids, comma separated (used as given).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens generated per completion.")
@@ -62,19 +69,21 @@ def prompt_token_ids(tokenizer: tokenizer_lib.Tokenizer | None) -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  checkpoint = _CHECKPOINT.value
-  config, model = hf_io.load_hf_checkpoint(checkpoint, dtype=jnp.float32)
-  tokenizer = checkpoint_generation.load_optional_tokenizer(checkpoint)
+  try:
+    policy = checkpoint_lib.load_policy(_CHECKPOINT.value, dtype=jnp.float32)
+    tokenizer = checkpoint_generation.load_optional_tokenizer(policy.files_dir)
+  except (FileNotFoundError, hf_io.CheckpointError, tokenizer_lib.TokenizerLoadError) as error:
+    sys.exit(f"dapo_jax.generate: error: {error}")
   prompt = prompt_token_ids(tokenizer)
   if not prompt:
     raise app.UsageError("the prompt is empty")
-  eos_ids = [] if _NO_EOS.value else checkpoint_generation.stop_ids(checkpoint, tokenizer)
+  eos_ids = [] if _NO_EOS.value else checkpoint_generation.stop_ids(policy.files_dir, tokenizer)
   sampling = SamplingParams(temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value)
   sampler = sampler_lib.GroupSampler(
-      config, num_slots=min(_N.value, MAX_SLOTS), max_prompt_length=len(prompt),
+      policy.config, num_slots=min(_N.value, MAX_SLOTS), max_prompt_length=len(prompt),
       max_response_length=_MAX_NEW_TOKENS.value, eos_ids=eos_ids,
       steps_per_call=min(STEPS_PER_CALL, _MAX_NEW_TOKENS.value))
-  group, = sampler.sample(model.params, [prompt], n=_N.value, seed=_SEED.value, sampling=sampling)
+  group, = sampler.sample(policy.params, [prompt], n=_N.value, seed=_SEED.value, sampling=sampling)
 
   completions = []
   for response in group.responses:

@@ -1,7 +1,11 @@
-"""Serves a Hugging Face Qwen2 checkpoint with JetStream's own orchestrator and gRPC server.
+"""Serves a checkpoint with JetStream's own orchestrator and gRPC server.
 
     python -m dapo_jax.serve --checkpoint DIR --port P [--num_slots 8] [--max_prefill_length 1024]
         [--max_response_length 1024] [--temperature 0 --top_p 1 --top_k 0 --seed 0] [--steps_per_generate 1]
+
+`--checkpoint` is a Hugging Face Qwen2 directory or one of our training checkpoints (a workdir, its checkpoints/
+directory, whose newest complete step is taken, or one step directory checkpoints/<step>, with the tokenizer and
+generation_config.json of its policy/ directory).
 
 Clients send JetStream `Decode` requests (`jetstream.core.proto.jetstream_pb2`): text (tokenized here with the
 checkpoint's tokenizer, no chat template, no BOS) or token ids, and `max_tokens`; the response streams the
@@ -24,12 +28,14 @@ import jax.numpy as jnp
 from jetstream.core import config_lib
 from jetstream.core import server_lib
 
-from dapo_jax.model import hf_io
+from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax.rollout import checkpoint_generation
 from dapo_jax.rollout.engine import QwenEngine
 from dapo_jax.rollout.sampling import SamplingParams
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Hugging Face Qwen2 checkpoint directory.", required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A Hugging Face Qwen2 directory, or a training workdir, its checkpoints/ directory or one "
+    "step directory in it.", required=True)
 _PORT = flags.DEFINE_integer("port", 9000, "gRPC port.")
 _NUM_SLOTS = flags.DEFINE_integer("num_slots", 8, "Requests decoded concurrently.")
 _MAX_PREFILL_LENGTH = flags.DEFINE_integer("max_prefill_length", 1024,
@@ -49,12 +55,12 @@ _LOG_LEVEL = flags.DEFINE_enum("log_level", "WARNING", ["DEBUG", "INFO", "WARNIN
 
 
 def build_engine(checkpoint: str) -> QwenEngine:
-  """The engine for a checkpoint directory, configured from the flags."""
-  config, model = hf_io.load_hf_checkpoint(checkpoint, dtype=jnp.float32)
-  tokenizer = checkpoint_generation.load_optional_tokenizer(checkpoint)
+  """The engine for a checkpoint (Hugging Face or training), configured from the flags."""
+  policy = checkpoint_lib.load_policy(checkpoint, dtype=jnp.float32)
+  tokenizer = checkpoint_generation.load_optional_tokenizer(policy.files_dir)
   return QwenEngine(
-      config, params=model.params, tokenizer=tokenizer,
-      eos_ids=checkpoint_generation.stop_ids(checkpoint, tokenizer), num_slots=_NUM_SLOTS.value,
+      policy.config, params=policy.params, tokenizer=tokenizer,
+      eos_ids=checkpoint_generation.stop_ids(policy.files_dir, tokenizer), num_slots=_NUM_SLOTS.value,
       max_prefill_length=_MAX_PREFILL_LENGTH.value, max_response_length=_MAX_RESPONSE_LENGTH.value,
       sampling=SamplingParams(temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value),
       steps_per_generate=_STEPS_PER_GENERATE.value, seed=_SEED.value)

@@ -1,5 +1,6 @@
 """Tests for `python -m dapo_jax.generate`, run in a subprocess on a saved random checkpoint with a tokenizer."""
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -8,6 +9,8 @@ import sys
 import pytest
 import transformers
 
+from dapo_jax import checkpoint
+from dapo_jax.model.tokenizer import load_tokenizer
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
@@ -21,6 +24,19 @@ def _generate(*args: str) -> list[dict]:
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def save_as_training_checkpoint(hf_directory, workdir, step: int = 1) -> str:
+  """Saves a Hugging Face checkpoint's weights as step `step` of a training run in `workdir` (with policy/ beside
+  it, as the trainer writes it); returns the step directory."""
+  policy = checkpoint.load_policy(str(hf_directory))
+  root = os.path.join(workdir, "checkpoints")
+  checkpoint.write_policy_files(root, policy.config, load_tokenizer(hf_directory))
+  manager = checkpoint.Checkpointer(root)
+  manager.save(step, {"params": policy.params}, {"rollout_step": step})
+  manager.wait()
+  manager.close()
+  return os.path.join(root, str(step))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +64,16 @@ def test_chat_prompt_greedy_matches_transformers_and_stops_at_eos(checkpoint_wit
   assert len(reference) < NEW_TOKENS and reference[-1] in fixture["eos_ids"]
   assert completions == [{"token_ids": reference, "finish_reason": "eos",
                           "text": fixture["hf_tokenizer"].decode(reference, skip_special_tokens=True)}]
+
+
+def test_training_checkpoint_greedy_matches_transformers(checkpoint_with_tokenizer, tmp_path):
+  fixture = checkpoint_with_tokenizer
+  step_dir = save_as_training_checkpoint(fixture["directory"], tmp_path / "workdir")
+  # The tokenizer, its chat template and the eos ids come from the training checkpoint's policy/ directory.
+  completions = _generate("--checkpoint", step_dir, "--prompt", "Solve 3x + 7 = 22.", "--temperature", "0",
+                          "--max_new_tokens", str(NEW_TOKENS))
+  reference = fixture["checkpoint"].greedy(fixture["chat_ids"], NEW_TOKENS, fixture["eos_ids"])
+  assert [(c["token_ids"], c["finish_reason"]) for c in completions] == [(reference, "eos")]
 
 
 def test_prompt_ids_greedy_without_eos_matches_transformers(checkpoint_with_tokenizer):
@@ -78,3 +104,10 @@ def test_prompt_text_without_a_tokenizer_is_a_usage_error(checkpoints):
                            str(checkpoints["tied_gqa"].directory), "--prompt", "hello"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode != 0 and "--prompt_ids" in result.stderr
+
+
+def test_a_directory_that_is_no_checkpoint_is_named(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "dapo_jax.generate", "--checkpoint", str(tmp_path),
+                           "--prompt_ids", "1,2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode == 1 and f"dapo_jax.generate: error: {tmp_path}: not a checkpoint" in result.stderr

@@ -1,6 +1,8 @@
 """Tests `python -m dapo_jax.serve`: JetStream's orchestrator and gRPC server around our engine, on loopback."""
 import concurrent.futures
+import contextlib
 import json
+import os
 import pathlib
 import shutil
 import socket
@@ -15,6 +17,7 @@ from dapo_jax.model.tokenizer import load_tokenizer
 from jetstream.core.proto import jetstream_pb2
 from jetstream.core.proto import jetstream_pb2_grpc
 from tests.rollout.rollout_fixtures import random_prompts
+from tests.rollout.test_generate import save_as_training_checkpoint
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAX_TOKENS = 8
@@ -27,10 +30,35 @@ def _free_port() -> int:
     return probe.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _running_server(checkpoint_path):
+  """`python -m dapo_jax.serve` on the checkpoint (2 decode slots, greedy); yields (stub, process)."""
+  port = _free_port()
+  process = subprocess.Popen(
+      [sys.executable, "-m", "dapo_jax.serve", "--checkpoint", str(checkpoint_path), "--port", str(port),
+       "--num_slots", "2", "--max_prefill_length", "32", "--max_response_length", "16"],
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  channel = grpc.insecure_channel(f"localhost:{port}")
+  try:
+    try:
+      grpc.channel_ready_future(channel).result(timeout=STARTUP_SECONDS)
+    except grpc.FutureTimeoutError:
+      process.kill()
+      pytest.fail(f"the server did not start in {STARTUP_SECONDS} s:\n{process.communicate()[0][-3000:]}")
+    yield jetstream_pb2_grpc.OrchestratorStub(channel), process
+  finally:
+    channel.close()
+    process.terminate()
+    try:
+      process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+      process.kill()
+
+
 @pytest.fixture(scope="module")
-def server(qwen_like_checkpoint, tmp_path_factory):
-  """A running server (2 decode slots, greedy) on a checkpoint whose generation config stops on a token that
-  greedy decoding of the first test prompt reaches; yields (stub, reference function, prompts)."""
+def served_checkpoint(qwen_like_checkpoint, tmp_path_factory):
+  """A checkpoint whose generation config stops on a token that greedy decoding of the first test prompt
+  reaches; a dict with its directory, a reference function and the prompts."""
   checkpoint = qwen_like_checkpoint
   directory = tmp_path_factory.mktemp("serve") / "checkpoint"
   shutil.copytree(checkpoint.directory, directory)
@@ -48,27 +76,28 @@ def server(qwen_like_checkpoint, tmp_path_factory):
     tokens = checkpoint.greedy(prompt_ids, MAX_TOKENS, stop_ids)
     return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
 
-  port = _free_port()
-  process = subprocess.Popen(
-      [sys.executable, "-m", "dapo_jax.serve", "--checkpoint", str(directory), "--port", str(port),
-       "--num_slots", "2", "--max_prefill_length", "32", "--max_response_length", "16"],
-      cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  channel = grpc.insecure_channel(f"localhost:{port}")
-  try:
-    try:
-      grpc.channel_ready_future(channel).result(timeout=STARTUP_SECONDS)
-    except grpc.FutureTimeoutError:
-      process.kill()
-      pytest.fail(f"the server did not start in {STARTUP_SECONDS} s:\n{process.communicate()[0][-3000:]}")
-    yield dict(stub=jetstream_pb2_grpc.OrchestratorStub(channel), reference=reference, prompts=prompts,
-               tokenizer=tokenizer, process=process, eos_position=eos_position)
-  finally:
-    channel.close()
-    process.terminate()
-    try:
-      process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      process.kill()
+  return dict(directory=directory, reference=reference, prompts=prompts, tokenizer=tokenizer,
+              eos_position=eos_position)
+
+
+# First in the file, so that it runs before the module's shared server starts (two servers would share the CPU).
+def test_a_training_checkpoint_is_served_with_its_policy_files(served_checkpoint, tmp_path):
+  step_dir = save_as_training_checkpoint(served_checkpoint["directory"], tmp_path / "workdir")
+  prompt = served_checkpoint["prompts"][0]
+  with _running_server(os.path.dirname(step_dir)) as (stub, _):
+    token_ids, _ = _decode(stub, jetstream_pb2.DecodeRequest(
+        token_content=jetstream_pb2.DecodeRequest.TokenContent(token_ids=prompt), max_tokens=MAX_TOKENS))
+  # It stops at the eos of the generation config copied into policy/.
+  assert token_ids == served_checkpoint["reference"](prompt)
+  assert len(token_ids) == served_checkpoint["eos_position"]
+
+
+@pytest.fixture(scope="module")
+def server(served_checkpoint):
+  """A running server on the Hugging Face directory; the fixture dict of `served_checkpoint` with its stub and
+  process."""
+  with _running_server(served_checkpoint["directory"]) as (stub, process):
+    yield dict(served_checkpoint, stub=stub, process=process)
 
 
 def _decode(stub, request: jetstream_pb2.DecodeRequest) -> tuple[list[int], str]:
