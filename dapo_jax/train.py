@@ -268,26 +268,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                      max_num_gen_batches=fg.max_num_gen_batches, metric=fg.metric,
                                      enabled=fg.enable, carry_over=fg.carry_over)
 
-  # Resume from the newest complete checkpoint (or trainer.resume_from).
-  checkpointer = checkpoint_lib.Checkpointer(config.trainer.resume_from or os.path.join(workdir, "checkpoints"),
+  # Resume from the newest complete checkpoint of this workdir, else from trainer.resume_from when set: a
+  # restarted job always continues from its own latest progress.
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                              max_to_keep=config.trainer.keep_checkpoints)
   checkpoint_lib.write_policy_files(checkpointer.directory, model_config, tokenizer)
-  start_step = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, meta = checkpointer.restore(latest, checkpoint_lib.abstract_like({"params": params,
+
+  def run_validation(at_step: int) -> dict:
+    logging.info("Validation at rollout step %d (%d problems x %d samples) ...", at_step, len(val_prompts),
+                 config.rollout.val_kwargs.n)
+    val = _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool,
+                    seed=config.trainer.seed + 10**6)
+    writer.write_scalars(at_step, val)
+    logging.info("step %d validation: %s", at_step,
+                 json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k or "pass@1" in k}))
+    return val
+
+  start_step, validation_due = 0, config.trainer.val_before_train and bool(val_prompts)
+  resume_dir, resume_step = checkpointer.directory, checkpointer.latest_step()
+  if resume_step is None and config.trainer.resume_from:
+    resume_dir, resume_step = checkpoint_lib.resolve_training_checkpoint(config.trainer.resume_from)
+  if resume_step is not None:
+    source = checkpointer if resume_dir == checkpointer.directory else checkpoint_lib.Checkpointer(resume_dir)
+    state, meta = source.restore(resume_step, checkpoint_lib.abstract_like({"params": params,
                                                                             "opt_state": opt_state}))
     params, opt_state = state["params"], state["opt_state"]
     data_iterator.set_state(meta["data_iterator"])
     dynamic.load_state_dict(meta["dynamic_sampling"])
-    start_step = meta["rollout_step"]
-    logging.info("Resumed from rollout step %d", start_step)
-  if start_step == 0 and config.trainer.val_before_train and val_prompts:
-    logging.info("Validation before training ...")
-    val = _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool,
-                    seed=config.trainer.seed + 10**6)
-    writer.write_scalars(0, val)
-    logging.info("step 0: %s", json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k}))
+    start_step, validation_due = meta["rollout_step"], meta.get("validation_due", False)
+    logging.info("Resumed from rollout step %d of %s", start_step, resume_dir)
+  if validation_due:  # before training, or the validation a preemption postponed
+    run_validation(start_step)
 
   last_metrics: dict = {}
   run_start = time.time()
@@ -396,21 +407,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write_texts(rollout_step + 1, {"samples": samples})
     last_metrics = out
 
-    # 8. Checkpoint and validation.
+    # 8. Validation, then the checkpoint. On preemption the validation is postponed (the checkpoint records it
+    # as due, and the resumed run starts with it) so that the save happens within the VM's grace period.
     finished = rollout_step + 1 == config.trainer.total_training_steps
+    validation_due = bool(val_prompts) and bool(config.trainer.test_freq) and (
+        (rollout_step + 1) % config.trainer.test_freq == 0 or finished)
+    if validation_due and not preemption.requested:
+      last_metrics = {**out, **run_validation(rollout_step + 1)}
+      validation_due = False
     if (rollout_step + 1) % config.trainer.save_freq == 0 or finished or preemption.requested:
       checkpointer.save(rollout_step + 1, {"params": params, "opt_state": opt_state},
                         {"rollout_step": rollout_step + 1, "data_iterator": data_iterator.get_state(),
-                         "dynamic_sampling": dynamic.state_dict()})
-    if val_prompts and config.trainer.test_freq and ((rollout_step + 1) % config.trainer.test_freq == 0 or finished):
-      val = _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool,
-                      seed=config.trainer.seed + 10**6)
-      writer.write_scalars(rollout_step + 1, val)
-      logging.info("step %d validation: %s", rollout_step + 1,
-                   json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k or "pass@1" in k}))
-      last_metrics = {**out, **val}
+                         "dynamic_sampling": dynamic.state_dict(), "validation_due": validation_due})
     writer.flush()
     if preemption.requested:
+      logging.warning("Preempted: stopped after rollout step %d; the next start resumes from it", rollout_step + 1)
       break
   checkpointer.wait()
   checkpointer.close()
