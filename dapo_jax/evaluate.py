@@ -3,7 +3,7 @@
     python -m dapo_jax.evaluate --checkpoint DIR --data FILE.parquet[,FILE2.parquet...] [--k 32]
         [--temperature 1.0] [--top_p 0.7] [--top_k 0] [--max_prompt_length 2048] [--max_response_length 20480]
         [--seed 0] [--reward_function module:fn] [--strict_box] [--num_slots 64] [--reward_workers 8]
-        [--dtype float32] [--output DIR]
+        [--dtype float32] [--mesh tensor=8] [--output DIR]
 
 `--checkpoint` is a Hugging Face Qwen2 directory or one of our training checkpoints (a workdir, its
 checkpoints/ directory, or one step directory checkpoints/<step>). `--data` files are in the DAPO-Math schema;
@@ -18,9 +18,10 @@ Prints a table per data source and writes, to `--output` (default: ./eval_<YYYYm
     names), the settings, the checkpoint, problem and row counts, response lengths, time;
   * problems.jsonl: one line per unique problem: where it came from, its ground truth, how many of its k
     responses are correct, their predictions, the majority prediction, finish reasons, lengths and the
-    responses themselves.
+    responses themselves. Lines are appended as problems finish, so an interrupted run keeps what it finished;
+    at the end the file is rewritten in the order of the data files.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import json
 import logging
@@ -37,6 +38,7 @@ import numpy as np
 
 from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax import metrics as metrics_lib
+from dapo_jax import sharding
 from dapo_jax import validation
 from dapo_jax.data import math as math_data
 from dapo_jax.model import hf_io
@@ -73,6 +75,7 @@ class EvalSettings:
   reward_timeout_s: float = rewards.DEFAULT_TIMEOUT_S
   dtype: str = "float32"
   decode_steps_per_call: int = 16
+  mesh: str | None = None
 
   def check(self) -> None:
     """Raises ValueError naming the flag of the first bad value."""
@@ -86,6 +89,26 @@ class EvalSettings:
     if self.dtype not in _DTYPES:
       raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # checks the ranges
+    if self.mesh is not None:
+      parse_mesh(self.mesh)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """`--mesh data=2,tensor=4` -> {"data": 2, "tensor": 4}; raises ValueError naming the flag."""
+  shape = {}
+  for part in (p.strip() for p in text.split(",") if p.strip()):
+    name, separator, size = part.partition("=")
+    try:
+      value = int(size)
+    except ValueError:
+      value = None
+    if not separator or value is None or name.strip() not in sharding.MESH_AXES or name.strip() in shape:
+      raise ValueError(f"--mesh={text!r}: expected axis=size pairs over {', '.join(sharding.MESH_AXES)}, each "
+                       "axis at most once, e.g. tensor=8 or data=2,tensor=4")
+    shape[name.strip()] = value
+  if not shape:
+    raise ValueError(f"--mesh={text!r} names no axis; e.g. tensor=8")
+  return shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +197,10 @@ def format_table(summary: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings = EvalSettings()) -> Evaluation:
-  """Loads the checkpoint and the problems, samples k responses per problem, scores them; writes nothing."""
+def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings = EvalSettings(), *,
+             on_problem_done: Callable[[validation.ProblemResult], object] | None = None) -> Evaluation:
+  """Loads the checkpoint and the problems, samples k responses per problem and scores them; writes nothing
+  (`on_problem_done` sees each problem as soon as it is scored)."""
   settings.check()
   # A typo in a file name or the reward function fails now, not after the weights have loaded.
   for path in data_files:
@@ -183,7 +208,13 @@ def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings 
       raise FileNotFoundError(f"{path}: no such data file")
   if settings.reward_function is not None:
     rewards.load_reward_function(settings.reward_function)
-  policy = checkpoint_lib.load_policy(checkpoint, dtype=_DTYPES[settings.dtype])
+  mesh = None
+  if settings.mesh is not None:
+    try:
+      mesh = sharding.make_mesh(parse_mesh(settings.mesh))
+    except ValueError as error:
+      raise EvaluationError(f"--mesh={settings.mesh!r} on {jax.device_count()} devices: {error}") from None
+  policy = checkpoint_lib.load_policy(checkpoint, dtype=_DTYPES[settings.dtype], mesh=mesh)
   tokenizer = checkpoint_generation.load_optional_tokenizer(policy.files_dir)
   if tokenizer is None:
     raise FileNotFoundError(
@@ -206,19 +237,37 @@ def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings 
   sampler = sampler_lib.GroupSampler(
       policy.config, num_slots=min(settings.num_slots, settings.k * len(prompts)),
       max_prompt_length=longest_prompt, max_response_length=settings.max_response_length, eos_ids=eos_ids,
-      steps_per_call=min(settings.decode_steps_per_call, settings.max_response_length))
+      steps_per_call=min(settings.decode_steps_per_call, settings.max_response_length), mesh=mesh)
   sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
   pool = rewards.RewardPool(settings.reward_workers) if settings.reward_workers > 0 else None
   try:
     result = validation.validate(policy.params, sampler, prompts, tokenizer=tokenizer, n=settings.k,
                                  sampling=sampling, seed=settings.seed, score_fns=score_fns, pool=pool,
-                                 timeout_s=settings.reward_timeout_s, prefix=METRIC_PREFIX)
+                                 timeout_s=settings.reward_timeout_s, prefix=METRIC_PREFIX,
+                                 on_problem_done=on_problem_done)
   finally:
     if pool is not None:
       pool.close()
   summary = summarize(result, checkpoint=checkpoint, description=policy.description, data_files=data_files,
                       settings=settings, eos_ids=eos_ids)
   return Evaluation(summary=summary, problems=[problem_record(p) for p in result.problems], result=result)
+
+
+class ProblemStream:
+  """Appends each problem's record to problems.jsonl as soon as it is scored (in completion order), so that an
+  interrupted evaluation keeps what it finished; `write_outputs` rewrites the file in problem order at the end.
+  The directory is created, and an earlier problems.jsonl replaced, at the first problem."""
+
+  def __init__(self, directory: str):
+    self.path = os.path.join(directory, PROBLEMS_FILE)
+    self._started = False
+
+  def __call__(self, problem: validation.ProblemResult) -> None:
+    if not self._started:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    with open(self.path, "a" if self._started else "w") as f:
+      f.write(json.dumps(problem_record(problem), ensure_ascii=False) + "\n")
+    self._started = True
 
 
 def write_outputs(directory: str, evaluation: Evaluation) -> None:
@@ -261,6 +310,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES),
                            "Weights and compute dtype (float32: XLA:CPU's bfloat16 matrix products are slow).")
 _DECODE_STEPS_PER_CALL = flags.DEFINE_integer("decode_steps_per_call", 16,
                                               "Decode steps fused into one device call.")
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Devices to spread the model and the decode slots over, as axis=size pairs over data, fsdp and "
+    "tensor (one size may be -1: all remaining devices), e.g. tensor=8 or data=2,tensor=4. Default: one device.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for summary.json and problems.jsonl; default "
                               "./eval_<YYYYmmdd_HHMMSS>.")
 
@@ -275,7 +327,7 @@ def settings_from_flags() -> EvalSettings:
                       seed=_SEED.value, reward_function=_REWARD_FUNCTION.value, strict_box=_STRICT_BOX.value,
                       num_slots=_NUM_SLOTS.value, reward_workers=_REWARD_WORKERS.value,
                       reward_timeout_s=_REWARD_TIMEOUT_S.value, dtype=_DTYPE.value,
-                      decode_steps_per_call=_DECODE_STEPS_PER_CALL.value)
+                      decode_steps_per_call=_DECODE_STEPS_PER_CALL.value, mesh=_MESH.value)
 
 
 def main(argv):
@@ -296,7 +348,7 @@ def main(argv):
   except (ValueError, ImportError, TypeError) as error:
     raise app.UsageError(str(error)) from None
   try:
-    evaluation = evaluate(_CHECKPOINT.value, data_files, settings)
+    evaluation = evaluate(_CHECKPOINT.value, data_files, settings, on_problem_done=ProblemStream(output))
   except _USER_ERRORS as error:
     sys.exit(f"dapo_jax.evaluate: error: {error}")
   write_outputs(output, evaluation)

@@ -7,7 +7,7 @@ and `python -m dapo_jax.evaluate` (which also writes every problem's responses o
 avg@k as verl's one sample per row of a k-times duplicated file.
 """
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import logging
 import time
@@ -129,7 +129,8 @@ def validate(params, sampler: sampler_lib.GroupSampler, prompts: Sequence[math_d
              tokenizer: tokenizer_lib.Tokenizer, n: int, sampling: SamplingParams, seed: int,
              score_fns: Mapping[str, rewards.ScoreFn], pool: rewards.RewardPool | None = None,
              timeout_s: float = rewards.DEFAULT_TIMEOUT_S, prefix: str = "val-core",
-             log_every_s: float = DEFAULT_LOG_EVERY_S) -> ValidationResult:
+             log_every_s: float = DEFAULT_LOG_EVERY_S,
+             on_problem_done: Callable[[ProblemResult], object] | None = None) -> ValidationResult:
   """Samples `n` responses per problem, scores each group as it finishes, and reduces them to the metrics.
 
   Args:
@@ -145,6 +146,8 @@ def validate(params, sampler: sampler_lib.GroupSampler, prompts: Sequence[math_d
     timeout_s: per-response scoring bound with a pool.
     prefix: the metric names' first component.
     log_every_s: seconds between progress lines.
+    on_problem_done: called with each problem's result as soon as it is scored (in completion order), e.g. to
+      write it out before a long run ends.
 
   Returns:
     The metrics, every problem's responses and scores, and the per-response results.
@@ -163,6 +166,8 @@ def validate(params, sampler: sampler_lib.GroupSampler, prompts: Sequence[math_d
   def on_group_done(prompt_index: int, responses: list[sampler_lib.Response]) -> None:
     problems[prompt_index] = score_problem(prompt_index, examples[prompt_index], responses, tokenizer=tokenizer,
                                            score_fns=score_fns, pool=pool, timeout_s=timeout_s)
+    if on_problem_done is not None:
+      on_problem_done(problems[prompt_index])
     now = time.time()
     done = len(problems)
     if done in (1, len(examples)) or now - last_log[0] >= log_every_s:

@@ -206,7 +206,14 @@ def _check_against_problem_file(evaluate, output_dir: str) -> tuple[dict, list[d
 
 
 def test_training_checkpoint_evaluation_agrees_with_its_problem_file(evaluate, tiny, tmp_path):
-  evaluation = evaluate.evaluate(tiny["workdir"], [tiny["data"]], evaluate.EvalSettings(**SETTINGS))
+  stream_dir = tmp_path / "stream"
+  (stream_dir).mkdir()
+  (stream_dir / evaluate.PROBLEMS_FILE).write_text("a line of an earlier run\n")
+  evaluation = evaluate.evaluate(tiny["workdir"], [tiny["data"]], evaluate.EvalSettings(**SETTINGS),
+                                 on_problem_done=evaluate.ProblemStream(str(stream_dir)))
+  # Streamed as problems finished: the same records (the earlier run's file replaced), in completion order.
+  streamed = [json.loads(line) for line in open(stream_dir / evaluate.PROBLEMS_FILE)]
+  assert sorted(streamed, key=lambda r: r["index"]) == evaluation.problems
   evaluate.write_outputs(str(tmp_path), evaluation)
   summary, records = _check_against_problem_file(evaluate, str(tmp_path))
   assert summary["checkpoint_description"].startswith("step 7 of ")
@@ -216,6 +223,11 @@ def test_training_checkpoint_evaluation_agrees_with_its_problem_file(evaluate, t
   assert summary["generated_tokens"] == sum(sum(r["response_lengths"]) for r in records)
   # The random model's responses have lengths of both parities, so the metrics are not degenerate.
   assert 0 < sum(r["num_correct"] for r in records) < 5 * SETTINGS["k"]
+  # Spread over 4 devices (slots over data, heads over tensor), the same responses.
+  sharded = evaluate.evaluate(tiny["workdir"], [tiny["data"]], evaluate.EvalSettings(**SETTINGS,
+                                                                                      mesh="data=2,tensor=2"))
+  assert [p["responses"] for p in sharded.problems] == [r["responses"] for r in records]
+  assert sharded.summary["settings"]["mesh"] == "data=2,tensor=2"
 
 
 def test_command_line_on_a_hugging_face_directory_matches_the_training_checkpoint(evaluate, tiny, tmp_path):
@@ -245,6 +257,10 @@ def test_missing_files_and_bad_checkpoints_are_named(evaluate, tiny, tmp_path):
     evaluate.evaluate(str(tmp_path), [tiny["data"]], evaluate.EvalSettings(**SETTINGS))
   with pytest.raises(ValueError, match="--k must be positive"):
     evaluate.evaluate(tiny["workdir"], [tiny["data"]], evaluate.EvalSettings(k=0))
+  with pytest.raises(ValueError, match="--mesh='tensor=two'"):
+    evaluate.evaluate(tiny["workdir"], [tiny["data"]], evaluate.EvalSettings(mesh="tensor=two"))
+  with pytest.raises(evaluate.EvaluationError, match="--mesh='tensor=3' on 8 devices"):
+    evaluate.evaluate(tiny["workdir"], [tiny["data"]], evaluate.EvalSettings(mesh="tensor=3"))
   with pytest.raises(ImportError, match="no_such_module"):
     evaluate.evaluate(tiny["workdir"], [tiny["data"]], evaluate.EvalSettings(reward_function="no_such_module:f"))
 
