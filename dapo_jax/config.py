@@ -191,8 +191,8 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
   _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
   _check(t.total_training_steps >= 1, "trainer.total_training_steps", "must be >= 1")
   _check(t.save_freq >= 1 and t.test_freq >= 0, "trainer.save_freq", "save_freq must be >= 1, test_freq >= 0")
-  _check((m.hf_checkpoint is None) != (m.preset is None), "model.hf_checkpoint",
-         "set exactly one of model.hf_checkpoint (a Hugging Face directory) and model.preset")
+  _check(m.hf_checkpoint is not None or m.preset is not None, "model.hf_checkpoint",
+         "set model.hf_checkpoint (a Hugging Face directory) or model.preset (random initial weights)")
   _check(m.dtype in DTYPES and m.param_dtype in DTYPES, "model.dtype", f"dtype and param_dtype: one of {DTYPES}")
 
 

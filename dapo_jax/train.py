@@ -79,6 +79,9 @@ def _initial_policy(config, workdir: str, tokenizer, mesh) -> tuple[Any, qwen2.P
   """(model config, params): an HF checkpoint, or a preset (warmed up on the synthetic task when configured)."""
   dtype, param_dtype = _DTYPES[config.model.dtype], _DTYPES[config.model.param_dtype]
   if config.model.hf_checkpoint:
+    if config.model.preset:
+      logging.info("model.hf_checkpoint is set: its weights and shape are used, not the preset %r",
+                   config.model.preset)
     model_config, model = hf_io.load_hf_checkpoint(config.model.hf_checkpoint, dtype=dtype, param_dtype=param_dtype,
                                                    mesh=mesh, remat=config.model.remat)
     return model_config, model.params

@@ -66,7 +66,7 @@ def _valid():
     (lambda c: setattr(c.algorithm.filter_groups, "metric", "seq_reward"), "config.algorithm.filter_groups.metric"),
     (lambda c: setattr(c.data, "truncation", "right"), "config.data.truncation"),
     (lambda c: setattr(c.actor, "micro_batch_tokens", 1000), "config.actor.micro_batch_tokens"),
-    (lambda c: setattr(c.model, "preset", "qwen2.5-0.5b"), "config.model.hf_checkpoint"),
+    (lambda c: setattr(c.model, "hf_checkpoint", None), "config.model.hf_checkpoint"),
 ])
 def test_inconsistent_values_name_the_key(edit, key):
   c = _valid()
