@@ -221,8 +221,8 @@ def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings 
         f"{policy.files_dir}: no tokenizer files (tokenizer.json or tokenizer.model); the evaluator needs the "
         "tokenizer to render prompts and read responses. Copy the base model's tokenizer files there.")
   if tokenizer.vocab_size > policy.config.vocab_size:
-    raise EvaluationError(f"{policy.files_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                     f"{policy.config.vocab_size}: they do not belong together")
+    raise EvaluationError(f"{policy.files_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                          f"only {policy.config.vocab_size}: they do not belong together")
   options = math_data.PromptOptions(max_prompt_length=settings.max_prompt_length, truncation="left")
   prompts = math_data.validation_prompts(list(data_files), tokenizer, options)
   if not len(prompts):
