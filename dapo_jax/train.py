@@ -27,9 +27,9 @@ from flax import nnx
 
 from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax import config as config_lib
-from dapo_jax import metrics as metrics_lib
 from dapo_jax import sft
 from dapo_jax import sharding
+from dapo_jax import validation
 from dapo_jax.data import math as math_data
 from dapo_jax.data import synthetic
 from dapo_jax.model import hf_io
@@ -189,19 +189,11 @@ def _summary(name: str, values) -> dict[str, float]:
 def _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool, seed) -> dict:
   """avg@k, best@k, maj@k and pass@k of k samples per unique validation problem (DAPO_SPEC.md section 8)."""
   vk = config.rollout.val_kwargs
-  params_for_sampling = sampler_lib.SamplingParams(temperature=vk.temperature, top_p=vk.top_p,
-                                                   top_k=config.rollout.top_k)
-  results = []
-  examples = list(val_prompts)
-  groups = sampler.sample(params, [e.prompt_ids for e in examples], n=vk.n, seed=seed, sampling=params_for_sampling)
-  for group in groups:
-    example = examples[group.prompt_index]
-    scored = _score_group(group.responses, example, config=config, tokenizer=tokenizer, score_fns=score_fns,
-                          pool=pool)
-    for acc, text in zip(scored["accs"], scored["texts"]):
-      pred = rewards.last_answer_line(text[-rewards.RESPONSE_TAIL_CHARS:])
-      results.append(metrics_lib.SampleResult(example.data_source, str(group.prompt_index), float(acc), pred))
-  return metrics_lib.validation_metrics(results)
+  result = validation.validate(
+      params, sampler, val_prompts, tokenizer=tokenizer, n=vk.n, seed=seed, score_fns=score_fns, pool=pool,
+      sampling=sampler_lib.SamplingParams(temperature=vk.temperature, top_p=vk.top_p, top_k=config.rollout.top_k),
+      timeout_s=config.reward.timeout_s)
+  return result.metrics
 
 
 # ------------------------------------------------------------------------------------------------------------
