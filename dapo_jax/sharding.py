@@ -4,6 +4,17 @@ The model annotates each weight with logical axis names (`embed`, `heads`, `kv_h
 `layers`, ...). Rules, kept in the config (big_vision style), map each logical name to mesh axes (`data`,
 `fsdp`, `tensor`); the shardings of params and batches are derived from the two. A dimension that a mesh axis
 does not divide (e.g. 2 KV heads on a tensor axis of 4) is replicated over that axis instead.
+
+The whole program's layout:
+  * params: `param_shardings` (trainer: FSDP over `fsdp`, tensor parallel over `tensor`);
+  * optimizer state: `optimizer_state_shardings` (Adam's moments like the params), created in place by
+    `init_optimizer_state`;
+  * batches: `put_batch` / `put_micro_batches` (rows over `data` x `fsdp`, padded with rows that change no
+    loss, gradient or metric; on several hosts each process supplies its own rows);
+  * KV caches: `rollout/decoding.decode_state_shardings` (slots over `data` x `fsdp`, KV heads over `tensor`);
+  * the sampler's copy of the params: `param_shardings(model, sampler_mesh, DECODE_RULES)`, reached from the
+    trainer's layout by `reshard` (a `jax.device_put` on the devices, never a copy through the host); with
+    several hosts the sampler may run on each process's own devices (`process_local_mesh`).
 """
 from collections.abc import Mapping, Sequence
 import logging
@@ -13,9 +24,19 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from flax import nnx
+import numpy as np
 import optax
 
+from dapo_jax import distributed
+
 MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def _as_tuple(mesh_axes) -> tuple[str, ...]:
+  if mesh_axes is None:
+    return ()
+  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
 
 # Logical axis -> mesh axis (or tuple of mesh axes, or None for replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -31,6 +52,23 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("cache_batch", ("data", "fsdp")),
     ("cache_length", None),
 )
+
+_BATCH_AXES = ("batch", "cache_batch")
+
+
+def decode_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
+  """Rules for the sampler's copy of the weights: `rules` with the data-parallel axes (those of `batch`) taken
+  off every weight axis.
+
+  Decode reads every weight once per generated token, so weights split over the data-parallel axes (FSDP) would
+  be all-gathered on every step; only tensor parallelism stays, and the slots spread over the data axes.
+  """
+  data_axes = set(_as_tuple(dict(rules).get("batch")))
+  return tuple((name, axes if name in _BATCH_AXES else
+                tuple(a for a in _as_tuple(axes) if a not in data_axes) or None) for name, axes in rules)
+
+
+DECODE_RULES = decode_rules(DEFAULT_RULES)
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -62,12 +100,6 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
 def mesh_from_config(mesh_config: Mapping[str, Any]) -> Mesh:
   """The mesh of a config's `mesh` section: keys `data`, `fsdp`, `tensor` (other keys, e.g. rules, ignored)."""
   return make_mesh({name: mesh_config[name] for name in MESH_AXES if name in mesh_config})
-
-
-def _as_tuple(mesh_axes) -> tuple[str, ...]:
-  if mesh_axes is None:
-    return ()
-  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Sequence[tuple[str, Any]], mesh: Mesh,
@@ -139,3 +171,192 @@ def optimizer_state_shardings(optimizer, abstract_opt_state, params_shardings, m
   return optax.tree_map_params(optimizer, lambda _, param_sharding: param_sharding, abstract_opt_state,
                                params_shardings, transform_non_params=lambda _: replicated,
                                is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def init_optimizer_state(optimizer, params, mesh: Mesh):
+  """`optimizer.init(params)` created directly in `optimizer_state_shardings` (the params' own shardings for
+  the moments), so no part of it starts on one device."""
+  params_shardings = jax.tree.map(lambda x: x.sharding, params)
+  abstract = jax.eval_shape(optimizer.init, params)
+  shardings = optimizer_state_shardings(optimizer, abstract, params_shardings, mesh)
+  return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The sampler's layout
+
+
+def process_local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
+  """A mesh (data, fsdp, tensor) over this process's own devices (all of them), e.g. for a sampler that each
+  host runs on its own: one size may be -1. Devices are taken in id order, so every process builds the same
+  arrangement of its devices (what `reshard` relies on)."""
+  devices = sorted(jax.local_devices(), key=lambda d: d.id)
+  shape = dict(shape or {"data": 1, "fsdp": 1, "tensor": -1})
+  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"process_local_mesh: bad axis sizes {dict(zip(MESH_AXES, sizes))}")
+  known = math.prod(s for s in sizes if s != -1)
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"process_local_mesh: axis sizes {dict(zip(MESH_AXES, sizes))} do not cover this "
+                     f"process's {len(devices)} devices")
+  return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _is_process_local(mesh: Mesh) -> bool:
+  return jax.process_count() > 1 and all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def _stacked_process_mesh(local_mesh: Mesh) -> Mesh:
+  """The global mesh whose slice for process p is p's analogue of `local_mesh` (same positions of p's devices
+  in id order), with a leading `process` axis: a sharding of it that leaves `process` out is, on every
+  process, exactly the local mesh's sharding."""
+  by_process: dict[int, list[jax.Device]] = {}
+  for device in sorted(jax.devices(), key=lambda d: d.id):
+    by_process.setdefault(device.process_index, []).append(device)
+  mine = by_process[jax.process_index()]
+  if sorted(local_mesh.devices.flat, key=lambda d: d.id) != mine:
+    raise ValueError("reshard: a process-local target mesh must cover all of this process's devices "
+                     "(build it with sharding.process_local_mesh)")
+  position = {device: mine.index(device) for device in mine}
+  local_positions = np.vectorize(position.__getitem__, otypes=[int])(local_mesh.devices)
+  stacked = np.stack([np.asarray(by_process[p], dtype=object)[local_positions] for p in sorted(by_process)])
+  return Mesh(stacked, ("process",) + tuple(local_mesh.axis_names),
+              axis_types=(AxisType.Auto,) * (1 + len(local_mesh.axis_names)))
+
+
+def reshard(tree, shardings):
+  """`tree`'s arrays moved into `shardings` (a matching pytree of NamedShardings) on the devices.
+
+  The trainer -> sampler weight sync: a `jax.device_put` from the trainer's layout to the sampler's (e.g. FSDP
+  to tensor-parallel decode); nothing passes through the host. With several processes the target may also be a
+  mesh of this process's devices only (`process_local_mesh`), for a sampler each host drives on its own: the
+  arrays are then first replicated across processes (one collective that every process must call) and each
+  process keeps the copy on its own devices.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  targets = treedef.flatten_up_to(shardings)
+  meshes = {target.mesh for target in targets}
+  if not any(_is_process_local(mesh) for mesh in meshes):
+    return jax.device_put(tree, shardings)
+  if len(meshes) != 1:
+    raise ValueError("reshard: process-local targets must all use one mesh")
+  local_mesh = meshes.pop()
+  stacked = _stacked_process_mesh(local_mesh)
+  staged = jax.device_put(leaves, [NamedSharding(stacked, target.spec) for target in targets])
+  out = []
+  for array, target in zip(staged, targets):
+    by_device = {shard.device: shard.data for shard in array.addressable_shards}
+    out.append(jax.make_array_from_single_device_arrays(
+        array.shape, target, [by_device[d] for d in target.addressable_devices_indices_map(array.shape)]))
+  return treedef.unflatten(out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+  """Into how many shards a batch's rows are split: the product of the mesh axes of the `batch` rule."""
+  return math.prod(mesh.shape[a] for a in _as_tuple(dict(rules).get("batch")) if a in mesh.shape)
+
+
+def _local_row_shards(mesh: Mesh, rules) -> int:
+  """How many distinct row blocks of a batch this process's devices hold; checks that the processes split the
+  rows between them (rather than each holding all rows, which per-process data cannot fill)."""
+  size = data_parallel_size(mesh, rules)
+  sharding = logical_sharding(("batch",), rules, mesh, (size,))
+  blocks = {index[0].start for index in sharding.addressable_devices_indices_map((size,)).values()}
+  if len(blocks) * jax.process_count() != size:
+    raise ValueError(
+        f"put_batch: the mesh {dict(mesh.shape)} splits batch rows into {size} blocks, of which each of the "
+        f"{jax.process_count()} processes holds {len(blocks)}: the processes do not divide the rows between them. "
+        "Make the data-parallel axes (data x fsdp) span the processes (e.g. fsdp = -1, tensor within a host)")
+  return len(blocks)
+
+
+def _pad_to(batch: Mapping[str, np.ndarray], rows: int, prompt_width: int, response_width: int
+            ) -> dict[str, np.ndarray]:
+  """The batch grown to `rows` rows and these widths, without changing what it contributes to a loss.
+
+  Added rows repeat row 0 (finite inputs, so no NaN can reach a gradient through them) with `response_mask`
+  0, so they hold no response token: token and sequence counts, losses, gradients and metrics are unchanged.
+  Prompt columns are added on the left with mask 0 (positions count from the first real token, so the model
+  sees the same sequence), response columns on the right with mask 0.
+  """
+  if "response_mask" not in batch:
+    raise ValueError("put_batch: the batch has no response_mask, which padding rows must zero")
+  out = {}
+  count = None
+  for key, value in batch.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      raise ValueError(f"put_batch: {key!r} is a scalar; every batch entry needs a leading batch dimension")
+    count = value.shape[0] if count is None else count
+    if value.shape[0] != count:
+      raise ValueError(f"put_batch: {key!r} has {value.shape[0]} rows, other entries {count}")
+    if count == 0:
+      raise ValueError("put_batch: an empty batch cannot be padded")
+    if count < rows:
+      value = np.concatenate([value, np.repeat(value[:1], rows - count, axis=0)])
+    if value.ndim >= 2:
+      width = prompt_width if key.startswith("prompt_") else response_width
+      extra = width - value.shape[1]
+      if extra < 0:
+        raise ValueError(f"put_batch: {key!r} is wider ({value.shape[1]}) than its target width {width}")
+      pad = [(0, 0)] * value.ndim
+      pad[1] = (extra, 0) if key.startswith("prompt_") else (0, extra)
+      value = np.pad(value, pad)  # zeros: a mask of 0 on every added column
+    out[key] = value
+  out["response_mask"] = out["response_mask"].copy()
+  out["response_mask"][count:] = 0
+  return out
+
+
+def _local_shape(batch: Mapping[str, Any]) -> tuple[int, int, int]:
+  return (int(np.shape(batch["response_mask"])[0]), int(np.shape(batch["prompt_ids"])[1]),
+          int(np.shape(batch["response_mask"])[1]))
+
+
+def _place(batch: Mapping[str, np.ndarray], mesh: Mesh, rules, local_rows: int, prompt_width: int,
+           response_width: int) -> dict[str, jax.Array]:
+  padded = _pad_to(batch, local_rows, prompt_width, response_width)
+  global_rows = local_rows * jax.process_count()
+  out = {}
+  for key, value in padded.items():
+    global_shape = (global_rows,) + value.shape[1:]
+    target = logical_sharding(("batch",) + (None,) * (value.ndim - 1), rules, mesh, global_shape)
+    out[key] = jax.make_array_from_process_local_data(target, value, global_shape)
+  return out
+
+
+def put_micro_batches(micro_batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh, rules=DEFAULT_RULES
+                      ) -> list[dict[str, jax.Array]]:
+  """Places a mini-batch's micro-batches (dicts of numpy arrays, `rl/step.py`'s layout) on the mesh: rows over
+  the data-parallel axes (`batch` rule), the rest replicated.
+
+  Each micro-batch's rows are padded to a multiple of the data-parallel size (see `_pad_to`: padded rows hold
+  no response token, so the update is unchanged). With several processes, each passes its own rows (its share
+  of the data) and the arrays are global: the processes first agree (one small all-gather) on the number of
+  micro-batches (a process with fewer adds fully masked ones) and on every micro-batch's row count and widths
+  (the largest), so every process runs the same computations on the same shapes.
+  """
+  if not micro_batches:
+    raise ValueError("put_micro_batches: no micro-batches")
+  shards = _local_row_shards(mesh, rules)
+  micro_batches = list(micro_batches)
+  count = int(distributed.global_max([len(micro_batches)])[0])
+  while len(micro_batches) < count:
+    empty = dict(micro_batches[-1])
+    empty["response_mask"] = np.zeros_like(np.asarray(empty["response_mask"]))
+    micro_batches.append(empty)
+  shapes = distributed.global_max(np.concatenate([_local_shape(mb) for mb in micro_batches])).reshape(count, 3)
+  return [_place(mb, mesh, rules, -(-int(rows) // shards) * shards, int(prompt_width), int(response_width))
+          for mb, (rows, prompt_width, response_width) in zip(micro_batches, shapes)]
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
+  """One batch placed like `put_micro_batches` places each micro-batch (with several processes, every process
+  must call it, with its own rows)."""
+  return put_micro_batches([batch], mesh, rules)[0]

@@ -18,9 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import optax
 
+from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.rl import loss as loss_lib
@@ -113,12 +115,46 @@ def response_logprobs(params: qwen2.Params, model_config: Qwen2Config, batch: Ba
   return out if with_entropy else out[0]
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "temperature", "chunk_size"))
+def _mesh_sharding(x) -> NamedSharding | None:
+  sharding = getattr(x, "sharding", None)
+  return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def _declared_shardings(tree) -> tuple[Any, tuple[NamedSharding, ...]] | None:
+  """(treedef, shardings) of a tree whose arrays all sit on one mesh, else None (e.g. plain single-device
+  arrays, which need no declaration). Hashable, so the jitted functions take it as a static argument."""
+  leaves, treedef = jax.tree.flatten(tree)
+  shardings = tuple(_mesh_sharding(x) for x in leaves)
+  if not leaves or any(s is None for s in shardings) or len({s.mesh for s in shardings}) != 1:
+    return None
+  return treedef, shardings
+
+
+def _constrain(tree, declared):
+  """`tree` in its declared shardings: the jitted functions hand back params, gradients and optimizer state
+  exactly where they came from, so a long run never drifts to a layout the compiler happened to choose."""
+  if declared is None:
+    return tree
+  treedef, shardings = declared
+  return jax.lax.with_sharding_constraint(tree, treedef.unflatten(shardings))
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "temperature", "chunk_size", "out_sharding"))
+def _old_log_probs(params, batch, *, model_config, temperature, chunk_size, out_sharding):
+  logp = response_logprobs(params, model_config, batch, temperature=temperature, chunk_size=chunk_size)
+  logp = jnp.where(batch["response_mask"] > 0, logp, 0.0)
+  return logp if out_sharding is None else jax.lax.with_sharding_constraint(logp, out_sharding)
+
+
 def old_log_probs(params: qwen2.Params, batch: Batch, *, model_config: Qwen2Config, temperature: float,
                   chunk_size: int = 0) -> jax.Array:
-  """The policy's log-probs of the sampled responses before this step's updates (`old_logp`), [B, R]."""
-  logp = response_logprobs(params, model_config, batch, temperature=temperature, chunk_size=chunk_size)
-  return jnp.where(batch["response_mask"] > 0, logp, 0.0)
+  """The policy's log-probs of the sampled responses before this step's updates (`old_logp`), [B, R].
+
+  For a batch placed on a mesh (`sharding.put_micro_batches`) the result is sharded like its rows, ready to be
+  added to the batch as `old_logp` without leaving the devices.
+  """
+  return _old_log_probs(params, batch, model_config=model_config, temperature=temperature, chunk_size=chunk_size,
+                        out_sharding=_mesh_sharding(batch["response_mask"]))
 
 
 def micro_batch_loss(params: qwen2.Params, batch: Batch, totals: dict[str, jax.Array], *,
@@ -141,11 +177,21 @@ def micro_batch_loss(params: qwen2.Params, batch: Batch, totals: dict[str, jax.A
   return total, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "loss_config"))
-def _micro_batch_gradients(params, batch, totals, *, model_config, loss_config):
+@functools.partial(jax.jit, static_argnames=("model_config", "loss_config", "declared"))
+def _micro_batch_gradients(params, batch, totals, *, model_config, loss_config, declared=None):
+  """Gradients of one micro-batch's share of the mini-batch loss (float32, in the params' shardings) and its
+  metrics (replicated)."""
   grads, metrics = jax.grad(micro_batch_loss, has_aux=True)(params, batch, totals, model_config=model_config,
                                                             loss_config=loss_config)
-  return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
+  grads = _constrain(jax.tree.map(lambda g: g.astype(jnp.float32), grads), declared)
+  return grads, _replicated(metrics, declared)
+
+
+def _replicated(tree, declared):
+  if declared is None:
+    return tree
+  mesh = declared[1][0].mesh
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -153,8 +199,9 @@ def _add(accumulated, new):
   return jax.tree.map(jnp.add, accumulated, new)
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer",), donate_argnums=(0, 1))
-def _apply(params, opt_state, grads, learning_rate, *, optimizer):
+@functools.partial(jax.jit, static_argnames=("optimizer", "params_declared", "state_declared"),
+                   donate_argnums=(0, 1))
+def _apply(params, opt_state, grads, learning_rate, *, optimizer, params_declared=None, state_declared=None):
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(grad_norm)
 
@@ -167,36 +214,87 @@ def _apply(params, opt_state, grads, learning_rate, *, optimizer):
 
   # A non-finite gradient leaves params and optimizer state (moments, count) untouched: the update is skipped.
   params, opt_state = jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
-  return params, opt_state, grad_norm, jnp.logical_not(finite)
+  grad_norm, skipped = _replicated((grad_norm, jnp.logical_not(finite)), params_declared)
+  return _constrain(params, params_declared), _constrain(opt_state, state_declared), grad_norm, skipped
 
 
-def mini_batch_totals(micro_batches: Sequence[Batch]) -> dict[str, np.ndarray]:
-  """The mini-batch's response-token count and number of responses with a valid token."""
-  masks = [np.asarray(mb["response_mask"]) > 0 for mb in micro_batches]
-  return {"num_tokens": np.float32(sum(m.sum() for m in masks)),
-          "num_seqs": np.float32(sum(m.any(axis=1).sum() for m in masks))}
+@jax.jit
+def _mask_counts(response_mask):
+  valid = response_mask > 0
+  return {"num_tokens": valid.sum().astype(jnp.float32), "num_seqs": valid.any(axis=1).sum().astype(jnp.float32)}
+
+
+def mini_batch_totals(micro_batches: Sequence[Batch]) -> dict[str, Any]:
+  """The mini-batch's response-token count and number of responses with a valid token (float32 scalars).
+
+  Host arrays are counted on the host; arrays on a mesh (which on several hosts no process holds whole) on the
+  devices, giving replicated scalars.
+  """
+  masks = [mb["response_mask"] for mb in micro_batches]
+  if all(isinstance(m, np.ndarray) for m in masks):
+    masks = [m > 0 for m in masks]
+    return {"num_tokens": np.float32(sum(m.sum() for m in masks)),
+            "num_seqs": np.float32(sum(m.any(axis=1).sum() for m in masks))}
+  counts = [_mask_counts(m) for m in masks]
+  return jax.tree.map(lambda *values: functools.reduce(jnp.add, values), *counts)
+
+
+def _check_placement(micro_batches: Sequence[Batch]) -> None:
+  if jax.process_count() > 1 and any(not isinstance(v, jax.Array) for mb in micro_batches for v in mb.values()):
+    raise ValueError("With several processes, micro-batches must be global arrays: place each process's rows "
+                     "with sharding.put_micro_batches first")
+
+
+def mini_batch_gradients(params: qwen2.Params, micro_batches: Sequence[Batch], *, model_config: Qwen2Config,
+                         loss_config: LossConfig):
+  """(gradients, metrics) of a mini-batch given as micro-batches: the sum of each micro-batch's share, which is
+  the gradient of the whole mini-batch's loss (module docstring). Gradients are float32, in the params'
+  shardings; metrics are the summed, additive loss metrics."""
+  if not micro_batches:
+    raise ValueError("a mini-batch needs at least one micro-batch")
+  _check_placement(micro_batches)
+  totals = {k: jnp.asarray(v) for k, v in mini_batch_totals(micro_batches).items()}
+  declared = _declared_shardings(params)
+  grad_sum = metric_sum = None
+  for micro in micro_batches:
+    grads, metrics = _micro_batch_gradients(params, micro, totals, model_config=model_config,
+                                            loss_config=loss_config, declared=declared)
+    if grad_sum is None:
+      grad_sum, metric_sum = grads, metrics
+    else:
+      grad_sum, metric_sum = _add((grad_sum, metric_sum), (grads, metrics))
+  return grad_sum, metric_sum
+
+
+def _optimizer_state_declared(optimizer, opt_state, params_declared):
+  if params_declared is None:
+    return None
+  treedef, shardings = params_declared
+  state_shardings = sharding_lib.optimizer_state_shardings(optimizer, opt_state, treedef.unflatten(shardings),
+                                                           shardings[0].mesh)
+  leaves, state_treedef = jax.tree.flatten(state_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  return state_treedef, tuple(leaves)
 
 
 def update_step(params: qwen2.Params, opt_state, micro_batches: Sequence[Batch], *, learning_rate: float,
                 optimizer: optax.GradientTransformation, model_config: Qwen2Config, loss_config: LossConfig):
   """One optimizer update over a mini-batch given as micro-batches; returns (params, opt_state, metrics).
 
-  `params` and `opt_state` are donated. Metrics (DAPO_SPEC.md section 10): actor/pg_loss, pg_clipfrac,
-  pg_clipfrac_lower, ppo_kl, entropy, grad_norm (before clipping), lr, skipped_updates (1 when the gradient
-  norm was not finite and the update was skipped).
+  `params` and `opt_state` are donated. Params on a mesh come back in their own shardings and the optimizer
+  state in `sharding.optimizer_state_shardings` of them, update after update. Micro-batches are dicts of host
+  arrays or, on a mesh (and always with several processes), of `sharding.put_micro_batches` arrays.
+
+  Metrics (DAPO_SPEC.md section 10): actor/pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, entropy, grad_norm
+  (before clipping), lr, skipped_updates (1 when the gradient norm was not finite and the update was skipped).
   """
   if not micro_batches:
     raise ValueError("update_step needs at least one micro-batch")
-  totals = {k: jnp.asarray(v) for k, v in mini_batch_totals(micro_batches).items()}
-  grad_sum = metric_sum = None
-  for micro in micro_batches:
-    grads, metrics = _micro_batch_gradients(params, micro, totals, model_config=model_config,
-                                            loss_config=loss_config)
-    if grad_sum is None:
-      grad_sum, metric_sum = grads, metrics
-    else:
-      grad_sum, metric_sum = _add((grad_sum, metric_sum), (grads, metrics))
-  params, opt_state, grad_norm, skipped = _apply(params, opt_state, grad_sum, learning_rate, optimizer=optimizer)
+  grads, metric_sum = mini_batch_gradients(params, micro_batches, model_config=model_config,
+                                           loss_config=loss_config)
+  params_declared = _declared_shardings(params)
+  params, opt_state, grad_norm, skipped = _apply(
+      params, opt_state, grads, learning_rate, optimizer=optimizer, params_declared=params_declared,
+      state_declared=_optimizer_state_declared(optimizer, opt_state, params_declared))
   metrics = dict(metric_sum)
   metrics.update({"actor/grad_norm": grad_norm, "actor/lr": jnp.asarray(learning_rate, jnp.float32),
                   "actor/skipped_updates": skipped.astype(jnp.int32)})

@@ -1,0 +1,148 @@
+"""A DAPO update on a mesh of the 8 fake CPU devices equals the single-device update, for several mesh shapes.
+
+Old log-probs, the mini-batch's gradients and the loss metrics are compared with a run on one device (float32,
+highest matmul precision: tests/conftest.py) at 1e-5 relative. The optimizer step is compared on its own: the
+params after a sharded update equal DAPO's AdamW applied on one device to that update's gradients. (Comparing
+whole updates would measure Adam rather than sharding: its first steps move each weight by about
+lr * g / (|g| + eps), so a weight whose gradient is near eps, or pure rounding like the key bias's, whose exact
+gradient is 0, turns a 1e-7 difference in g into a difference of a percent of lr.) Params and optimizer state
+must come back in their declared shardings after each of two updates.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dapo_jax import sharding
+from dapo_jax.model import qwen2
+from dapo_jax.model.config import get_preset
+from dapo_jax.rl import step
+
+# Every weight dimension divides by the mesh axes used below (embed 64 over fsdp <= 8, heads 4 and mlp 176 over
+# tensor <= 4), except the 2 KV heads on tensor = 4, which are replicated there.
+CONFIG = get_preset("tiny").replace(vocab_size=64)
+MESH_SHAPES = [
+    {"data": 8, "fsdp": 1, "tensor": 1},
+    {"data": 2, "fsdp": 2, "tensor": 2},
+    {"data": 1, "fsdp": 2, "tensor": 4},
+    {"data": 1, "fsdp": 8, "tensor": 1},
+]
+LEARNING_RATE = 1e-3
+# One optimizer object for every run: it is a static argument of the jitted step, so a new one would recompile.
+OPTIMIZER = step.make_optimizer(learning_rate=LEARNING_RATE)
+
+
+def _micro_batch(rng, rows, prompt_width, response_width):
+  prompt_lengths = rng.integers(1, prompt_width + 1, rows)
+  response_lengths = rng.integers(1, response_width + 1, rows)
+  prompt_mask = (np.arange(prompt_width)[None] >= prompt_width - prompt_lengths[:, None]).astype(np.int32)
+  response_mask = (np.arange(response_width)[None] < response_lengths[:, None]).astype(np.int32)
+  return {"prompt_ids": rng.integers(0, CONFIG.vocab_size, (rows, prompt_width)).astype(np.int32) * prompt_mask,
+          "prompt_mask": prompt_mask,
+          "response_ids": rng.integers(0, CONFIG.vocab_size, (rows, response_width)).astype(np.int32) * response_mask,
+          "response_mask": response_mask,
+          "advantages": rng.normal(0, 1, rows).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def case():
+  """Initial params, two micro-batches of different shapes (5 and 3 rows: neither divides 8, so rows are
+  padded) and the single-device reference for each aggregation mode."""
+  rng = np.random.default_rng(0)
+  params = jax.device_get(qwen2.Qwen2(CONFIG, rngs=nnx.Rngs(0)).params)
+  micro_batches = [_micro_batch(rng, 5, 6, 7), _micro_batch(rng, 3, 9, 4)]
+  device = jax.devices()[0]
+  on_one = jax.device_put(params, device)
+  for mb in micro_batches:
+    old = np.asarray(step.old_log_probs(on_one, mb, model_config=CONFIG, temperature=0.9))
+    # Ratios away from 1 so that the clipped branches take part.
+    mb["old_logp"] = (old + rng.normal(0, 0.3, old.shape).astype(np.float32)) * mb["response_mask"]
+  references = {}
+  for agg_mode in ("token-mean", "seq-mean-token-mean"):
+    loss_config = step.LossConfig(agg_mode=agg_mode, temperature=0.9, entropy_coeff=0.01)
+    optimizer = OPTIMIZER
+    grads, _ = step.mini_batch_gradients(on_one, micro_batches, model_config=CONFIG, loss_config=loss_config)
+    p = jax.device_put(params, device)
+    _, _, metrics = step.update_step(p, optimizer.init(p), micro_batches, learning_rate=LEARNING_RATE,
+                                     optimizer=optimizer, model_config=CONFIG, loss_config=loss_config)
+    references[agg_mode] = dict(grads=jax.device_get(grads), metrics=jax.device_get(metrics))
+  old_logps = [np.asarray(step.old_log_probs(on_one, mb, model_config=CONFIG, temperature=0.9))
+               for mb in micro_batches]
+  return dict(params=params, micro_batches=micro_batches, references=references, old_logps=old_logps)
+
+
+def _assert_trees_close(actual, expected, rtol, what):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
+    a, b = np.asarray(a), np.asarray(b)
+    # Relative to each array's scale too: elements that are ~0 in a large array carry only rounding.
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()),
+                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+def _apply_on_one_device(params, opt_state, grads, optimizer):
+  """DAPO's optimizer step (step._apply: clipping, AdamW, skip on non-finite) on device 0, from host copies."""
+  device = jax.devices()[0]
+  params, opt_state, grads = jax.device_put(jax.device_get((params, opt_state, grads)), device)
+  params, opt_state, _, _ = step._apply(params, opt_state, grads, LEARNING_RATE, optimizer=optimizer)
+  return jax.device_get(params), jax.device_get(opt_state)
+
+
+def _assert_in_shardings(tree, shardings, what):
+  leaves = jax.tree.leaves(tree)
+  targets = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+  assert len(leaves) == len(targets)
+  for leaf, target in zip(leaves, targets):
+    assert leaf.sharding.is_equivalent_to(target, leaf.ndim), f"{what}: {leaf.sharding} is not {target}"
+
+
+@pytest.mark.parametrize("mesh_shape", MESH_SHAPES, ids=lambda s: "x".join(str(v) for v in s.values()))
+def test_update_on_a_mesh_equals_the_single_device_update(case, mesh_shape):
+  mesh = sharding.make_mesh(mesh_shape)
+  params_shardings = sharding.param_shardings(qwen2.abstract_model(CONFIG), mesh)
+  assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(params_shardings))
+  placed = sharding.put_micro_batches(case["micro_batches"], mesh)
+  for mb, host, expected_old in zip(placed, case["micro_batches"], case["old_logps"]):
+    rows = host["response_mask"].shape[0]
+    assert mb["response_mask"].shape[0] % sharding.data_parallel_size(mesh) == 0
+    assert mb["response_mask"].sharding.spec[0] is not None or sharding.data_parallel_size(mesh) == 1
+    old = step.old_log_probs(sharding.shard_params(case["params"], params_shardings), mb, model_config=CONFIG,
+                             temperature=0.9)
+    assert old.sharding.is_equivalent_to(mb["response_mask"].sharding, 2)
+    np.testing.assert_allclose(np.asarray(old)[:rows], expected_old, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(old)[rows:], 0.0)
+
+  for agg_mode, reference in case["references"].items():
+    loss_config = step.LossConfig(agg_mode=agg_mode, temperature=0.9, entropy_coeff=0.01)
+    optimizer = OPTIMIZER
+    params = sharding.shard_params(case["params"], params_shardings)
+    grads, _ = step.mini_batch_gradients(params, placed, model_config=CONFIG, loss_config=loss_config)
+    _assert_in_shardings(grads, params_shardings, "gradients")
+    _assert_trees_close(grads, reference["grads"], 1e-5, f"{agg_mode} gradient")
+
+    opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
+    state_shardings = sharding.optimizer_state_shardings(optimizer, opt_state, params_shardings, mesh)
+    for update in (1, 2):
+      grads, _ = step.mini_batch_gradients(params, placed, model_config=CONFIG, loss_config=loss_config)
+      expected_params, expected_state = _apply_on_one_device(params, opt_state, grads, optimizer)
+      params, opt_state, metrics = step.update_step(params, opt_state, placed, learning_rate=LEARNING_RATE,
+                                                    optimizer=optimizer, model_config=CONFIG,
+                                                    loss_config=loss_config)
+      _assert_in_shardings(params, params_shardings, f"params after update {update}")
+      _assert_in_shardings(opt_state, state_shardings, f"optimizer state after update {update}")
+      _assert_trees_close(params, expected_params, 1e-6, f"{agg_mode} params after update {update}")
+      _assert_trees_close(opt_state, expected_state, 1e-6, f"{agg_mode} optimizer state after update {update}")
+      if update == 1:
+        for name, expected in reference["metrics"].items():
+          np.testing.assert_allclose(np.asarray(metrics[name]), expected, rtol=1e-5, atol=1e-7,
+                                     err_msg=f"{agg_mode} {name}")
+    assert float(metrics["actor/pg_clipfrac"]) > 0  # the clipped branch takes part
+
+
+def test_host_and_device_totals_agree(case):
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  host = step.mini_batch_totals(case["micro_batches"])
+  device = step.mini_batch_totals(sharding.put_micro_batches(case["micro_batches"], mesh))
+  assert {k: float(v) for k, v in device.items()} == {k: float(v) for k, v in host.items()}
+  assert float(host["num_seqs"]) == 8  # the padded rows are not counted
+  assert jnp.ndim(device["num_tokens"]) == 0
