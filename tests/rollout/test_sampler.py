@@ -248,3 +248,56 @@ def test_first_token_distribution_matches_the_softmax(checkpoints):
   probs = np.asarray(jax.nn.softmax(logits / temperature), np.float64)
   assert np.sum(probs * first_tokens.size >= 10) >= 5  # enough frequent tokens for the test to have power
   assert chi_square_p_value(first_tokens, probs) > 1e-3
+
+
+SAMPLER_MESH_SHAPES = [
+    {"data": 8, "fsdp": 1, "tensor": 1},
+    {"data": 2, "fsdp": 2, "tensor": 2},
+    {"data": 1, "fsdp": 2, "tensor": 4},
+    {"data": 1, "fsdp": 8, "tensor": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def one_device_greedy(checkpoints):
+  """Greedy groups on one device of prompts in two prefill buckets, some responses ended by an eos."""
+  checkpoint = checkpoints["untied_mha"]  # 4 KV heads and vocab 72: every axis below divides them
+  prompts = random_prompts(checkpoint.vocab_size, (5, 11, 20, 3, 9), seed=10)
+  references = [checkpoint.greedy(prompt, MAX_NEW_TOKENS) for prompt in prompts]
+  eos_ids = eos_ids_hit_by(references, positions=(3, 7))
+  kwargs = dict(max_prompt_length=24, max_response_length=MAX_NEW_TOKENS, eos_ids=eos_ids, steps_per_call=3)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=8, **kwargs)
+  groups = sampler.sample(checkpoint.params, prompts, n=2, seed=0, sampling=GREEDY)
+  assert any(len(response.token_ids) < MAX_NEW_TOKENS for group in groups for response in group.responses)
+  return dict(checkpoint=checkpoint, prompts=prompts, kwargs=kwargs, groups=groups)
+
+
+@pytest.mark.parametrize("mesh_shape", SAMPLER_MESH_SHAPES, ids=lambda s: "x".join(str(v) for v in s.values()))
+def test_greedy_on_a_mesh_matches_one_device(one_device_greedy, mesh_shape):
+  checkpoint = one_device_greedy["checkpoint"]
+  mesh = sharding_lib.make_mesh(mesh_shape)
+  model = qwen2.abstract_model(checkpoint.config)
+  # The trainer's layout (FSDP + tensor parallel), then the weight sync into the sampler's (tensor parallel only).
+  trainer_params = sharding_lib.shard_params(checkpoint.params, sharding_lib.param_shardings(model, mesh))
+  decode_shardings = sharding_lib.param_shardings(model, mesh, sharding_lib.DECODE_RULES)
+  params = sharding_lib.reshard(trainer_params, decode_shardings)
+  for leaf, target in zip(jax.tree.leaves(params), jax.tree.leaves(decode_shardings)):
+    assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=8, mesh=mesh, **one_device_greedy["kwargs"])
+  expected_cache = sampler.state_shardings.k[0]
+  assert expected_cache.spec[0] is not None or mesh_shape["data"] * mesh_shape["fsdp"] == 1
+  with sampler.start(params, n=2, seed=0, sampling=GREEDY) as run:
+    for index, prompt in enumerate(one_device_greedy["prompts"]):
+      run.submit(index, prompt)
+    groups = []
+    while not run.idle:
+      groups += run.step()
+      # The KV caches stay in their declared sharding (slots over data x fsdp, KV heads over tensor).
+      for cache, target in zip(run._state.k + run._state.v, sampler.state_shardings.k + sampler.state_shardings.v):
+        assert cache.sharding.is_equivalent_to(target, cache.ndim)
+  groups.sort(key=lambda group: group.prompt_index)
+  assert [_tokens(group) for group in groups] == [_tokens(group) for group in one_device_greedy["groups"]]
+  for group, reference in zip(groups, one_device_greedy["groups"]):
+    for ours, theirs in zip(group.responses, reference.responses):
+      assert ours.finish_reason == theirs.finish_reason
+      np.testing.assert_allclose(ours.logp_full, theirs.logp_full, rtol=1e-5, atol=1e-6)
