@@ -1,0 +1,101 @@
+"""One process of the two-process training step of tests/test_multihost.py (run as a script, not collected).
+
+    python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES COORDINATOR_ADDRESS WORKDIR
+
+The test writes WORKDIR/inputs.npz (this process's share of a mini-batch, as micro-batches of its own shapes)
+and a Hugging Face checkpoint WORKDIR/hf. Together the processes load the checkpoint onto a global mesh, place
+their rows, compute old log-probs, the mini-batch gradients and one DAPO update, save and restore an orbax
+checkpoint of the train state, and each samples greedily on its own devices from weights resharded out of the
+trainer's layout. Process 0 writes WORKDIR/outputs.npz (everything gathered); each writes its greedy tokens.
+"""
+import json
+import os
+import sys
+
+
+def main(process_id: int, num_processes: int, coordinator_address: str, workdir: str) -> None:
+  # Before JAX touches a device: join the other process.
+  from dapo_jax import distributed  # pylint: disable=g-import-not-at-top
+  assert distributed.initialize(coordinator_address, num_processes, process_id)
+
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from dapo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from dapo_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dapo_jax.model import hf_io  # pylint: disable=g-import-not-at-top
+  from dapo_jax.model import qwen2  # pylint: disable=g-import-not-at-top
+  from dapo_jax.rl import step  # pylint: disable=g-import-not-at-top
+  from dapo_jax.rollout import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  from dapo_jax.rollout.sampling import GREEDY  # pylint: disable=g-import-not-at-top
+
+  assert jax.process_count() == num_processes and jax.process_index() == process_id
+  settings = json.loads(open(os.path.join(workdir, "settings.json")).read())
+  mesh = sharding.make_mesh(settings["mesh"])
+
+  # HF import straight into the global sharding: each process supplies only its own devices' slices.
+  config, model = hf_io.load_hf_checkpoint(os.path.join(workdir, "hf"), mesh=mesh)
+  params = model.params
+  params_shardings = sharding.param_shardings(qwen2.abstract_model(config), mesh)
+
+  inputs = np.load(os.path.join(workdir, "inputs.npz"))
+  mine = {}
+  for name in inputs.files:
+    process, micro, key = name.split("/")
+    if int(process) == process_id:
+      mine.setdefault(int(micro), {})[key] = inputs[name]
+  local_micro_batches = [mine[i] for i in sorted(mine)]
+  placed = sharding.put_micro_batches(local_micro_batches, mesh)
+  old_logps = [step.old_log_probs(params, mb, model_config=config, temperature=settings["temperature"])
+               for mb in placed]
+
+  loss_config = step.LossConfig(agg_mode=settings["agg_mode"], temperature=settings["temperature"])
+  optimizer = step.make_optimizer(learning_rate=settings["learning_rate"])
+  opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
+  grads, _ = step.mini_batch_gradients(params, placed, model_config=config, loss_config=loss_config)
+  gathered_before = multihost_utils.process_allgather((params, opt_state, grads), tiled=True)
+  params, opt_state, metrics = step.update_step(params, opt_state, placed, learning_rate=settings["learning_rate"],
+                                                optimizer=optimizer, model_config=config, loss_config=loss_config)
+  for leaf, target in zip(jax.tree.leaves(params), jax.tree.leaves(params_shardings)):
+    assert leaf.sharding.is_equivalent_to(target, leaf.ndim), (leaf.sharding, target)
+
+  # Orbax with globally sharded arrays: every process writes its shards, process 0 the metadata.
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  checkpointer.save(1, {"params": params, "opt_state": opt_state}, {"rollout_step": 1})
+  checkpointer.wait()
+  restored, meta = checkpointer.restore(1, checkpoint_lib.abstract_like({"params": params,
+                                                                        "opt_state": opt_state}))
+  checkpointer.close()
+  assert meta == {"rollout_step": 1}
+  for ours, theirs in zip(jax.tree.leaves((params, opt_state)),
+                          jax.tree.leaves((restored["params"], restored["opt_state"]))):
+    assert ours.sharding.is_equivalent_to(theirs.sharding, ours.ndim), (ours.sharding, theirs.sharding, ours.shape)
+    for a, b in zip(ours.addressable_shards, theirs.addressable_shards):
+      np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+
+  # Each process samples on its own devices, from weights moved out of the trainer's global layout.
+  local_mesh = sharding.process_local_mesh({"data": 1, "fsdp": 1, "tensor": -1})
+  sampler_params = sharding.reshard(
+      params, sharding.param_shardings(qwen2.abstract_model(config), local_mesh, sharding.DECODE_RULES))
+  sampler = sampler_lib.GroupSampler(config, num_slots=2, max_prompt_length=8,
+                                     max_response_length=settings["new_tokens"], mesh=local_mesh)
+  prompt = settings["prompts"][process_id]
+  group = sampler.sample(sampler_params, [prompt], n=1, seed=0, sampling=GREEDY)[0]
+  with open(os.path.join(workdir, f"greedy_{process_id}.json"), "w") as f:
+    json.dump(group.responses[0].token_ids.tolist(), f)
+
+  gathered_after = multihost_utils.process_allgather((params, opt_state, metrics, old_logps), tiled=True)
+  if distributed.is_primary():
+    out = {}
+    for prefix, tree in (("before", gathered_before), ("after", gathered_after)):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out[f"{prefix}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    np.savez(os.path.join(workdir, "outputs.npz"), **out)
+  distributed.sync("outputs written")
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
