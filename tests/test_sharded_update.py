@@ -139,10 +139,15 @@ def test_update_on_a_mesh_equals_the_single_device_update(case, mesh_shape):
     assert float(metrics["actor/pg_clipfrac"]) > 0  # the clipped branch takes part
 
 
-def test_host_and_device_totals_agree(case):
+def test_host_and_device_totals_and_mismatch_agree(case):
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
-  host = step.mini_batch_totals(case["micro_batches"])
-  device = step.mini_batch_totals(sharding.put_micro_batches(case["micro_batches"], mesh))
+  micro_batches = [dict(mb, sampler_logp=mb["old_logp"] * 0.9) for mb in case["micro_batches"]]
+  placed = sharding.put_micro_batches(micro_batches, mesh)
+  host = step.mini_batch_totals(micro_batches)
+  device = step.mini_batch_totals(placed)
   assert {k: float(v) for k, v in device.items()} == {k: float(v) for k, v in host.items()}
   assert float(host["num_seqs"]) == 8  # the padded rows are not counted
   assert jnp.ndim(device["num_tokens"]) == 0
+  expected = step.logprob_mismatch(micro_batches)
+  assert step.logprob_mismatch(placed) == pytest.approx(expected, rel=1e-6)
+  assert expected["rollout/logprob_abs_diff"] > 0

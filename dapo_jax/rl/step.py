@@ -299,3 +299,29 @@ def update_step(params: qwen2.Params, opt_state, micro_batches: Sequence[Batch],
   metrics.update({"actor/grad_norm": grad_norm, "actor/lr": jnp.asarray(learning_rate, jnp.float32),
                   "actor/skipped_updates": skipped.astype(jnp.int32)})
   return params, opt_state, metrics
+
+
+@jax.jit
+def _mismatch_sums(batch):
+  valid = batch["response_mask"] > 0
+  diff = jnp.where(valid, batch["old_logp"] - batch["sampler_logp"], 0.0)
+  ratio = jnp.exp(diff)
+  return {"count": valid.sum(), "abs_diff": jnp.abs(diff).sum(), "ratio": jnp.where(valid, ratio, 0.0).sum(),
+          "ratio_max": jnp.where(valid, ratio, -jnp.inf).max()}
+
+
+def logprob_mismatch(micro_batches: Sequence[Batch]) -> dict[str, float]:
+  """Training/inference mismatch over every valid response token (DAPO_SPEC.md section 6): the mean absolute
+  difference of `old_logp` and `sampler_logp` and the mean and max of their ratio.
+
+  Reduced on the devices, so it works on placed micro-batches with several processes (every process gets the
+  same numbers). With no valid token: difference 0, ratios 1.
+  """
+  sums = jax.device_get([_mismatch_sums({k: mb[k] for k in ("response_mask", "old_logp", "sampler_logp")})
+                         for mb in micro_batches])
+  count = sum(float(s["count"]) for s in sums)
+  if count == 0:
+    return {"rollout/logprob_abs_diff": 0.0, "rollout/ratio_mean": 1.0, "rollout/ratio_max": 1.0}
+  return {"rollout/logprob_abs_diff": sum(float(s["abs_diff"]) for s in sums) / count,
+          "rollout/ratio_mean": sum(float(s["ratio"]) for s in sums) / count,
+          "rollout/ratio_max": max(float(s["ratio_max"]) for s in sums)}

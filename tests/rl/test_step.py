@@ -166,3 +166,19 @@ def test_learning_rate_is_the_one_passed_in():
   # Adam's first step moves each weight by lr * m / (sqrt(v) + eps) = ~lr * sign(g): twice the lr, twice the step.
   np.testing.assert_allclose(deltas[2e-3], 2 * deltas[1e-3], rtol=1e-4, atol=1e-9)
   assert np.abs(deltas[1e-3]).max() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_logprob_mismatch_over_every_valid_token():
+  first, second = _batch(5, batch_size=3), _batch(6, batch_size=2, response_len=4)
+  rng = np.random.default_rng(0)
+  for mb in (first, second):
+    mb["old_logp"] = -rng.random(mb["response_mask"].shape).astype(np.float32)
+    mb["sampler_logp"] = -rng.random(mb["response_mask"].shape).astype(np.float32)
+  diff = np.concatenate([(mb["old_logp"] - mb["sampler_logp"])[mb["response_mask"] > 0] for mb in (first, second)])
+  metrics = step.logprob_mismatch([first, second])
+  assert metrics["rollout/logprob_abs_diff"] == pytest.approx(np.abs(diff).mean(), rel=1e-5)
+  assert metrics["rollout/ratio_mean"] == pytest.approx(np.exp(diff).mean(), rel=1e-5)
+  assert metrics["rollout/ratio_max"] == pytest.approx(np.exp(diff).max(), rel=1e-5)
+  empty = dict(first, response_mask=np.zeros_like(first["response_mask"]))
+  assert step.logprob_mismatch([empty]) == {"rollout/logprob_abs_diff": 0.0, "rollout/ratio_mean": 1.0,
+                                            "rollout/ratio_max": 1.0}
