@@ -122,7 +122,9 @@ class GroupSampler:
 
   Build one per model shape and reuse it: compilations are cached per (prompt bucket, batch sizes, sampling
   parameters). Parameters are passed to every `sample`/`start`, so the trainer's updated weights are used as
-  they are (put them in this sampler's sharding first if the trainer's differs).
+  they are. For a layout of its own (tensor-parallel decode without the trainer's FSDP, or, with several hosts,
+  a mesh of each process's own devices: `sharding.process_local_mesh`), move them first with
+  `sharding.reshard(params, sharding.param_shardings(model, mesh, sharding.DECODE_RULES))`.
 
   Memory: while a run is open it holds the decode state (the KV cache of `num_slots` responses of up to
   `max_prompt_length + max_response_length` tokens) and a second copy of the decoder-layer weights, unstacked
