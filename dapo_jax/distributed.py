@@ -105,14 +105,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def initialize_from_config(config) -> bool:
-  """`initialize` with the values of a config's optional `distributed` section (keys coordinator_address,
-  num_processes, process_id, initialize); defaults where the section or a key is absent."""
+  """`initialize` with the values of a config's optional `distributed` section: coordinator_address (str),
+  num_processes and process_id (int), initialize (a mode). A missing section or key, None, "" or -1 means
+  unset (so a ConfigDict can declare typed defaults that flags override)."""
   section = config.get("distributed") if hasattr(config, "get") else None
   section = section if section is not None else {}
 
   def value(key, default=None):
     found = section.get(key, default) if hasattr(section, "get") else default
-    return default if found in ("", None) else found
+    return default if found is None or (isinstance(found, (str, int)) and found in ("", -1)) else found
 
   return initialize(value("coordinator_address"), value("num_processes"), value("process_id"),
                     mode=value("initialize", "auto"))

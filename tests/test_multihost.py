@@ -201,3 +201,17 @@ def test_initialize_is_a_no_op_on_one_host(monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
     distributed.initialize()
+
+
+def test_initialize_from_config_reads_the_distributed_section(monkeypatch):
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE", "MEGASCALE_NUM_SLICES", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  unset = {"distributed": {"coordinator_address": "", "num_processes": -1, "process_id": -1, "initialize": "auto"}}
+  assert distributed.initialize_from_config(unset) is False
+  assert distributed.initialize_from_config({}) is False
+  with pytest.raises(ValueError, match="process_id 3"):
+    distributed.initialize_from_config({"distributed": {"coordinator_address": "127.0.0.1:1", "num_processes": 2,
+                                                        "process_id": 3}})
+  with pytest.raises(ValueError, match="mode"):
+    distributed.initialize_from_config({"distributed": {"initialize": "maybe"}})
