@@ -1,0 +1,141 @@
+"""The memory planner: its parsing and shapes on their own, and scripts/plan_memory.py compiling a tiny config
+for a TPU topology (which needs libtpu, `requirements-tpu.txt`)."""
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from dapo_jax import config as config_lib
+from dapo_jax import memory_plan
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GIB = 1 << 30
+
+
+def _program(plan, name):
+  return {r["name"]: r for r in plan["programs"]}[name]
+
+
+def test_sizes_and_out_of_memory_messages_parse():
+  assert memory_plan.parse_size("95.74G") == int(95.74 * GIB)
+  assert memory_plan.parse_size("512.00M") == 512 << 20
+  assert memory_plan.parse_size("1.00T") == 1 << 40
+  assert memory_plan.parse_size("17B") == 17
+  assert memory_plan.parse_size("lots") is None
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+             "(96.63G) exceeds available HBM (95.74G).")
+  assert memory_plan.parse_out_of_memory(message) == (int(96.63 * GIB), int(95.74 * GIB))
+  message = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm."
+  assert memory_plan.parse_out_of_memory(message) == (int(20.5 * GIB), int(15.75 * GIB))
+  assert memory_plan.parse_out_of_memory("RESOURCE_EXHAUSTED: something else") == (None, None)
+
+
+def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_data_parallel_size():
+  c = config_lib.load_config_file(str(REPO / "configs" / "default.py"))
+  c.data.max_prompt_length, c.data.max_response_length = 20, 40  # buckets 32 and 64: 96 tokens a row
+  c.actor.micro_batch_tokens = 96 * 5
+  batch = memory_plan.worst_case_micro_batch(c)
+  assert batch["prompt_ids"].shape == (5, 32) and batch["response_ids"].shape == (5, 64)
+  assert batch["response_mask"].sum() == 5 * 40 and batch["prompt_mask"].sum() == 5 * 20
+  assert batch["advantages"].shape == (5,) and batch["old_logp"].shape == batch["sampler_logp"].shape == (5, 64)
+  assert memory_plan.worst_case_micro_batch(c, data_parallel=4)["prompt_ids"].shape == (8, 32)
+
+
+def test_model_shape_from_config_file_names():
+  assert memory_plan.model_from_file_name("configs/dapo_qwen2_5_32b.py") == "qwen2.5-32b"
+  assert memory_plan.model_from_file_name("configs/dapo_early_qwen2_5_32b.py") == "qwen2.5-32b"
+  assert memory_plan.model_from_file_name("configs/dapo_qwen2_5_0_5b.py") == "qwen2.5-0.5b"
+  assert memory_plan.model_from_file_name("configs/default.py") is None
+
+
+def test_forward_flops_by_hand():
+  from dapo_jax.model.config import get_preset  # pylint: disable=g-import-not-at-top
+  mc = get_preset("tiny-demo")  # hidden 128, mlp 384, 4 layers, 4 heads of 32, 2 KV heads, vocab 32
+  layer = 128 * (2 * 128 + 2 * 64) + 3 * 128 * 384
+  # 2 rows of 10 tokens, the head on 3 positions each, attention over the full 10 x 10 rectangle.
+  expected = 2 * (2 * 4 * layer * 10 + 2 * 128 * 32 * 3 + 4 * 4 * 4 * 32 * 10 * 10)
+  assert memory_plan.forward_flops(mc, 2, 10, 3) == expected
+
+
+def _libtpu_missing_reason() -> str | None:
+  if importlib.util.find_spec("libtpu") is None:
+    return ("libtpu is not installed (pip install -r requirements-tpu.txt; scripts/setup.sh --test installs it "
+            "where pip can), so no TPU program can be compiled here")
+  return None
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+  """scripts/plan_memory.py --json on the tiny default config for a 2x2 v5e slice (16 GiB chips), with so many
+  decode slots that their KV cache (32 GiB a chip) cannot fit while the rest does."""
+  reason = _libtpu_missing_reason()
+  if reason:
+    warnings.warn(reason)  # shown in pytest's summary even without -rs
+    pytest.skip(reason)
+  command = [sys.executable, str(REPO / "scripts" / "plan_memory.py"), "--config", str(REPO / "configs" / "default.py"),
+             "--topology", "v5e:2x2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+             f"--config.rollout.max_concurrent_decodes={1 << 20}", "--json"]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  (plan,) = json.loads(result.stdout)
+  return plan
+
+
+def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
+  p = tiny_plan
+  assert (p["topology"], p["num_devices"], p["device_kind"]) == ("v5e:2x2", 4, "TPU v5 lite")
+  assert p["hbm_source"] == "compiler" and 15 * GIB < p["hbm_bytes"] <= 16 * GIB
+  assert p["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and p["model"] == "tiny-demo"
+  chip = p["per_chip"]
+  assert all(v > 0 for v in chip.values()), chip
+  # float32 weights spread over 4 chips (the tiny model's small vectors are replicated, so a little more than
+  # a quarter each); Adam's two moments like the params; float32 gradients like the params.
+  assert p["num_params"] * 4 / 4 <= chip["params"] < p["num_params"] * 4 / 2
+  assert 2 * chip["params"] <= chip["optimizer_state"] <= 2 * chip["params"] + 1024
+  assert chip["gradients"] == chip["params"]
+  # KV cache: slots over fsdp (2), KV heads over tensor (2): layers x (k, v) x slots / 2 x 1 head x 32 x length.
+  dec = p["decode"]
+  assert dec["slots"] == 1 << 20 and dec["cache_length"] == 64
+  assert chip["kv_cache"] >= 4 * 2 * (dec["slots"] // 2) * 1 * 32 * dec["cache_length"] * 4
+  mb = p["micro_batch"]
+  assert mb["rows"] * (mb["prompt_width"] + mb["response_width"]) == mb["tokens"] <= 128 * 64
+  assert mb["rows_per_device"] * mb["data_parallel"] == mb["rows"] and mb["data_parallel"] == 2
+
+  programs = {r["name"]: r for r in p["programs"]}
+  assert set(programs) == {"decode_weights", "prefill", "decode_steps", "old_log_probs", "micro_batch_gradients",
+                           "apply"}
+  for name, r in programs.items():
+    assert r["compile_seconds"] > 0, name
+    if r["fits"]:
+      # Arguments stay live for the whole program (the compiler's peak also counts tile padding and code).
+      assert 0 < r["argument_bytes"] <= r["peak_bytes"], name
+  grads = programs["micro_batch_gradients"]
+  assert grads["argument_bytes"] >= chip["params"] and grads["output_bytes"] >= chip["gradients"]
+  apply = programs["apply"]
+  assert apply["argument_bytes"] >= chip["params"] + chip["optimizer_state"] + chip["gradients"]
+  assert apply["alias_bytes"] >= chip["params"] + chip["optimizer_state"]  # updated in place (donated)
+  assert programs["decode_weights"]["output_bytes"] == chip["decode_weights"]
+  assert programs["old_log_probs"]["flops"] > 0 and grads["flops"] == 3 * programs["old_log_probs"]["flops"]
+
+
+def test_plan_reports_what_does_not_fit_with_the_compilers_numbers(tiny_plan):
+  p = tiny_plan
+  decode = _program(p, "decode_steps")
+  assert not decode["fits"] and "RESOURCE_EXHAUSTED" in decode["error"]
+  assert decode["available_bytes"] == p["hbm_bytes"] < p["per_chip"]["kv_cache"] <= decode["required_bytes"]
+  phases = {ph["name"]: ph for ph in p["phases"]}
+  for name, ph in phases.items():
+    program = _program(p, ph["program"])
+    program_peak = program["peak_bytes"] if program["fits"] else program["required_bytes"]
+    assert ph["peak_bytes"] == sum(ph["resident"].values()) + program_peak, name
+    assert ph["fits"] == (program["fits"] and ph["peak_bytes"] <= p["hbm_bytes"]), name
+  # The prefill itself fits, but not beside the decode state; the update side fits.
+  assert _program(p, "prefill")["fits"] and not phases["rollout: prefill"]["fits"]
+  assert phases["micro-batch gradients"]["fits"] and phases["optimizer update"]["fits"]
+  assert not p["fits"] and p["peak_phase"] == "rollout: decode steps"
+  assert p["peak_bytes"] == max(ph["peak_bytes"] for ph in p["phases"])
+
