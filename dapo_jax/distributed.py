@@ -11,6 +11,7 @@ own devices. Writing files (metrics, config, checkpoint metadata, exported weigh
 through `global_max`.
 """
 from collections.abc import Sequence
+import json
 import logging
 import os
 
@@ -139,3 +140,18 @@ def global_max(values: Sequence[int]) -> np.ndarray:
     return local
   gathered = np.asarray(multihost_utils.process_allgather(local))  # [processes, n]
   return gathered.reshape(jax.process_count(), -1).max(axis=0)
+
+
+def allgather_json(value) -> list:
+  """Every process's JSON-serialisable `value`, in process order, on every process (a collective: all processes
+  call it). For small host state that differs between processes: per-process loop state for the checkpoint's
+  metadata (which process 0 writes), or per-process statistics for the metrics."""
+  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  if jax.process_count() == 1:
+    return [value]
+  length = int(global_max([encoded.size])[0])
+  padded = np.zeros((length,), np.uint8)
+  padded[:encoded.size] = encoded
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([encoded.size], np.int32))).reshape(-1)
+  gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
+  return [json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)]

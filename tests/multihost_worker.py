@@ -31,6 +31,8 @@ def main(process_id: int, num_processes: int, coordinator_address: str, workdir:
   from dapo_jax.rollout.sampling import GREEDY  # pylint: disable=g-import-not-at-top
 
   assert jax.process_count() == num_processes and jax.process_index() == process_id
+  states = distributed.allgather_json({"process": process_id, "carry_over": list(range(process_id * 3))})
+  assert states == [{"process": p, "carry_over": list(range(p * 3))} for p in range(num_processes)], states
   settings = json.loads(open(os.path.join(workdir, "settings.json")).read())
   mesh = sharding.make_mesh(settings["mesh"])
 

@@ -193,6 +193,7 @@ def test_initialize_is_a_no_op_on_one_host(monkeypatch):
   assert distributed.initialize() is False
   assert distributed.is_primary()
   np.testing.assert_array_equal(distributed.global_max([3, 1]), [3, 1])
+  assert distributed.allgather_json({"a": [1, "b"]}) == [{"a": [1, "b"]}]
   distributed.sync("single process: returns at once")
   with pytest.raises(ValueError, match="mode"):
     distributed.initialize(mode="sometimes")
