@@ -146,9 +146,10 @@ def allgather_json(value) -> list:
   """Every process's JSON-serialisable `value`, in process order, on every process (a collective: all processes
   call it). For small host state that differs between processes: per-process loop state for the checkpoint's
   metadata (which process 0 writes), or per-process statistics for the metrics."""
-  encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  text = json.dumps(value)
   if jax.process_count() == 1:
-    return [value]
+    return [json.loads(text)]  # the round trip of several processes (tuples come back as lists)
+  encoded = np.frombuffer(text.encode(), np.uint8)
   length = int(global_max([encoded.size])[0])
   padded = np.zeros((length,), np.uint8)
   padded[:encoded.size] = encoded
