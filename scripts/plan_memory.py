@@ -19,8 +19,11 @@ import os
 import pathlib
 import sys
 
-# The host's own accelerator (if any) stays free: only the TPU compiler is used, through compile-only devices.
+# The host's own accelerator (if any) stays free: only the TPU compiler is used, through compile-only devices,
+# so neither is libtpu's one-process-per-host lock needed (it would keep two plans, or a plan and a TPU job,
+# from running at once).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
