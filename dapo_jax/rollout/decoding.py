@@ -207,15 +207,21 @@ def insert(prefix: Prefix, state: DecodeState, prefix_rows: jax.Array, slots: ja
 
 
 def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, num_steps: int,
-                 sampling: SamplingParams) -> tuple[DecodeState, DecodeOutput]:
+                 sampling: SamplingParams, attend_length: int | None = None) -> tuple[DecodeState, DecodeOutput]:
   """`num_steps` decode steps for every slot in one device call.
 
   Each step returns the slots' next tokens, feeds them to the model and samples the following ones. Slots
   whose response has ended keep going (their tokens are junk the caller ignores); a slot's cache writes past
   the cache's end are dropped.
+
+  `attend_length` (static; default: the whole cache) bounds the cache entries attention reads: the caller
+  passes one that covers every live slot's cache through these steps (`attention_window`), so early in a long
+  rollout a step reads the few thousand entries in use rather than all 22k of a 2k + 20k cache.
   """
+  attend_length = state.max_length if attend_length is None else min(attend_length, state.max_length)
+
   def step(state: DecodeState, _):
-    logits_t, k, v = _decode_forward(weights, config, state)
+    logits_t, k, v = _decode_forward(weights, config, state, attend_length)
     following = sampling_lib.sample_tokens(
         logits_t, sampling_lib.token_keys(state.response_keys, state.positions + 1), sampling, vocab_axis=0)
     emitted = (state.tokens, state.logp_sampled, state.logp_full)
@@ -228,11 +234,12 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
   return state, DecodeOutput(tokens=tokens.T, logp_sampled=logp_sampled.T, logp_full=logp_full.T)
 
 
-def _decode_forward(weights: DecodeWeights, config: Qwen2Config,
-                    state: DecodeState) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeState,
+                    attend_length: int) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """One token per slot through the model: logits [vocab, slots] (float32) and the updated per-layer caches.
 
-  The arithmetic of `qwen2.extend` for one new token, on `DecodeWeights`.
+  The arithmetic of `qwen2.extend` for one new token, on `DecodeWeights`, attending to the first
+  `attend_length` cache entries.
   """
   num_slots, dtype = state.num_slots, config.dtype
   num_heads, head_dim = config.num_heads, config.head_dim
@@ -240,7 +247,7 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config,
   slots = jnp.arange(num_slots)
   positions = state.lengths[:, None]  # [slots, 1]: the fed token's position is its cache index
   cos, sin = qwen2.rotary_cos_sin(positions, head_dim, config.rope_theta)
-  visible = jnp.arange(state.max_length)[None, :] <= state.lengths[:, None]  # [slots, max_length]
+  visible = jnp.arange(attend_length)[None, :] <= state.lengths[:, None]  # [slots, attend_length]
   h = qwen2.embed_tokens(weights.head, config, state.tokens)  # [slots, embed]
   new_k, new_v = [], []
   for layer, k_cache, v_cache in zip(weights.layers, state.k, state.v):
@@ -252,7 +259,8 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config,
     q, k, v = qk[:, :, :group], qk[:, :, group], qkv[:, :, group + 1]  # [slots, kv, group, d], [slots, kv, d] x2
     k_cache = k_cache.at[slots, :, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[slots, :, state.lengths].set(v.astype(v_cache.dtype), mode="drop")
-    attn = _slot_attention(q, k_cache.astype(dtype), v_cache.astype(dtype), visible)
+    attn = _slot_attention(q, k_cache[..., :attend_length].astype(dtype),
+                           v_cache[:, :, :attend_length].astype(dtype), visible)
     h = h + attn @ layer["o_kernel"]
     x = qwen2.rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
     gate_up = jnp.einsum("be,etm->btm", x, layer["gate_up_kernel"])
@@ -286,6 +294,12 @@ def bucket_length(length: int, minimum: int = 16) -> int:
   return max(minimum, 1 << (length - 1).bit_length())
 
 
+def attention_window(cache_lengths_needed: int, max_length: int, minimum: int = 64) -> int:
+  """The `attend_length` for decode steps that will use up to `cache_lengths_needed` cache entries: the next power
+  of two (at least `minimum`), at most `max_length`, so a rollout compiles a handful of window sizes."""
+  return min(max_length, max(minimum, 1 << max(cache_lengths_needed - 1, 0).bit_length()))
+
+
 def decode_state_shardings(config: Qwen2Config, mesh: jax.sharding.Mesh, num_slots: int, max_length: int,
                            rules=None) -> DecodeState:
   """NamedShardings of a decode state on `mesh`: slots over the data-parallel axes, KV heads over `tensor`.
@@ -306,7 +320,8 @@ def decode_state_shardings(config: Qwen2Config, mesh: jax.sharding.Mesh, num_slo
 class JittedFunctions(NamedTuple):
   """`decode_weights(params)`, `prefill(params, tokens, lengths)`,
   `insert(prefix, state, prefix_rows, slots, response_keys, sampling)` and
-  `decode_steps(weights, state, num_steps, sampling)`, jitted for one config (and decode-state sharding)."""
+  `decode_steps(weights, state, num_steps, sampling, attend_length=None)`, jitted for one config (and
+  decode-state sharding)."""
   decode_weights: Callable
   prefill: Callable
   insert: Callable
@@ -331,12 +346,13 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
   def insert_fn(prefix, state, prefix_rows, slots, response_keys, sampling):
     return constrain(insert(prefix, state, prefix_rows, slots, response_keys, sampling))
 
-  def decode_fn(weights, state, num_steps, sampling):
-    state, output = decode_steps(weights, config, state, num_steps, sampling)
+  def decode_fn(weights, state, num_steps, sampling, attend_length=None):
+    state, output = decode_steps(weights, config, state, num_steps, sampling, attend_length)
     return constrain(state), output
 
   return JittedFunctions(
       decode_weights=jax.jit(functools.partial(decode_weights, config=config)),
       prefill=jax.jit(prefill_fn),
       insert=jax.jit(insert_fn, static_argnames=("sampling",), donate_argnames=("state",)),
-      decode_steps=jax.jit(decode_fn, static_argnames=("num_steps", "sampling"), donate_argnames=("state",)))
+      decode_steps=jax.jit(decode_fn, static_argnames=("num_steps", "sampling", "attend_length"),
+                           donate_argnames=("state",)))

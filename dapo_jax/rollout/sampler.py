@@ -353,8 +353,12 @@ class SamplingRun:
     if all(slot is None for slot in self._slots):
       return []
     sampler = self._sampler
+    # Attention reads only the cache entries the live slots can reach during these steps.
+    needed = max(response.group.prompt_ids.size + response.length for response in self._slots
+                 if response is not None) + sampler.steps_per_call
     self._state, output = sampler.functions.decode_steps(
-        self._weights, self._state, num_steps=sampler.steps_per_call, sampling=self.sampling)
+        self._weights, self._state, num_steps=sampler.steps_per_call, sampling=self.sampling,
+        attend_length=decoding.attention_window(needed, sampler.cache_length))
     self.stats.decode_calls += 1
     self.stats.decode_steps += sampler.steps_per_call
     tokens, logp_sampled, logp_full = jax.device_get(tuple(output))

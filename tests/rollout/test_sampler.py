@@ -11,6 +11,7 @@ import pytest
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
+from dapo_jax.rollout import decoding
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import GREEDY, SamplingParams
 from tests.rollout.rollout_fixtures import (PARITY_CONFIGS, chi_square_p_value, eos_ids_hit_by, random_prompts,
@@ -48,6 +49,19 @@ def test_greedy_matches_transformers_generate(checkpoints, name, with_eos):
       assert response.finish_reason == ("eos" if ended_by_eos else "length")
       np.testing.assert_array_equal(response.logp_sampled, 0.0)
       assert response.logp_full.shape == response.token_ids.shape and np.all(response.logp_full <= 0)
+
+
+def test_attention_window_grows_with_the_responses_and_matches_generate(checkpoints):
+  # A cache of 20 + 150 entries: decode steps attend to a 64-, then 128-, then 170-entry window as the responses
+  # grow; the tokens are still transformers' greedy ones.
+  assert [decoding.attention_window(n, 170) for n in (1, 64, 65, 129, 400)] == [64, 64, 128, 170, 170]
+  checkpoint = checkpoints["tied_gqa"]
+  prompts = random_prompts(checkpoint.vocab_size, PROMPT_LENGTHS, seed=2)
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=2, max_prompt_length=20, max_response_length=150,
+                                     steps_per_call=8)
+  groups = sampler.sample(checkpoint.params, prompts, n=1, seed=0, sampling=GREEDY)
+  for group, prompt in zip(groups, prompts):
+    assert group.responses[0].token_ids.tolist() == checkpoint.greedy(prompt, 150)
 
 
 def test_greedy_logp_full_is_the_models_log_softmax(checkpoints):
