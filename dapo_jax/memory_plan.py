@@ -158,19 +158,23 @@ def _rules(config: ml_collections.ConfigDict):
   return tuple(config.mesh.rules) if "rules" in config.mesh else sharding_lib.DEFAULT_RULES
 
 
-def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1) -> dict[str, np.ndarray]:
-  """The largest micro-batch the training program forms: a mini-batch of full-length trajectories split by the
-  config's token budget (`batching.split_by_token_budget`), padded by `batching.collate`, with the arrays
-  `train.py` adds (advantages, sampler and old log-probs), its rows rounded up to a multiple of
-  `data_parallel` as `sharding.put_micro_batches` pads them.
-
-  Attention makes the longest rows the worst case: its scores grow with the square of the row width.
-  """
+def micro_batch_rows(config: ml_collections.ConfigDict) -> int:
+  """Rows of the largest micro-batch: a mini-batch of full-length trajectories split by the config's token
+  budget (`batching.split_by_token_budget`). Attention makes the longest rows the worst case: its scores grow
+  with the square of the row width."""
   d = config.data
   count = config.actor.ppo_mini_batch_size * config.rollout.n
   groups = batching.split_by_token_budget([d.max_prompt_length] * count, [d.max_response_length] * count,
                                           config.actor.micro_batch_tokens)
-  rows = -(-len(groups[0]) // data_parallel) * data_parallel
+  return len(groups[0])
+
+
+def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1) -> dict[str, np.ndarray]:
+  """The largest micro-batch (`micro_batch_rows`) padded by `batching.collate`, with the arrays `train.py` adds
+  (advantages, sampler and old log-probs), its rows rounded up to a multiple of `data_parallel` as
+  `sharding.put_micro_batches` pads them."""
+  d = config.data
+  rows = -(-micro_batch_rows(config) // data_parallel) * data_parallel
   batch = batching.collate([[1] * d.max_prompt_length] * rows, [[1] * d.max_response_length] * rows, pad_id=0)
   width = batch["response_ids"].shape[1]
   batch["advantages"] = np.zeros((rows,), np.float32)
@@ -247,7 +251,7 @@ class Phase:
   """A moment of the rollout step: a program running while other buffers stay on the chip."""
   name: str
   program: str
-  resident: dict[str, int]      # bytes per chip held outside the program's arguments
+  resident: dict[str, int | None]  # bytes per chip held outside the program's arguments (None: unknown)
   peak_bytes: int | None        # resident + the program's peak (its required bytes when it does not fit)
   fits: bool
 
@@ -263,9 +267,10 @@ class Plan:
   mesh: dict[str, int]
   model: str
   num_params: int
-  micro_batch: dict[str, Any]   # rows, prompt_width, response_width, tokens, rows_per_device, data_parallel
+  micro_batch: dict[str, Any]   # rows, prompt_width, response_width, tokens, padding_rows (added to fill the
+                                # data-parallel shards), rows_per_device, data_parallel
   decode: dict[str, Any]        # slots, cache_length, steps_per_call, prefill_rows, prefill_width
-  per_chip: dict[str, int]      # bytes: params, optimizer_state, gradients, sampler_params, decode_weights,
+  per_chip: dict[str, int | None]  # bytes: params, optimizer_state, gradients, sampler_params, decode_weights,
                                 # kv_cache
   programs: list[ProgramMemory]
   phases: list[Phase]
@@ -374,7 +379,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   functions = sampler.functions
   programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.decode_weights,
                                                           sampler_params)
-  weights_bytes = programs["decode_weights"].output_bytes
+  weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None
   programs["prefill"], _ = _compile(
       "prefill", forward_flops(mc, prefill_rows, prefill_width, 1), functions.prefill, sampler_params,
       _abstract((prefill_rows, prefill_width), jnp.int32, replicated),
@@ -417,20 +422,21 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   ]
   phases = []
   for name, program_name, resident in phase_specs:
+    # Without a compiled decode_weights, neither the decode weights' size nor their layout (which decode_steps
+    # is compiled for) is known: such a phase has no peak and counts as not fitting.
     program = programs.get(program_name)
-    if program is None:  # decode_steps needs the decode weights' layout, which did not compile
-      phases.append(Phase(name, program_name, resident, None, False))
-      continue
-    program_peak = program.peak_bytes if program.fits else program.required_bytes
-    peak = None if program_peak is None else sum(resident.values()) + program_peak
-    phases.append(Phase(name, program_name, resident, peak, program.fits and peak <= hbm))
-  known = [p for p in phases if p.peak_bytes is not None]
-  worst = max(known, key=lambda p: p.peak_bytes) if known else phases[0]
+    program_peak = None if program is None else program.peak_bytes if program.fits else program.required_bytes
+    known = program_peak is not None and None not in resident.values()
+    peak = sum(resident.values()) + program_peak if known else None
+    phases.append(Phase(name, program_name, resident, peak, known and program.fits and peak <= hbm))
+  sized = [p for p in phases if p.peak_bytes is not None]
+  worst = max(sized, key=lambda p: p.peak_bytes) if sized else phases[0]
   return Plan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), hbm_bytes=hbm,
       hbm_source=hbm_source, mesh=dict(mesh.shape), model=model_name, num_params=mc.num_params(),
       micro_batch=dict(rows=rows, prompt_width=prompt_width, response_width=response_width, tokens=rows * length,
-                       rows_per_device=rows_per_device, data_parallel=data_parallel),
+                       padding_rows=rows - micro_batch_rows(config), rows_per_device=rows_per_device,
+                       data_parallel=data_parallel),
       decode=dict(slots=slots, cache_length=sampler.cache_length, steps_per_call=sampler.steps_per_call,
                   prefill_rows=prefill_rows, prefill_width=prefill_width),
       per_chip=dict(params=params_bytes, optimizer_state=opt_bytes, gradients=grads_bytes,
@@ -449,8 +455,8 @@ def format_plan(p: Plan) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
   mb, dec = p.micro_batch, p.decode
   sharded = f"{mb['rows_per_device']} per device"
-  if mb["rows_per_device"] * mb["data_parallel"] > mb["rows"]:
-    sharded += f" (the rows do not divide over data x fsdp = {mb['data_parallel']}, so devices repeat them)"
+  if mb["padding_rows"]:
+    sharded += f", {mb['padding_rows']} of them padding (the token budget gives fewer rows than data x fsdp)"
   lines = [
       f"{p.topology}: {p.num_devices} x {p.device_kind}, {gib(p.hbm_bytes)} GiB HBM each ({p.hbm_source}); "
       f"mesh {mesh}; model {p.model} ({p.num_params / 1e9:.2f}B params)",
@@ -471,7 +477,8 @@ def format_plan(p: Plan) -> str:
                    f"GiB ({r.compile_seconds:.1f} s)")
   lines.append(f"  {'phase':<24} {'resident':>9} {'peak':>8}  fits")
   for ph in p.phases:
-    lines.append(f"  {ph.name:<24} {gib(sum(ph.resident.values())):>9} {gib(ph.peak_bytes):>8}  "
+    resident = None if None in ph.resident.values() else sum(ph.resident.values())
+    lines.append(f"  {ph.name:<24} {gib(resident):>9} {gib(ph.peak_bytes):>8}  "
                  f"{'yes' if ph.fits else 'NO'}")
   verdict = "fits" if p.fits else "DOES NOT FIT"
   lines.append(f"  => {verdict}: peak {gib(p.peak_bytes)} of {gib(p.hbm_bytes)} GiB per chip ({p.peak_phase}); "

@@ -43,6 +43,9 @@ def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_da
   assert batch["response_mask"].sum() == 5 * 40 and batch["prompt_mask"].sum() == 5 * 20
   assert batch["advantages"].shape == (5,) and batch["old_logp"].shape == batch["sampler_logp"].shape == (5, 64)
   assert memory_plan.worst_case_micro_batch(c, data_parallel=4)["prompt_ids"].shape == (8, 32)
+  assert memory_plan.micro_batch_rows(c) == 5
+  c.actor.micro_batch_tokens = 95  # less than one row: a row still gets a micro-batch of its own
+  assert memory_plan.micro_batch_rows(c) == 1
 
 
 def test_model_shape_from_config_file_names():
@@ -78,7 +81,8 @@ def tiny_plan():
     pytest.skip(reason)
   command = [sys.executable, str(REPO / "scripts" / "plan_memory.py"), "--config", str(REPO / "configs" / "default.py"),
              "--topology", "v5e:2x2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-             f"--config.rollout.max_concurrent_decodes={1 << 20}", "--json"]
+             f"--config.rollout.max_concurrent_decodes={1 << 20}", f"--config.actor.micro_batch_tokens={63 * 64}",
+             "--json"]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
   (plan,) = json.loads(result.stdout)
@@ -102,8 +106,9 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   assert dec["slots"] == 1 << 20 and dec["cache_length"] == 64
   assert chip["kv_cache"] >= 4 * 2 * (dec["slots"] // 2) * 1 * 32 * dec["cache_length"] * 4
   mb = p["micro_batch"]
-  assert mb["rows"] * (mb["prompt_width"] + mb["response_width"]) == mb["tokens"] <= 128 * 64
-  assert mb["rows_per_device"] * mb["data_parallel"] == mb["rows"] and mb["data_parallel"] == 2
+  # 63 rows of 32 + 32 tokens fill the budget; put_micro_batches pads them to 64 for the 2 data-parallel shards.
+  assert (mb["rows"], mb["padding_rows"], mb["prompt_width"], mb["response_width"]) == (64, 1, 32, 32)
+  assert mb["tokens"] == 64 * 64 and (mb["rows_per_device"], mb["data_parallel"]) == (32, 2)
 
   programs = {r["name"]: r for r in p["programs"]}
   assert set(programs) == {"decode_weights", "prefill", "decode_steps", "old_log_probs", "micro_batch_gradients",
