@@ -21,7 +21,11 @@ def get_config(arg: str | None = None):
   c.rollout.val_kwargs.n = 32
   c.rollout.val_kwargs.top_p = 0.7
   c.actor.ppo_mini_batch_size = 32
-  c.actor.micro_batch_tokens = 2 * (2048 + 20480)
+  # Sized for a v5p-256 slice (v5p:4x4x8, 128 chips) with scripts/plan_memory.py (README, "Memory plan"): one
+  # full-length row (2048 + 20480 tokens, padded to the 2048 + 32768 length buckets) per data-parallel shard,
+  # data x fsdp = 16 here. Two rows per shard do not fit (the gradients need 142.3 GiB a chip); scale the budget
+  # with data x fsdp on another slice.
+  c.actor.micro_batch_tokens = 16 * (2048 + 32768)
   c.actor.loss_agg_mode = "token-mean"
   c.actor.clip_ratio_low, c.actor.clip_ratio_high, c.actor.clip_ratio_c = 0.2, 0.28, 10.0
   c.actor.optim.lr = 1e-6
@@ -39,7 +43,15 @@ def get_config(arg: str | None = None):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = True
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  # Planned on v5p:4x4x8 (95.74 GiB usable a chip): peak 63.2 GiB a chip, in the micro-batch gradients (60.4
+  # GiB program + 2.9 GiB optimizer state and gradient sum); the rollout peaks at 47.0 GiB (decode steps: the
+  # KV caches of 256 slots 11.0 GiB, tensor-parallel decode weights 8.0 GiB, the sampler's float32 copy of the
+  # params 15.3 GiB). A tensor axis of 8 (40 heads, 8 KV heads) is what fits: with tensor = 1 each chip holds
+  # the sampler's weights whole (122 GiB) and the gradients need 764.6 GiB; with 4 (v5p:4x4x4, whose 4x4x4 torus
+  # cannot hold a tensor axis of 8) they need 96.6 GiB. 512 decode slots fit too (rollout peak 63.5 GiB), 1024
+  # do not (96.2 GiB).
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 8
+  c.rollout.max_concurrent_decodes = 256
   if arg:
     config_lib.apply_ablation(c, arg)
   return c
