@@ -5,8 +5,10 @@ attached (`jax.experimental.topologies`). Each device function of a rollout step
 the training program calls it, with the config's worst-case shapes and the program's shardings:
 
   rollout: `decode_weights`, `prefill` (a full prefill batch of the longest prompt bucket) and `decode_steps`
-           (the config's decode slots, each with a KV cache of prompt + response length), from
-           `dapo_jax/rollout/decoding.py` through a `GroupSampler` built on the slice's mesh;
+           (the config's decode slots, each with a KV cache of prompt + response length, attending to all of
+           it), from `dapo_jax/rollout/decoding.py` through a `GroupSampler` on the sampler's mesh (the
+           trainer's on one host; with several hosts each samples on its own chips, tensor parallel, as
+           `train.py` does), reading the sampler's copy of the params (`sharding.decode_rules`);
   update:  `old_log_probs`, `_micro_batch_gradients` and `_apply` from `dapo_jax/rl/step.py`, on the
            micro-batch that `batching.split_by_token_budget` and `batching.collate` make when every trajectory
            of a mini-batch has the longest prompt and response.
@@ -154,6 +156,18 @@ def mesh_for(devices: Sequence[jax.Device], mesh_config: Mapping[str, Any]) -> j
                              axis_types=(jax.sharding.AxisType.Auto,) * len(sharding_lib.MESH_AXES))
 
 
+def sampler_mesh_for(devices: Sequence[jax.Device], mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """Where `train.py` samples: on the trainer's mesh when the slice has one host, else each host on its own
+  devices (`sharding.process_local_mesh()`: all of them on the tensor axis, in id order), planned here for the
+  host of process 0 (every host's share is the same)."""
+  own = sorted((d for d in devices if d.process_index == devices[0].process_index), key=lambda d: d.id)
+  if len(own) == len(devices):
+    return mesh
+  grid = np.asarray(own, dtype=object).reshape(1, 1, len(own))
+  return jax.sharding.Mesh(grid, sharding_lib.MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(sharding_lib.MESH_AXES))
+
+
 def _rules(config: ml_collections.ConfigDict):
   return tuple(config.mesh.rules) if "rules" in config.mesh else sharding_lib.DEFAULT_RULES
 
@@ -265,6 +279,8 @@ class Plan:
   hbm_bytes: int
   hbm_source: str               # "compiler" (its out-of-memory message) or "documented"
   mesh: dict[str, int]
+  num_processes: int            # hosts of the slice, one process each
+  sampler_mesh: dict[str, int]  # the trainer's mesh on one host; else each host's own devices
   model: str
   num_params: int
   micro_batch: dict[str, Any]   # rows, prompt_width, response_width, tokens, padding_rows (added to fill the
@@ -325,8 +341,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   abstract = qwen2.abstract_model(mc)
   param_shardings = sharding_lib.param_shardings(abstract, mesh, rules)
   params = _with_shardings(abstract.params, param_shardings)
+  sampler_mesh = sampler_mesh_for(devices, mesh)
   sampler_params = _with_shardings(abstract.params, sharding_lib.param_shardings(
-      abstract, mesh, sharding_lib.decode_rules(rules)))
+      abstract, sampler_mesh, sharding_lib.decode_rules(rules)))
   optim = config.actor.optim
   optimizer = step.make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2,
                                   weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
@@ -357,11 +374,12 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   state_declared = step._optimizer_state_declared(optimizer, opt_state, params_declared)
   # pylint: enable=protected-access
 
-  # The sampler as the training program builds it, on this mesh.
+  # The sampler as the training program builds it, on the sampler's mesh.
   sampler = sampler_lib.GroupSampler(mc, num_slots=config.rollout.max_concurrent_decodes,
                                      max_prompt_length=d.max_prompt_length,
                                      max_response_length=d.max_response_length,
-                                     steps_per_call=config.rollout.decode_steps_per_call, mesh=mesh, rules=rules)
+                                     steps_per_call=config.rollout.decode_steps_per_call, mesh=sampler_mesh)
+  sampler_replicated = NamedSharding(sampler_mesh, PartitionSpec())
   slots = sampler.num_slots
   state = _with_shardings(
       jax.eval_shape(lambda: decoding.init_decode_state(mc, slots, sampler.cache_length)), sampler.state_shardings)
@@ -382,8 +400,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None
   programs["prefill"], _ = _compile(
       "prefill", forward_flops(mc, prefill_rows, prefill_width, 1), functions.prefill, sampler_params,
-      _abstract((prefill_rows, prefill_width), jnp.int32, replicated),
-      _abstract((prefill_rows,), jnp.int32, replicated))
+      _abstract((prefill_rows, prefill_width), jnp.int32, sampler_replicated),
+      _abstract((prefill_rows,), jnp.int32, sampler_replicated))
   if weights_compiled is not None:
     weights = _with_shardings(jax.eval_shape(functions.decode_weights, sampler_params),
                               weights_compiled.output_shardings)
@@ -433,7 +451,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   worst = max(sized, key=lambda p: p.peak_bytes) if sized else phases[0]
   return Plan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), hbm_bytes=hbm,
-      hbm_source=hbm_source, mesh=dict(mesh.shape), model=model_name, num_params=mc.num_params(),
+      hbm_source=hbm_source, mesh=dict(mesh.shape), num_processes=len({dev.process_index for dev in devices}),
+      sampler_mesh=dict(sampler_mesh.shape), model=model_name, num_params=mc.num_params(),
       micro_batch=dict(rows=rows, prompt_width=prompt_width, response_width=response_width, tokens=rows * length,
                        padding_rows=rows - micro_batch_rows(config), rows_per_device=rows_per_device,
                        data_parallel=data_parallel),
@@ -457,11 +476,15 @@ def format_plan(p: Plan) -> str:
   sharded = f"{mb['rows_per_device']} per device"
   if mb["padding_rows"]:
     sharded += f", {mb['padding_rows']} of them padding (the token budget gives fewer rows than data x fsdp)"
+  where = ""
+  if p.num_processes > 1:
+    sampler_mesh = " ".join(f"{k}={v}" for k, v in p.sampler_mesh.items())
+    where = f" per host (each of the {p.num_processes} hosts samples on its own chips: mesh {sampler_mesh})"
   lines = [
       f"{p.topology}: {p.num_devices} x {p.device_kind}, {gib(p.hbm_bytes)} GiB HBM each ({p.hbm_source}); "
       f"mesh {mesh}; model {p.model} ({p.num_params / 1e9:.2f}B params)",
       f"  micro-batch: {mb['rows']} rows x ({mb['prompt_width']} + {mb['response_width']}) tokens, {sharded}",
-      f"  rollout: {dec['slots']} decode slots x {dec['cache_length']} cache entries, "
+      f"  rollout: {dec['slots']} decode slots{where} x {dec['cache_length']} cache entries, "
       f"{dec['steps_per_call']} steps per call; prefill {dec['prefill_rows']} x {dec['prefill_width']}",
       "  per chip (GiB): " + ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in p.per_chip.items()),
       f"  {'program':<22} {'args':>8} {'out':>8} {'temp':>8} {'alias':>8} {'peak':>8} {'compile s':>10} "
@@ -488,8 +511,8 @@ def format_plan(p: Plan) -> str:
 
 def format_summary(plans: Sequence[Plan]) -> str:
   """One line per plan: the table of the README."""
-  lines = ["| topology | chips | mesh (data, fsdp, tensor) | micro-batch rows x tokens | decode slots | peak GiB "
-           "(phase) | HBM GiB | fits |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| topology | chips | mesh (data, fsdp, tensor) | micro-batch rows x tokens | decode slots per host | "
+           "peak GiB (phase) | HBM GiB | fits |", "|---|---|---|---|---|---|---|---|"]
   for p in plans:
     mb = p.micro_batch
     lines.append(f"| {p.topology} | {p.num_devices} | {', '.join(str(v) for v in p.mesh.values())} | "

@@ -73,14 +73,15 @@ def _libtpu_missing_reason() -> str | None:
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-  """scripts/plan_memory.py --json on the tiny default config for a 2x2 v5e slice (16 GiB chips), with so many
-  decode slots that their KV cache (32 GiB a chip) cannot fit while the rest does."""
+  """scripts/plan_memory.py --json on the tiny default config for a v5p slice of 2 hosts x 4 chips (the trainer
+  on all 8, each host sampling on its own 4), with so many decode slots that their KV cache (128 GiB a chip)
+  cannot fit while the rest does."""
   reason = _libtpu_missing_reason()
   if reason:
     warnings.warn(reason)  # shown in pytest's summary even without -rs
     pytest.skip(reason)
   command = [sys.executable, str(REPO / "scripts" / "plan_memory.py"), "--config", str(REPO / "configs" / "default.py"),
-             "--topology", "v5e:2x2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+             "--topology", "v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
              f"--config.rollout.max_concurrent_decodes={1 << 20}", f"--config.actor.micro_batch_tokens={63 * 64}",
              "--json"]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -91,24 +92,30 @@ def tiny_plan():
 
 def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   p = tiny_plan
-  assert (p["topology"], p["num_devices"], p["device_kind"]) == ("v5e:2x2", 4, "TPU v5 lite")
-  assert p["hbm_source"] == "compiler" and 15 * GIB < p["hbm_bytes"] <= 16 * GIB
-  assert p["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and p["model"] == "tiny-demo"
+  assert (p["topology"], p["num_devices"], p["num_processes"], p["device_kind"]) == ("v5p:2x2x2", 8, 2, "TPU v5")
+  assert p["hbm_source"] == "compiler" and 90 * GIB < p["hbm_bytes"] <= 96 * GIB
+  assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and p["model"] == "tiny-demo"
+  assert p["sampler_mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
   chip = p["per_chip"]
   assert all(v > 0 for v in chip.values()), chip
-  # float32 weights spread over 4 chips (the tiny model's small vectors are replicated, so a little more than
-  # a quarter each); Adam's two moments like the params; float32 gradients like the params.
-  assert p["num_params"] * 4 / 4 <= chip["params"] < p["num_params"] * 4 / 2
+  # float32 weights spread over 8 chips (the tiny model's small vectors are replicated, so a little more than an
+  # eighth each); Adam's two moments like the params; float32 gradients like the params.
+  total = p["num_params"] * 4
+  assert total / 8 <= chip["params"] < total / 4
   assert 2 * chip["params"] <= chip["optimizer_state"] <= 2 * chip["params"] + 1024
   assert chip["gradients"] == chip["params"]
-  # KV cache: slots over fsdp (2), KV heads over tensor (2): layers x (k, v) x slots / 2 x 1 head x 32 x length.
+  # The sampler's copy is tensor parallel over one host's 4 chips (the 2 KV heads, which 4 does not divide, whole).
+  assert total / 4 <= chip["sampler_params"] < total
+  # KV cache: every slot on each of the host's chips (nothing to split slots over), both KV heads (see above):
+  # layers x (k, v) x slots x 2 heads x 32 x 64 entries x 4 bytes, and a few bytes of per-slot state.
   dec = p["decode"]
   assert dec["slots"] == 1 << 20 and dec["cache_length"] == 64
-  assert chip["kv_cache"] >= 4 * 2 * (dec["slots"] // 2) * 1 * 32 * dec["cache_length"] * 4
+  kv = 4 * 2 * dec["slots"] * 2 * 32 * 64 * 4
+  assert kv <= chip["kv_cache"] <= kv + 64 * dec["slots"]
   mb = p["micro_batch"]
-  # 63 rows of 32 + 32 tokens fill the budget; put_micro_batches pads them to 64 for the 2 data-parallel shards.
+  # 63 rows of 32 + 32 tokens fill the budget; put_micro_batches pads them to 64 for the 4 data-parallel shards.
   assert (mb["rows"], mb["padding_rows"], mb["prompt_width"], mb["response_width"]) == (64, 1, 32, 32)
-  assert mb["tokens"] == 64 * 64 and (mb["rows_per_device"], mb["data_parallel"]) == (32, 2)
+  assert mb["tokens"] == 64 * 64 and (mb["rows_per_device"], mb["data_parallel"]) == (16, 4)
 
   programs = {r["name"]: r for r in p["programs"]}
   assert set(programs) == {"decode_weights", "prefill", "decode_steps", "old_log_probs", "micro_batch_gradients",
@@ -123,6 +130,7 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   apply = programs["apply"]
   assert apply["argument_bytes"] >= chip["params"] + chip["optimizer_state"] + chip["gradients"]
   assert apply["alias_bytes"] >= chip["params"] + chip["optimizer_state"]  # updated in place (donated)
+  assert programs["decode_weights"]["argument_bytes"] >= chip["sampler_params"]
   assert programs["decode_weights"]["output_bytes"] == chip["decode_weights"]
   assert programs["old_log_probs"]["flops"] > 0 and grads["flops"] == 3 * programs["old_log_probs"]["flops"]
 
