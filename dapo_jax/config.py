@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
+from dapo_jax import distributed
 from dapo_jax.data import math as math_data
 from dapo_jax.rl import filtering
 from dapo_jax.rl import loss as loss_lib
@@ -110,6 +111,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
+
+  # Multi-host runs (one process per host, `dapo_jax.distributed.initialize`). Unset values come from JAX's
+  # environment variables (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or its cluster detection.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = config_dict.placeholder(str)  # "host:port" of process 0
+  c.distributed.num_processes = config_dict.placeholder(int)
+  c.distributed.process_id = config_dict.placeholder(int)
+  c.distributed.initialize = "auto"  # auto | always | never (`distributed.initialize`)
   return c
 
 
@@ -132,11 +141,14 @@ def _check(condition: bool, key: str, message: str) -> None:
     raise ConfigError(f"config.{key}: {message}")
 
 
-def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ...] = ()) -> None:
+def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ...] = (),
+             num_processes: int = 1) -> None:
   """Fails on unknown keys and inconsistent values, naming the key and what to do.
 
   `extra_sections` are top-level sections a recipe adds for its own use (e.g. the embedded default's
-  `warmup`), whose keys are not checked against the base.
+  `warmup`), whose keys are not checked against the base. `num_processes` is the number of processes of the
+  run (`jax.process_count()`): each samples and trains on its share of every batch, so the batch sizes must
+  divide between them.
   """
   known = dict(_leaves(base_config()))
   for key, _ in _leaves(config):
@@ -194,6 +206,29 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
   _check(m.hf_checkpoint is not None or m.preset is not None, "model.hf_checkpoint",
          "set model.hf_checkpoint (a Hugging Face directory) or model.preset (random initial weights)")
   _check(m.dtype in DTYPES and m.param_dtype in DTYPES, "model.dtype", f"dtype and param_dtype: one of {DTYPES}")
+  for key, value in (("data.train_batch_size", d.train_batch_size), ("data.gen_batch_size", d.gen_batch_size),
+                     ("actor.ppo_mini_batch_size", a.ppo_mini_batch_size)):
+    _check(value % num_processes == 0, key,
+           f"({value}) must be divisible by the {num_processes} processes, each of which samples and trains on "
+           "an equal share of it")
+  if "distributed" in config:
+    _validate_distributed(config.distributed)
+
+
+def _unset(value) -> bool:
+  return value is None or value in ("", -1)  # what `distributed.initialize_from_config` reads as unset
+
+
+def _validate_distributed(section: ml_collections.ConfigDict) -> None:
+  _check(section.initialize in distributed.MODES, "distributed.initialize",
+         f"must be one of {distributed.MODES}, got {section.initialize!r}")
+  address, count, process = section.coordinator_address, section.num_processes, section.process_id
+  _check(_unset(address) or (isinstance(address, str) and address.rpartition(":")[2].isdigit()),
+         "distributed.coordinator_address", f"must be 'host:port', got {address!r}")
+  _check(_unset(count) or count >= 1, "distributed.num_processes", f"must be >= 1, got {count}")
+  _check(_unset(process) or process >= 0, "distributed.process_id", f"must be >= 0, got {process}")
+  _check(_unset(process) or _unset(count) or process < count, "distributed.process_id",
+         f"({process}) must be below distributed.num_processes ({count})")
 
 
 # The paper's Table 1 ladder (DAPO_SPEC.md section 9): each rung adds one technique to the rung before.

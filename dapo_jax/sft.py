@@ -39,7 +39,8 @@ def supervised_warmup(params: qwen2.Params, model_config: Qwen2Config,
   """Trains on random batches of `examples` for `steps` steps (AdamW, cosine decay); returns (params, losses).
 
   All batches share one padded shape (the buckets of the longest prompt and response), so the step compiles
-  once.
+  once. With params spread over several processes every process must pass the same examples and seed: each
+  batch is a host value that the jitted step takes as the same on every process.
   """
   if not examples:
     raise ValueError("supervised_warmup: no examples")

@@ -5,6 +5,27 @@ optimizer, then runs rollout steps: draw prompts -> sample groups -> score + ove
 sampling (order-preserving, stops sampling as soon as the batch is decided) -> old log-probs -> group
 advantages -> mini-batch updates -> metrics -> checkpoint -> validation. With no flags it runs the embedded
 default (configs/default.py) in ./runs/default.
+
+Multi-host: one process per host, joined by `dapo_jax.distributed` (the config's `distributed` section, or JAX's
+environment variables and cluster detection) before anything touches a device; the workdir must be one path
+that every host sees. The trainer's params, optimizer state and batches are global arrays on the mesh of every
+device, and the prompts are dealt out by draw (draw i to process i mod P). In DAPO's terms a rollout step is
+data-parallel up to the update:
+  * each process samples on its own devices (its copy of the weights is resharded onto a process-local mesh
+    every step) and fills its share of the batch, data.train_batch_size / P groups, from its own draws in
+    generation batches of data.gen_batch_size / P prompts: the keep rule and the order-preserving selection of
+    DAPO_SPEC.md section 4 apply to each process's stream, and max_num_gen_batches bounds each process;
+  * the update is global: mini-batch i is every process's i-th share of actor.ppo_mini_batch_size / P groups,
+    and token-mean divides by the token count of the whole mini-batch (section 5); actor.micro_batch_tokens
+    and rollout.max_concurrent_decodes are per process;
+  * the processes stop together: when the data of one runs out, when one has spent its generation batches
+    (the run fails everywhere), or after the step in which one was sent SIGTERM;
+  * metrics are the whole step's (group counts summed, scores and lengths over every process's groups, raw
+    accuracy over every finished group), written by process 0, as are config.json, the task files, the
+    base-model cache and the checkpoints' policy files; validation splits the problems between the processes;
+  * a checkpoint holds every process's data-iterator and dynamic-sampling state; a run resumes with the number
+    of processes it was saved with.
+With one process each rule is the single-host one.
 """
 import collections
 import dataclasses
@@ -27,6 +48,8 @@ from flax import nnx
 
 from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax import config as config_lib
+from dapo_jax import distributed
+from dapo_jax import metrics as metrics_lib
 from dapo_jax import sft
 from dapo_jax import sharding
 from dapo_jax import validation
@@ -61,17 +84,19 @@ def _resolve_paths(paths, workdir: str) -> list[str]:
 
 
 def _prepare_synthetic_task(config, workdir: str) -> str | None:
-  """Writes the embedded default's task files into the workdir once; returns its tokenizer directory."""
+  """Writes the embedded default's task files into the workdir once (process 0; the others wait for it);
+  returns its tokenizer directory."""
   if "synthetic" not in config:
     return None
   directory = os.path.join(workdir, "data")
   files = synthetic.SyntheticTaskFiles(os.path.join(directory, "train.parquet"),
                                        os.path.join(directory, "heldout.parquet"),
                                        os.path.join(directory, "tokenizer"))
-  if not all(os.path.exists(p) for p in dataclasses.astuple(files)):
+  if distributed.is_primary() and not all(os.path.exists(p) for p in dataclasses.astuple(files)):
     logging.info("Writing the synthetic arithmetic task to %s", directory)
     files = synthetic.write_synthetic_task(directory, config.synthetic.seed, num_heldout=config.synthetic.num_heldout,
                                            train_repeats=config.synthetic.train_repeats)
+  distributed.sync("synthetic task written")
   return files.tokenizer_dir
 
 
@@ -109,8 +134,9 @@ def _initial_policy(config, workdir: str, tokenizer, mesh) -> tuple[Any, qwen2.P
                w.steps, w.batch_size, 100 * w.wrong_order_fraction)
   params, _ = sft.supervised_warmup(params, model_config, examples, steps=w.steps, batch_size=w.batch_size,
                                     learning_rate=w.lr, pad_id=tokenizer.pad_id, seed=config.synthetic.seed)
-  hf_io.save_hf_checkpoint(params, model_config, base_dir)
-  tokenizer.save(base_dir)
+  if distributed.is_primary():
+    tokenizer.save(base_dir)
+  hf_io.save_hf_checkpoint(params, model_config, base_dir)  # every process gathers, process 0 writes
   return model_config, params
 
 
@@ -141,8 +167,10 @@ def _score_group(responses: list[sampler_lib.Response], example: math_data.Promp
 # Turning a selected batch into training arrays
 
 
-def _training_batches(groups: list[dict], config, tokenizer) -> tuple[list[list[dict]], dict]:
-  """Mini-batches (each a list of micro-batches of numpy arrays) and the batch's statistics."""
+def _training_batches(groups: list[dict], config, tokenizer, groups_per_update: int
+                      ) -> tuple[list[list[dict]], dict]:
+  """Mini-batches of `groups_per_update` groups (each a list of micro-batches of numpy arrays) and the batch's
+  statistics."""
   n = config.rollout.n
   rewards_all = np.concatenate([g["rewards"] for g in groups])
   group_ids = np.repeat(np.arange(len(groups)), n)
@@ -155,7 +183,7 @@ def _training_batches(groups: list[dict], config, tokenizer) -> tuple[list[list[
       sampler_logps.append(np.asarray(r.logp_full, np.float32))
       truncated.append(r.finish_reason == "length")
   loss_masked = np.array(truncated) if config.reward.overlong_filter else np.zeros(len(responses), bool)
-  per_update = config.actor.ppo_mini_batch_size * n
+  per_update = groups_per_update * n
   mini_batches = []
   for start in range(0, len(responses), per_update):
     rows = list(range(start, min(start + per_update, len(responses))))
@@ -182,18 +210,73 @@ def _summary(name: str, values) -> dict[str, float]:
   return {f"{name}/mean": float(values.mean()), f"{name}/max": float(values.max()), f"{name}/min": float(values.min())}
 
 
+def _process_statistics(groups: list[dict], stats: dict, selection_metrics: dict, timeouts: int) -> dict:
+  """This process's share of the step's statistics, as JSON values for `distributed.allgather_json`."""
+  return {"scores": np.concatenate([g["scores"] for g in groups]).tolist(),
+          "rewards": np.concatenate([g["rewards"] for g in groups]).tolist(),
+          "advantages": stats["advantages"].tolist(), "response_lengths": stats["response_lengths"].tolist(),
+          "prompt_lengths": stats["prompt_lengths"].tolist(), "truncated": stats["truncated"].tolist(),
+          "overlong_masked": stats["overlong_masked"], "timeouts": timeouts, "selection": selection_metrics}
+
+
+def _step_statistics(per_process: list[dict]) -> tuple[dict[str, float], np.ndarray, int]:
+  """The step's batch metrics over every process's groups (in process order), every response length, and the
+  number of prompt and response tokens.
+
+  Of the dynamic-sampling metrics, group counts add up; `train/num_gen_batches` is the mean over processes
+  (the prompts drawn / data.gen_batch_size); `train/raw_acc` is the mean over every finished group, each
+  process's weighted by its share of them. With one process every value is its own.
+  """
+  def joined(key, dtype=np.float64):
+    return np.concatenate([np.asarray(p[key], dtype) for p in per_process])
+
+  response_lengths, prompt_lengths = joined("response_lengths", np.int64), joined("prompt_lengths", np.int64)
+  out = {}
+  out.update(_summary("critic/score", joined("scores")))
+  out.update(_summary("critic/rewards", joined("rewards")))
+  out.update(_summary("critic/advantages", joined("advantages")))
+  out.update(_summary("response_length", response_lengths))
+  out["response_length/clip_ratio"] = float(joined("truncated", bool).mean())
+  out.update(_summary("prompt_length", prompt_lengths))
+  selections = [p["selection"] for p in per_process]
+  finished = [s["train/kept_groups"] + s["train/dropped_groups"] for s in selections]
+  for name in selections[0]:
+    if name == "train/raw_acc":
+      out[name] = (float(sum(s[name] * (f / sum(finished)) for s, f in zip(selections, finished) if f))
+                   if sum(finished) else float("nan"))
+    elif name == "train/num_gen_batches":
+      out[name] = float(sum(s[name] for s in selections) / len(selections))
+    else:
+      out[name] = float(sum(s[name] for s in selections))
+  out["train/overlong_masked"] = float(sum(p["overlong_masked"] for p in per_process))
+  out["reward/timeouts"] = float(sum(p["timeouts"] for p in per_process))
+  return out, response_lengths, int(response_lengths.sum() + prompt_lengths.sum())
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Validation
 
 
 def _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool, seed) -> dict:
-  """avg@k, best@k, maj@k and pass@k of k samples per unique validation problem (DAPO_SPEC.md section 8)."""
+  """avg@k, best@k, maj@k and pass@k of k samples per unique validation problem (DAPO_SPEC.md section 8).
+
+  With several processes each samples every P-th problem (seeded by its process index), and every response's
+  result is gathered so that the metrics are those of all the problems, on every process.
+  """
   vk = config.rollout.val_kwargs
-  result = validation.validate(
-      params, sampler, val_prompts, tokenizer=tokenizer, n=vk.n, seed=seed, score_fns=score_fns, pool=pool,
-      sampling=sampler_lib.SamplingParams(temperature=vk.temperature, top_p=vk.top_p, top_k=config.rollout.top_k),
-      timeout_s=config.reward.timeout_s)
-  return result.metrics
+  mine = list(range(jax.process_index(), len(val_prompts), jax.process_count()))
+  results = []
+  if mine:
+    result = validation.validate(
+        params, sampler, [val_prompts[i] for i in mine], tokenizer=tokenizer, n=vk.n,
+        seed=seed + jax.process_index(), score_fns=score_fns, pool=pool,
+        sampling=sampler_lib.SamplingParams(temperature=vk.temperature, top_p=vk.top_p, top_k=config.rollout.top_k),
+        timeout_s=config.reward.timeout_s)
+    results = [(mine[p.index], p.example.data_source, p.accs.tolist(), p.predictions) for p in result.problems]
+  gathered = sorted((r for process in distributed.allgather_json(results) for r in process), key=lambda r: r[0])
+  samples = [metrics_lib.SampleResult(source, str(index), float(acc), pred)
+             for index, source, accs, predictions in gathered for acc, pred in zip(accs, predictions)]
+  return metrics_lib.validation_metrics(samples, prefix="val-core")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -211,16 +294,39 @@ class _Preemption:
     logging.warning("SIGTERM received: finishing this step, saving a checkpoint and exiting")
     self.requested = True
 
+  def agreed(self) -> bool:
+    """Whether any process was sent SIGTERM. A collective (every process asks at the same point of the loop),
+    so that all of them stop after the same step: one alone would leave the others waiting for it."""
+    return bool(distributed.global_max([self.requested])[0])
+
+
+# What a process's sampling phase ended with; the processes go on with the largest (`distributed.global_max`).
+_BATCH_DECIDED, _DATA_RAN_OUT, _GEN_BATCHES_SPENT = 0, 1, 2
+
+
+def _own_loop_state(meta: dict) -> dict:
+  """This process's data-iterator and dynamic-sampling state from a checkpoint's metadata: a list indexed by
+  process (checkpoints of single-process runs saved before multi-host support keep it at the top level)."""
+  states = meta.get("processes") or [{"data_iterator": meta["data_iterator"],
+                                      "dynamic_sampling": meta["dynamic_sampling"]}]
+  if len(states) != jax.process_count():
+    raise ValueError(
+        f"The checkpoint was saved by {len(states)} processes and this run has {jax.process_count()}: each "
+        "process's data stream and dynamic-sampling state resume only with the process count they were saved with")
+  return states[jax.process_index()]
+
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs DAPO; returns the last step's metrics."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
-  config_lib.validate(config, extra_sections=_EXTRA_SECTIONS)
+  num_processes, process_index = jax.process_count(), jax.process_index()
+  config_lib.validate(config, extra_sections=_EXTRA_SECTIONS, num_processes=num_processes)
   preemption = _Preemption()
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  writer = metric_writers.create_default_writer(workdir, just_logging=not distributed.is_primary())
+  if distributed.is_primary():
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.mesh_from_config(config.mesh)
 
   # Data and tokenizer.
@@ -232,6 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_prompts = math_data.training_prompts(_resolve_paths(config.data.train_files, workdir), tokenizer, options)
   val_prompts = (math_data.validation_prompts(_resolve_paths(config.data.val_files, workdir), tokenizer, options)
                  if config.data.val_files else [])
+  # Each process draws data.gen_batch_size / P prompts of every generation batch (draw i goes to process i mod P).
   gen_batches = math_data.epoch_batches(train_prompts, batch_size=config.data.gen_batch_size,
                                         seed=config.data.seed if config.data.shuffle else None)
   data_iterator = math_data.batch_iterator(gen_batches)
@@ -246,20 +353,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   optim = config.actor.optim
   optimizer = step.make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2,
                                   weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
-  opt_state = optimizer.init(params)
+  opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
   loss_config = step.LossConfig(clip_low=config.actor.clip_ratio_low, clip_high=config.actor.clip_ratio_high,
                                 clip_c=config.actor.clip_ratio_c, agg_mode=config.actor.loss_agg_mode,
                                 entropy_coeff=config.actor.entropy_coeff, temperature=config.rollout.temperature,
                                 tis_cap=config.actor.tis_cap, logits_chunk_size=config.actor.logits_chunk_size)
+  # The sampler's own layout: tensor parallel only (decode reads every weight for each token, so FSDP would
+  # gather the weights again at every step: `sharding.DECODE_RULES`). With several hosts each process samples
+  # its own prompts, on its own devices. Each rollout step and validation samples from a copy resharded from
+  # the trainer's params (`sharding.reshard`, on the devices), dropped after sampling.
+  sampler_mesh = mesh if num_processes == 1 else sharding.process_local_mesh()
+  sampler_shardings = sharding.param_shardings(qwen2.abstract_model(model_config), sampler_mesh,
+                                               sharding.DECODE_RULES)
   sampler = sampler_lib.GroupSampler(
       model_config, num_slots=config.rollout.max_concurrent_decodes,
       max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length,
-      eos_ids=tokenizer.eos_ids, steps_per_call=config.rollout.decode_steps_per_call)
+      eos_ids=tokenizer.eos_ids, steps_per_call=config.rollout.decode_steps_per_call, mesh=sampler_mesh)
   train_sampling = sampler_lib.SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                                               top_k=config.rollout.top_k)
   fg = config.algorithm.filter_groups
-  dynamic = filtering.DynamicSampler(train_batch_size=config.data.train_batch_size, n=config.rollout.n,
-                                     gen_batch_size=config.data.gen_batch_size,
+  dynamic = filtering.DynamicSampler(train_batch_size=config.data.train_batch_size // num_processes,
+                                     n=config.rollout.n, gen_batch_size=config.data.gen_batch_size // num_processes,
                                      max_num_gen_batches=fg.max_num_gen_batches, metric=fg.metric,
                                      enabled=fg.enable, carry_over=fg.carry_over)
 
@@ -272,8 +386,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_validation(at_step: int) -> dict:
     logging.info("Validation at rollout step %d (%d problems x %d samples) ...", at_step, len(val_prompts),
                  config.rollout.val_kwargs.n)
-    val = _validate(params, sampler, val_prompts, config, tokenizer, score_fns, pool,
-                    seed=config.trainer.seed + 10**6)
+    val = _validate(sharding.reshard(params, sampler_shardings), sampler, val_prompts, config, tokenizer,
+                    score_fns, pool, seed=config.trainer.seed + 10**6)
     writer.write_scalars(at_step, val)
     logging.info("step %d validation: %s", at_step,
                  json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k or "pass@1" in k}))
@@ -288,8 +402,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, meta = source.restore(resume_step, checkpoint_lib.abstract_like({"params": params,
                                                                             "opt_state": opt_state}))
     params, opt_state = state["params"], state["opt_state"]
-    data_iterator.set_state(meta["data_iterator"])
-    dynamic.load_state_dict(meta["dynamic_sampling"])
+    loop_state = _own_loop_state(meta)
+    data_iterator.set_state(loop_state["data_iterator"])
+    dynamic.load_state_dict(loop_state["dynamic_sampling"])
     start_step, validation_due = meta["rollout_step"], meta.get("validation_due", False)
     logging.info("Resumed from rollout step %d of %s", start_step, resume_dir)
   if validation_due:  # before training, or the validation a preemption postponed
@@ -303,55 +418,71 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # 1-3. Sample groups, scoring each as it finishes, until dynamic sampling has decided the batch. Prompts
     # are admitted in draw order while dynamic sampling still wants them; generation batches are opened only
-    # when the groups drawn so far can no longer fill the batch.
+    # when the groups drawn so far can no longer fill the batch. The seed differs between steps and processes.
     gen_start = time.time()
     drawn: dict[int, math_data.PromptExample] = {}
     queue: collections.deque[int] = collections.deque()
     timeouts = 0
     data_exhausted = False
-    seed = (config.trainer.seed * 1_000_003 + rollout_step) % 2**31
-    with sampler.start(params, n=config.rollout.n, seed=seed, sampling=train_sampling) as run:
-      while not dynamic.is_decided():
-        if not queue and dynamic.needs_more_prompts():
-          try:
-            examples = next(data_iterator)
-          except StopIteration:
-            data_exhausted = True
-          else:
-            ids = dynamic.open_gen_batch(len(examples))
-            drawn.update(zip(ids, examples))
-            queue.extend(ids)
-        while queue and run.has_room() and dynamic.wants_group(queue[0]):
-          group_id = queue.popleft()
-          run.submit(group_id, drawn[group_id].prompt_ids)
-        if run.idle:
-          break  # nothing in flight and nothing left to admit: only when the data ran out
-        for group in run.step():
-          scored = _score_group(group.responses, drawn[group.prompt_index], config=config, tokenizer=tokenizer,
-                                score_fns=score_fns, pool=pool)
-          timeouts += scored["timeouts"]
-          dynamic.add_group(group.prompt_index,
-                            {"acc": scored["accs"], "score": scored["scores"], "reward": scored["rewards"]}, scored)
-      if not dynamic.is_decided():
-        logging.info("The training data ran out at rollout step %d (exhausted: %s); stopping", rollout_step,
-                     data_exhausted)
-        break
-      run.cancel(run.in_flight)
+    spent: filtering.DynamicSamplingExhausted | None = None
+    seed = (config.trainer.seed * 1_000_003 + rollout_step * num_processes + process_index) % 2**31
+    sampler_params = sharding.reshard(params, sampler_shardings)
+    with sampler.start(sampler_params, n=config.rollout.n, seed=seed, sampling=train_sampling) as run:
+      try:
+        while not dynamic.is_decided():
+          if not queue and dynamic.needs_more_prompts():
+            try:
+              examples = next(data_iterator)
+            except StopIteration:
+              data_exhausted = True
+            else:
+              ids = dynamic.open_gen_batch(len(examples))
+              drawn.update(zip(ids, examples))
+              queue.extend(ids)
+          while queue and run.has_room() and dynamic.wants_group(queue[0]):
+            group_id = queue.popleft()
+            run.submit(group_id, drawn[group_id].prompt_ids)
+          if run.idle:
+            break  # nothing in flight and nothing left to admit: only when the data ran out
+          for group in run.step():
+            scored = _score_group(group.responses, drawn[group.prompt_index], config=config, tokenizer=tokenizer,
+                                  score_fns=score_fns, pool=pool)
+            timeouts += scored["timeouts"]
+            dynamic.add_group(group.prompt_index,
+                              {"acc": scored["accs"], "score": scored["scores"], "reward": scored["rewards"]},
+                              scored)
+      except filtering.DynamicSamplingExhausted as error:
+        spent = error  # raised below, once the other processes know
+      if dynamic.is_decided():
+        run.cancel(run.in_flight)
+    del sampler_params
+    outcome = (_GEN_BATCHES_SPENT if spent else _BATCH_DECIDED if dynamic.is_decided() else _DATA_RAN_OUT)
+    outcome = int(distributed.global_max([outcome])[0])  # every process goes on only if all decided their batch
+    if outcome == _GEN_BATCHES_SPENT:
+      raise spent or filtering.DynamicSamplingExhausted(
+          f"Dynamic sampling spent its generation batches at rollout step {rollout_step} on another process "
+          "(its log says how many groups it kept): raise algorithm.filter_groups.max_num_gen_batches or "
+          "data.gen_batch_size, or turn off algorithm.filter_groups.enable")
+    if outcome == _DATA_RAN_OUT:
+      logging.info("The training data ran out at rollout step %d (exhausted: %s); stopping", rollout_step,
+                   data_exhausted)
+      break
     gen_time = time.time() - gen_start
     selection = dynamic.take_batch()
     groups = list(selection.payloads)
 
-    # 4-5. Old log-probs (before any update of this step) and group advantages.
+    # 4-5. Old log-probs (before any update of this step) and group advantages. Each process places its own
+    # rows; every mini-batch is global (`sharding.put_micro_batches`), and the old log-probs stay on the devices.
     old_start = time.time()
-    mini_batches, stats = _training_batches(groups, config, tokenizer)
-    mismatch = []
+    mini_batches, stats = _training_batches(groups, config, tokenizer,
+                                            config.actor.ppo_mini_batch_size // num_processes)
+    mini_batches = [sharding.put_micro_batches(micro_batches, mesh) for micro_batches in mini_batches]
     for micro_batches in mini_batches:
       for mb in micro_batches:
-        mb["old_logp"] = np.asarray(step.old_log_probs(params, mb, model_config=model_config,
-                                                       temperature=loss_config.temperature,
-                                                       chunk_size=loss_config.logits_chunk_size))
-        valid = mb["response_mask"] > 0
-        mismatch.append((mb["old_logp"] - mb["sampler_logp"])[valid])
+        mb["old_logp"] = step.old_log_probs(params, mb, model_config=model_config,
+                                            temperature=loss_config.temperature,
+                                            chunk_size=loss_config.logits_chunk_size)
+    mismatch = step.logprob_mismatch([mb for micro_batches in mini_batches for mb in micro_batches])
     old_time = time.time() - old_start
 
     # 6. One optimizer update per mini-batch (ppo_epochs passes, no shuffle).
@@ -363,32 +494,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                 optimizer=optimizer, model_config=model_config,
                                                 loss_config=loss_config)
         update_metrics.append(jax.device_get(m))
+    del mini_batches
     update_time = time.time() - update_start
 
-    # 7. Metrics (DAPO_SPEC.md section 10).
+    # 7. Metrics (DAPO_SPEC.md section 10), of the whole step: every process's batch statistics are gathered.
     step_time = time.time() - step_start
-    diff = np.concatenate(mismatch) if mismatch else np.zeros(1)
-    scores = np.concatenate([g["scores"] for g in groups])
-    shaped = np.concatenate([g["rewards"] for g in groups])
+    batch_metrics, response_lengths, num_tokens = _step_statistics(distributed.allgather_json(
+        _process_statistics(groups, stats, selection.metrics, timeouts)))
     out = {name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]}
     out["actor/skipped_updates"] = float(sum(m["actor/skipped_updates"] for m in update_metrics))
-    out.update(_summary("critic/score", scores))
-    out.update(_summary("critic/rewards", shaped))
-    out.update(_summary("critic/advantages", stats["advantages"]))
-    out.update(_summary("response_length", stats["response_lengths"]))
-    out["response_length/clip_ratio"] = float(stats["truncated"].mean())
-    out.update(_summary("prompt_length", stats["prompt_lengths"]))
-    out.update({k: float(v) for k, v in selection.metrics.items()})
-    out["train/overlong_masked"] = float(stats["overlong_masked"])
-    out["reward/timeouts"] = float(timeouts)
-    out["rollout/logprob_abs_diff"] = float(np.abs(diff).mean())
-    out["rollout/ratio_mean"] = float(np.exp(diff).mean())
-    out["rollout/ratio_max"] = float(np.exp(diff).max())
+    out.update(batch_metrics)
+    out.update(mismatch)
     out.update({"timing_s/gen": gen_time, "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time,
-                "timing_s/step": step_time, "perf/time_per_step": step_time,
-                "perf/throughput": float(stats["response_lengths"].sum() + stats["prompt_lengths"].sum()) / step_time})
+                "timing_s/step": step_time, "perf/time_per_step": step_time, "perf/throughput": num_tokens / step_time})
     writer.write_scalars(rollout_step + 1, out)
-    writer.write_histograms(rollout_step + 1, {"response_length": stats["response_lengths"]})
+    writer.write_histograms(rollout_step + 1, {"response_length": response_lengths})
     if (rollout_step + 1) % config.trainer.log_freq == 0:
       done = rollout_step + 1 - start_step
       eta = (time.time() - run_start) / done * (config.trainer.total_training_steps - rollout_step - 1)
@@ -407,15 +527,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finished = rollout_step + 1 == config.trainer.total_training_steps
     validation_due = bool(val_prompts) and bool(config.trainer.test_freq) and (
         (rollout_step + 1) % config.trainer.test_freq == 0 or finished)
-    if validation_due and not preemption.requested:
+    preempted = preemption.agreed()
+    if validation_due and not preempted:
       last_metrics = {**out, **run_validation(rollout_step + 1)}
       validation_due = False
-    if (rollout_step + 1) % config.trainer.save_freq == 0 or finished or preemption.requested:
+      preempted = preemption.agreed()  # sent during the validation: this step's checkpoint is the last
+    if (rollout_step + 1) % config.trainer.save_freq == 0 or finished or preempted:
+      loop_states = distributed.allgather_json({"data_iterator": data_iterator.get_state(),
+                                                "dynamic_sampling": dynamic.state_dict()})
       checkpointer.save(rollout_step + 1, {"params": params, "opt_state": opt_state},
-                        {"rollout_step": rollout_step + 1, "data_iterator": data_iterator.get_state(),
-                         "dynamic_sampling": dynamic.state_dict(), "validation_due": validation_due})
+                        {"rollout_step": rollout_step + 1, "processes": loop_states, "validation_due": validation_due})
     writer.flush()
-    if preemption.requested:
+    if preempted:
       logging.warning("Preempted: stopped after rollout step %d; the next start resumes from it", rollout_step + 1)
       break
   checkpointer.wait()
@@ -429,6 +552,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  distributed.initialize_from_config(_CONFIG.value)  # before anything touches a device
   train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -76,6 +76,32 @@ def test_inconsistent_values_name_the_key(edit, key):
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: setattr(c.distributed, "initialize", "sometimes"), "config.distributed.initialize"),
+    (lambda c: setattr(c.distributed, "coordinator_address", "10.0.0.1"), "config.distributed.coordinator_address"),
+    (lambda c: setattr(c.distributed, "num_processes", 0), "config.distributed.num_processes"),
+    (lambda c: (setattr(c.distributed, "num_processes", 2), setattr(c.distributed, "process_id", 2)),
+     "config.distributed.process_id"),
+])
+def test_distributed_section_names_the_key(edit, key):
+  c = _valid()
+  c.distributed.coordinator_address = "10.0.0.1:1234"
+  c.distributed.num_processes, c.distributed.process_id = 4, 3
+  config_lib.validate(c)
+  edit(c)
+  with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("processes, key", [(3, "config.data.train_batch_size"),
+                                            (64, "config.actor.ppo_mini_batch_size")])
+def test_batches_must_divide_between_the_processes(processes, key):
+  c = _valid()  # 512 / 1536 / 32: any power of two up to 32 processes
+  config_lib.validate(c, num_processes=32)
+  with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.") + r".*divisible by the \d+ processes"):
+    config_lib.validate(c, num_processes=processes)
+
+
 def test_unknown_keys_are_refused_with_a_suggestion():
   c = _valid()
   c.unlock()

@@ -4,7 +4,8 @@
 style `rope_parameters`/`dtype`) and `model.safetensors` or a sharded `model.safetensors.index.json`, placing
 each tensor directly into its target sharding when a mesh is given, so a 32B checkpoint never sits whole in
 one host's memory: only one (converted) tensor is on the host at a time, and each device receives its own
-slice. `save_hf_checkpoint` writes a directory that transformers' `Qwen2ForCausalLM.from_pretrained` loads.
+slice. `save_hf_checkpoint` writes a directory that transformers' `Qwen2ForCausalLM.from_pretrained` loads,
+from params on one host or spread over the processes of a multi-host run.
 """
 from collections.abc import Callable
 import dataclasses
@@ -18,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dapo_jax import distributed
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
@@ -307,6 +310,14 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype=jnp.float32, param_dtyp
 # Saving
 
 
+def _host_value(array) -> np.ndarray:
+  """The whole of `array` on this host: a transfer, or for an array spread over several processes an all-gather
+  (a collective every process must join)."""
+  if getattr(array, "is_fully_addressable", True):
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def save_hf_checkpoint(params: qwen2.Params, config: Qwen2Config, path: str | os.PathLike, *, dtype=None,
                        max_shard_bytes: int = 5 * 2**30, generation_config: dict | None = None) -> None:
   """Writes `params` (a model's plain params dict, `Qwen2.params`) as a Hugging Face Qwen2 checkpoint directory
@@ -314,9 +325,14 @@ def save_hf_checkpoint(params: qwen2.Params, config: Qwen2Config, path: str | os
 
   Weights are written in `dtype` (default: the model's parameter dtype), one tensor at a time, in shards of
   at most `max_shard_bytes` with a `model.safetensors.index.json` when more than one shard is needed.
+
+  With several processes every one must call it with the same (global) params: each tensor is gathered by all
+  of them in turn and process 0 writes the files; it returns once the directory is complete.
   """
   directory = os.fspath(path)
-  os.makedirs(directory, exist_ok=True)
+  primary = distributed.is_primary()
+  if primary:
+    os.makedirs(directory, exist_ok=True)
   np_dtype = np.dtype(dtype or config.param_dtype)
   dtype_name = {np.dtype(v): k for k, v in _DTYPE_NAMES.items()}.get(np_dtype)
   if dtype_name is None:
@@ -329,10 +345,10 @@ def save_hf_checkpoint(params: qwen2.Params, config: Qwen2Config, path: str | os
     if mapping.ours.startswith("layers/"):
       for i, hf_name in enumerate(_hf_names(mapping, config)):
         tensors.append((hf_name, mapping.hf_shape,
-                        functools.partial(lambda m, v, i: m.to_hf(np.asarray(v[i])), mapping, value, i)))
+                        functools.partial(lambda m, v, i: m.to_hf(_host_value(v[i])), mapping, value, i)))
     else:
       tensors.append((mapping.hf_name, mapping.hf_shape,
-                      functools.partial(lambda m, v: m.to_hf(np.asarray(v)), mapping, value)))
+                      functools.partial(lambda m, v: m.to_hf(_host_value(v)), mapping, value)))
 
   shards: list[list] = [[]]
   shard_bytes = 0
@@ -348,19 +364,25 @@ def save_hf_checkpoint(params: qwen2.Params, config: Qwen2Config, path: str | os
   for number, shard in enumerate(shards, 1):
     file_name = (SAFETENSORS_FILE if len(shards) == 1
                  else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
+    if not primary:
+      for _, _, get in shard:  # join the all-gathers of process 0's writer, in the order it asks for tensors
+        get()
+      continue
     getters = {name: get for name, _, get in shard}
     write_safetensors(os.path.join(directory, file_name), [(name, shape, np_dtype) for name, shape, _ in shard],
                       lambda name: getters[name]())
     weight_map.update({name: file_name for name, _, _ in shard})
     logging.info("Wrote %s (%d tensors)", file_name, len(shard))
-  if len(shards) > 1:
-    total = sum(int(np.prod(shape)) * np_dtype.itemsize for _, shape, _ in tensors)
-    with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  elif os.path.exists(os.path.join(directory, SAFETENSORS_INDEX)):
-    os.remove(os.path.join(directory, SAFETENSORS_INDEX))  # a stale index would shadow the single file
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(config_to_hf(config, torch_dtype=dtype_name), f, indent=2)
-  if generation_config is not None:
-    with open(os.path.join(directory, "generation_config.json"), "w") as f:
-      json.dump(generation_config, f, indent=2)
+  if primary:
+    if len(shards) > 1:
+      total = sum(int(np.prod(shape)) * np_dtype.itemsize for _, shape, _ in tensors)
+      with open(os.path.join(directory, SAFETENSORS_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    elif os.path.exists(os.path.join(directory, SAFETENSORS_INDEX)):
+      os.remove(os.path.join(directory, SAFETENSORS_INDEX))  # a stale index would shadow the single file
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+      json.dump(config_to_hf(config, torch_dtype=dtype_name), f, indent=2)
+    if generation_config is not None:
+      with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump(generation_config, f, indent=2)
+  distributed.sync(f"save_hf_checkpoint {directory}")
