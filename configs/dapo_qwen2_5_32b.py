@@ -43,15 +43,18 @@ def get_config(arg: str | None = None):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = True
-  # Planned on v5p:4x4x8 (95.74 GiB usable a chip): peak 63.2 GiB a chip, in the micro-batch gradients (60.4
-  # GiB program + 2.9 GiB optimizer state and gradient sum); the rollout peaks at 47.0 GiB (decode steps: the
-  # KV caches of 256 slots 11.0 GiB, tensor-parallel decode weights 8.0 GiB, the sampler's float32 copy of the
-  # params 15.3 GiB). A tensor axis of 8 (40 heads, 8 KV heads) is what fits: with tensor = 1 each chip holds
-  # the sampler's weights whole (122 GiB) and the gradients need 764.6 GiB; with 4 (v5p:4x4x4, whose 4x4x4 torus
-  # cannot hold a tensor axis of 8) they need 96.6 GiB. 512 decode slots fit too (rollout peak 63.5 GiB), 1024
-  # do not (96.2 GiB).
+  # Planned on v5p:4x4x8 (95.74 GiB usable a chip; README, "Memory plan"): peak 87.4 GiB a chip, in the rollout's
+  # prefill (the sampler's float32 copy of the params, tensor parallel over a host's 4 chips, 30.5 GiB; its
+  # bfloat16 decode weights 15.6 GiB; the KV caches of 16 slots 22.0 GiB; the trainer's share of params and
+  # optimizer state 2.9 GiB). The update peaks at 63.2 GiB (micro-batch gradients). A tensor axis of 8 (40 heads,
+  # 8 KV heads) is what fits the gradients: with tensor = 1 they need 764.6 GiB, with 4 (v5p:4x4x4, whose 4x4x4
+  # torus cannot hold a tensor axis of 8) 96.6 GiB.
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 8
-  c.rollout.max_concurrent_decodes = 256
+  # Per host (each host samples on its own chips); 16 is one group of rollout.n, the least validate() accepts.
+  c.rollout.max_concurrent_decodes = 16
+  # One decode step per device call: a call that scans several steps holds another ~1.4x of the KV caches in
+  # temporaries (16 slots: 31.6 GiB, which makes the rollout need 102.5 GiB a chip).
+  c.rollout.decode_steps_per_call = 1
   if arg:
     config_lib.apply_ablation(c, arg)
   return c
