@@ -1,5 +1,8 @@
 """Early DAPO on Qwen2.5-32B base (AIME 2024 avg@32 = 44): full DAPO but sequence-level loss
-(seq-mean-token-mean), no dynamic sampling, generation batch = train batch (DAPO_SPEC.md section 9)."""
+(seq-mean-token-mean), no dynamic sampling, generation batch = train batch (DAPO_SPEC.md section 9).
+
+Mesh, micro-batch budget and decode slots are the full recipe's, and so is the memory plan
+(scripts/plan_memory.py on v5p:4x4x8: the same 87.4 GiB peak a chip; the loss mode changes no buffer size)."""
 import os
 
 from dapo_jax import config as config_lib

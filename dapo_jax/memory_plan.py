@@ -485,7 +485,8 @@ def format_plan(p: Plan) -> str:
       f"mesh {mesh}; model {p.model} ({p.num_params / 1e9:.2f}B params)",
       f"  micro-batch: {mb['rows']} rows x ({mb['prompt_width']} + {mb['response_width']}) tokens, {sharded}",
       f"  rollout: {dec['slots']} decode slots{where} x {dec['cache_length']} cache entries, "
-      f"{dec['steps_per_call']} steps per call; prefill {dec['prefill_rows']} x {dec['prefill_width']}",
+      f"{dec['steps_per_call']} decode step{'s' if dec['steps_per_call'] > 1 else ''} per call; "
+      f"prefill {dec['prefill_rows']} x {dec['prefill_width']}",
       "  per chip (GiB): " + ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in p.per_chip.items()),
       f"  {'program':<22} {'args':>8} {'out':>8} {'temp':>8} {'alias':>8} {'peak':>8} {'compile s':>10} "
       f"{'TFLOP/call':>11}",
