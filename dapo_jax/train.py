@@ -163,6 +163,30 @@ def _score_group(responses: list[sampler_lib.Response], example: math_data.Promp
           "accs": scored.accs.astype(np.float32), "lengths": lengths, "timeouts": scored.num_timeouts}
 
 
+def _encode_group(scored: dict) -> dict:
+  """A scored group (`_score_group`) as JSON values, for the checkpointed dynamic-sampling state of groups carried
+  over to the next step (float32 arrays round-trip exactly through JSON numbers)."""
+  def plain(value):
+    return value.tolist() if isinstance(value, (np.ndarray, np.generic)) else value
+
+  return {"example": {k: plain(v) for k, v in dataclasses.asdict(scored["example"]).items()},
+          "responses": [{k: plain(v) for k, v in dataclasses.asdict(r).items()} for r in scored["responses"]],
+          **{k: plain(v) for k, v in scored.items() if k not in ("example", "responses")}}
+
+
+def _decode_group(encoded: dict) -> dict:
+  """The scored group `_encode_group` encoded."""
+  example = math_data.PromptExample(**{**encoded["example"],
+                                       "prompt_ids": np.asarray(encoded["example"]["prompt_ids"], np.int32)})
+  responses = [sampler_lib.Response(**{**r, "token_ids": np.asarray(r["token_ids"], np.int32),
+                                       "logp_sampled": np.asarray(r["logp_sampled"], np.float32),
+                                       "logp_full": np.asarray(r["logp_full"], np.float32)})
+               for r in encoded["responses"]]
+  arrays = {k: np.asarray(encoded[k], np.float32) for k in ("scores", "rewards", "accs")}
+  return {**encoded, **arrays, "example": example, "responses": responses,
+          "lengths": np.asarray(encoded["lengths"], np.int64)}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Turning a selected batch into training arrays
 
@@ -404,7 +428,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, opt_state = state["params"], state["opt_state"]
     loop_state = _own_loop_state(meta)
     data_iterator.set_state(loop_state["data_iterator"])
-    dynamic.load_state_dict(loop_state["dynamic_sampling"])
+    dynamic.load_state_dict(loop_state["dynamic_sampling"], decode_payload=_decode_group)
     start_step, validation_due = meta["rollout_step"], meta.get("validation_due", False)
     logging.info("Resumed from rollout step %d of %s", start_step, resume_dir)
   if validation_due:  # before training, or the validation a preemption postponed
@@ -534,7 +558,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       preempted = preemption.agreed()  # sent during the validation: this step's checkpoint is the last
     if (rollout_step + 1) % config.trainer.save_freq == 0 or finished or preempted:
       loop_states = distributed.allgather_json({"data_iterator": data_iterator.get_state(),
-                                                "dynamic_sampling": dynamic.state_dict()})
+                                                "dynamic_sampling": dynamic.state_dict(_encode_group)})
       checkpointer.save(rollout_step + 1, {"params": params, "opt_state": opt_state},
                         {"rollout_step": rollout_step + 1, "processes": loop_states, "validation_due": validation_due})
     writer.flush()

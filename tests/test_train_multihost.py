@@ -168,10 +168,3 @@ def test_step_metrics_of_two_processes_by_hand():
   alone, _, _ = train._step_statistics([second])
   assert alone["train/raw_acc"] == 0.5 and alone["train/num_gen_batches"] == 2.0
 
-
-def test_loop_state_of_this_process():
-  state = {"data_iterator": {"next_index": 3}, "dynamic_sampling": {"version": 1}}
-  assert train._own_loop_state({"rollout_step": 2, "processes": [state], "validation_due": False}) == state
-  assert train._own_loop_state({"rollout_step": 2, **state}) == state  # a single-process checkpoint's layout
-  with pytest.raises(ValueError, match="saved by 2 processes and this run has 1"):
-    train._own_loop_state({"rollout_step": 2, "processes": [state, state]})
