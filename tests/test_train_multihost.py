@@ -1,15 +1,17 @@
 """The training program on two processes joined over loopback (jax.distributed, CPU collectives).
 
-Each process (tests/train_multihost_worker.py, the program's own `main` and flags) has 2 fake CPU devices; the
+Each process (tests/train_multihost_worker.py: the program's own `main` and flags) has 2 fake CPU devices; the
 mesh is data 2 (one replica per process) x fsdp 2 (within a process), so every process holds a whole copy of the
-params, which must agree. Two rollout steps of a small default run with a deterministic reward
-(tests/test_resume.py's) after a brief warm-up; then the run is extended by one step, every process resuming
-from its own entry of the checkpoint's loop state, and validated (the problems split between the processes).
+params, which must agree. A small default run with a deterministic reward (tests/test_resume.py's) after a brief
+warm-up, in which only process 1 is sent SIGTERM: both processes stop after rollout step 1 with a checkpoint.
+The restarted run resumes every process from its own entry of the checkpoint's loop state, takes step 2 and
+validates (the problems split between the processes).
 """
 import glob
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
 TIMEOUT_S = 300
 FLAGS = [
-    "--config.trainer.total_training_steps=2", "--config.trainer.save_freq=1", "--config.trainer.test_freq=0",
+    "--config.trainer.total_training_steps=2", "--config.trainer.save_freq=1", "--config.trainer.test_freq=2",
     "--config.trainer.val_before_train=False", "--config.trainer.log_freq=1", "--config.warmup.steps=2",
     "--config.synthetic.num_heldout=8", "--config.data.train_batch_size=4", "--config.data.gen_batch_size=4",
     "--config.rollout.n=4", "--config.actor.ppo_mini_batch_size=2", "--config.rollout.max_concurrent_decodes=8",
@@ -42,41 +44,39 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_program(workdir: pathlib.Path, records: pathlib.Path, extra_flags=()) -> list[str]:
-  """Both processes of one run; their logs. Kills both at the deadline; fails with their output."""
+def _run_program(workdir: pathlib.Path, records: pathlib.Path, name: str, sigterm: tuple[int, str] | None = None
+                 ) -> list[str]:
+  """Both processes of one run; their logs. `sigterm` = (process, text): that process is sent SIGTERM once its
+  log shows the text. A process that fails or the deadline ends both; the test then fails with their output."""
   address = f"127.0.0.1:{_free_port()}"
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
                                                                    "JAX_PROCESS_ID"))}
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  workers = []
-  for process_id in range(NUM_PROCESSES):
-    flags = [f"--workdir={workdir}", *FLAGS, *extra_flags, f"--config.distributed.coordinator_address={address}",
+  paths = [records / f"{name}_{process_id}.log" for process_id in range(NUM_PROCESSES)]
+  processes = []
+  for process_id, path in enumerate(paths):
+    flags = [f"--workdir={workdir}", *FLAGS, f"--config.distributed.coordinator_address={address}",
              f"--config.distributed.num_processes={NUM_PROCESSES}", f"--config.distributed.process_id={process_id}"]
-    log = open(records / f"worker_{process_id}_{len(list(records.glob('worker_*')))}.log", "w+")
-    workers.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_multihost_worker.py"),
-                                      str(records), *flags], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                    log))
+    with open(path, "w") as log:
+      processes.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_multihost_worker.py"),
+                                         str(records), *flags], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=ROOT))
   deadline = time.monotonic() + TIMEOUT_S
-  timed_out = False
-  for process, _ in workers:
-    try:
-      process.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      timed_out = True
-      break
-  logs = []
-  for process, log in workers:
+  while (time.monotonic() < deadline and any(p.poll() is None for p in processes)
+         and all(p.returncode in (None, 0) for p in processes)):
+    if sigterm is not None and sigterm[1] in paths[sigterm[0]].read_text(errors="replace"):
+      processes[sigterm[0]].send_signal(signal.SIGTERM)
+      sigterm = None
+    time.sleep(0.2)
+  for process in processes:
     if process.poll() is None:
       process.kill()
       process.wait()
-    log.seek(0)
-    logs.append(log.read())
-    log.close()
-  failed = [i for i, (process, _) in enumerate(workers) if process.returncode != 0]
-  if timed_out or failed:
-    report = "\n".join(f"--- process {i} (exit code {workers[i][0].returncode}) ---\n{logs[i][-6000:]}"
-                       for i in range(NUM_PROCESSES))
-    pytest.fail(f"{f'timed out after {TIMEOUT_S} s' if timed_out else f'processes {failed} failed'}\n{report}")
+  logs = [path.read_text(errors="replace") for path in paths]
+  if any(p.returncode != 0 for p in processes):
+    report = "\n".join(f"--- process {i} (exit code {p.returncode}) ---\n{logs[i][-6000:]}"
+                       for i, p in enumerate(processes))
+    pytest.fail(f"{name} run: {'timed out' if time.monotonic() >= deadline else 'a process failed'}\n{report}")
   return logs
 
 
@@ -85,56 +85,55 @@ def _recorded(records: pathlib.Path, process: int, step: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def runs(tmp_path_factory):
+  """(workdir, records, logs of the preempted run, event files after it, logs of the resumed run)."""
   workdir = tmp_path_factory.mktemp("train_multihost")
   records = tmp_path_factory.mktemp("records")
-  logs = _run_program(workdir, records)
-  return workdir, records, logs
+  preempted = _run_program(workdir, records, "preempted", sigterm=(1, "warm-up step 2/2"))
+  event_files = glob.glob(str(workdir / "events.out.tfevents.*"))
+  resumed = _run_program(workdir, records, "resumed")
+  return workdir, records, preempted, event_files, resumed
 
 
-def test_one_set_of_files_and_the_step_metrics(run):
-  workdir, _, logs = run
-  assert all("distributed: process %d of 2" % p in log for p, log in enumerate(logs))
-  assert len(glob.glob(str(workdir / "events.out.tfevents.*"))) == 1  # process 1 only logs its metrics
+def test_sigterm_to_one_process_stops_both_after_the_same_step(runs):
+  workdir, _, preempted, event_files, _ = runs
+  assert all(f"distributed: process {p} of 2" in log for p, log in enumerate(preempted))
+  assert "SIGTERM received" in preempted[1] and "SIGTERM received" not in preempted[0]
+  assert all("Preempted: stopped after rollout step 1" in log for log in preempted)
+  # One set of files, from process 0 (process 1 only logs its metrics).
+  assert len(event_files) == 1
   assert json.loads((workdir / "config.json").read_text())["distributed"]["num_processes"] == 2
   assert (workdir / "base_model" / "config.json").exists() and (workdir / "data" / "train.parquet").exists()
+  checkpoints = checkpoint.Checkpointer(str(workdir / "checkpoints"))
+  _, meta = checkpoints.restore(1, {})
+  checkpoints.close()
+  assert meta["rollout_step"] == 1 and len(meta["processes"]) == NUM_PROCESSES
+  assert all({"data_iterator", "dynamic_sampling"} <= set(state) for state in meta["processes"])
+
+
+def test_each_process_resumes_from_its_own_loop_state(runs):
+  workdir, _, _, _, resumed = runs
+  assert all("Resumed from rollout step 1" in log for log in resumed)
+  assert all("Validation: 4/4 problems x 2 samples" in log for log in resumed)  # each process 4 of the 8
   scalars = metrics.read_scalars(str(workdir))
   assert [s for s, _ in scalars["actor/pg_loss"]] == [1, 2]
   # Each process keeps at least its 2 of the 4 groups: the written count is the sum over both.
   assert all(v >= 4 for _, v in scalars["train/kept_groups"])
   assert all(v == 0 for _, v in scalars["actor/skipped_updates"])
+  assert [s for s, _ in scalars["val-core/synthetic_arith/acc/mean@2"]] == [2]
 
 
-def test_processes_end_each_step_with_the_checkpointed_params(run):
-  workdir, records, _ = run
-  restored = checkpoint.load_policy(str(workdir / "checkpoints" / "2")).params
-  paths = jax.tree_util.tree_leaves_with_path(restored)
+def test_processes_end_each_step_with_the_checkpointed_params(runs):
+  workdir, records, _, _, _ = runs
   for step in (1, 2):
+    restored = jax.tree_util.tree_leaves_with_path(checkpoint.load_policy(str(workdir / "checkpoints" / str(step))).params)
     first, second = _recorded(records, 0, step), _recorded(records, 1, step)
-    assert sorted(first) == sorted(jax.tree_util.keystr(p) for p, _ in paths)
-    for key in first:
+    assert sorted(first) == sorted(jax.tree_util.keystr(p) for p, _ in restored)
+    for path, leaf in restored:
+      key = jax.tree_util.keystr(path)
       np.testing.assert_array_equal(first[key], second[key], err_msg=f"step {step} {key}")
-  for path, leaf in paths:
-    np.testing.assert_array_equal(np.asarray(leaf), first[jax.tree_util.keystr(path)], err_msg=jax.tree_util.keystr(path))
-  assert any(not np.array_equal(_recorded(records, 0, 1)[k], first[k]) for k in first)  # the steps trained
-
-
-def test_each_process_resumes_from_its_own_loop_state(run):
-  workdir, records, _ = run
-  checkpoints = checkpoint.Checkpointer(str(workdir / "checkpoints"))
-  _, meta = checkpoints.restore(2, {})
-  checkpoints.close()
-  assert meta["rollout_step"] == 2 and len(meta["processes"]) == NUM_PROCESSES
-  assert all({"data_iterator", "dynamic_sampling"} <= set(state) for state in meta["processes"])
-
-  logs = _run_program(workdir, records, ["--config.trainer.total_training_steps=3", "--config.trainer.test_freq=3"])
-  assert all("Resumed from rollout step 2" in log for log in logs)
-  assert all("Validation: 4/4 problems x 2 samples" in log for log in logs)  # each process 4 of the 8
-  scalars = metrics.read_scalars(str(workdir))
-  assert [s for s, _ in scalars["actor/pg_loss"]] == [1, 2, 3]
-  assert [s for s, _ in scalars["val-core/synthetic_arith/acc/mean@2"]] == [3]
-  for key, value in _recorded(records, 0, 3).items():
-    np.testing.assert_array_equal(value, _recorded(records, 1, 3)[key], err_msg=key)
+      np.testing.assert_array_equal(np.asarray(leaf), first[key], err_msg=f"step {step} {key}")
+  assert any(not np.array_equal(_recorded(records, 0, 1)[k], _recorded(records, 0, 2)[k]) for k in first)
 
 
 def _process_share(scores, response_lengths, prompt_lengths, truncated, selection, overlong_masked=0, timeouts=0):
