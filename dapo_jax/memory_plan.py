@@ -168,6 +168,19 @@ def sampler_mesh_for(devices: Sequence[jax.Device], mesh: jax.sharding.Mesh) -> 
                            axis_types=(jax.sharding.AxisType.Auto,) * len(sharding_lib.MESH_AXES))
 
 
+def rows_split_between_hosts(mesh: jax.sharding.Mesh, rules) -> bool:
+  """Whether every host holds its own blocks of a batch's rows and no other host holds them, which
+  `sharding.put_micro_batches` needs with several hosts (each supplies the rows of its blocks from its share of
+  the data; the same test as its `_local_row_shards`). A mesh axis laid across hosts (e.g. a tensor axis that jax
+  lays along a torus dimension spanning two hosts) breaks it."""
+  size = sharding_lib.data_parallel_size(mesh, rules)
+  row_sharding = sharding_lib.logical_sharding(("batch",), rules, mesh, (size,))
+  blocks: dict[int, set[int]] = {}
+  for device, index in row_sharding.devices_indices_map((size,)).items():
+    blocks.setdefault(device.process_index, set()).add(index[0].start)
+  return all(len(held) * len(blocks) == size for held in blocks.values())
+
+
 def _rules(config: ml_collections.ConfigDict):
   return tuple(config.mesh.rules) if "rules" in config.mesh else sharding_lib.DEFAULT_RULES
 
@@ -280,6 +293,7 @@ class Plan:
   hbm_source: str               # "compiler" (its out-of-memory message) or "documented"
   mesh: dict[str, int]
   num_processes: int            # hosts of the slice, one process each
+  rows_split_between_hosts: bool  # `rows_split_between_hosts`: batches can be placed (always on one host)
   sampler_mesh: dict[str, int]  # the trainer's mesh on one host; else each host's own devices
   model: str
   num_params: int
@@ -452,7 +466,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   return Plan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), hbm_bytes=hbm,
       hbm_source=hbm_source, mesh=dict(mesh.shape), num_processes=len({dev.process_index for dev in devices}),
-      sampler_mesh=dict(sampler_mesh.shape), model=model_name, num_params=mc.num_params(),
+      rows_split_between_hosts=rows_split_between_hosts(mesh, rules), sampler_mesh=dict(sampler_mesh.shape),
+      model=model_name, num_params=mc.num_params(),
       micro_batch=dict(rows=rows, prompt_width=prompt_width, response_width=response_width, tokens=rows * length,
                        padding_rows=rows - micro_batch_rows(config), rows_per_device=rows_per_device,
                        data_parallel=data_parallel),
@@ -504,6 +519,9 @@ def format_plan(p: Plan) -> str:
     resident = None if None in ph.resident.values() else sum(ph.resident.values())
     lines.append(f"  {ph.name:<24} {gib(resident):>9} {gib(ph.peak_bytes):>8}  "
                  f"{'yes' if ph.fits else 'NO'}")
+  if not p.rows_split_between_hosts:
+    lines.append(f"  !! sharding.put_micro_batches refuses this mesh on {p.num_processes} hosts: blocks of batch rows "
+                 "span several hosts (lay the non-batch mesh axes, e.g. tensor, within a host)")
   verdict = "fits" if p.fits else "DOES NOT FIT"
   lines.append(f"  => {verdict}: peak {gib(p.peak_bytes)} of {gib(p.hbm_bytes)} GiB per chip ({p.peak_phase}); "
                f"planned in {p.plan_seconds:.0f} s")
@@ -513,10 +531,11 @@ def format_plan(p: Plan) -> str:
 def format_summary(plans: Sequence[Plan]) -> str:
   """One line per plan: the table of the README."""
   lines = ["| topology | chips | mesh (data, fsdp, tensor) | micro-batch rows x tokens | decode slots per host | "
-           "peak GiB (phase) | HBM GiB | fits |", "|---|---|---|---|---|---|---|---|"]
+           "peak GiB (phase) | HBM GiB | fits | rows placeable |", "|---|---|---|---|---|---|---|---|---|"]
   for p in plans:
     mb = p.micro_batch
     lines.append(f"| {p.topology} | {p.num_devices} | {', '.join(str(v) for v in p.mesh.values())} | "
                  f"{mb['rows']} x {mb['tokens'] // mb['rows']} | {p.decode['slots']} | {gib(p.peak_bytes)} "
-                 f"({p.peak_phase}) | {gib(p.hbm_bytes)} | {'yes' if p.fits else 'no'} |")
+                 f"({p.peak_phase}) | {gib(p.hbm_bytes)} | {'yes' if p.fits else 'no'} | "
+                 f"{'yes' if p.rows_split_between_hosts else 'no'} |")
   return "\n".join(lines)

@@ -95,7 +95,7 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   assert (p["topology"], p["num_devices"], p["num_processes"], p["device_kind"]) == ("v5p:2x2x2", 8, 2, "TPU v5")
   assert p["hbm_source"] == "compiler" and 90 * GIB < p["hbm_bytes"] <= 96 * GIB
   assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and p["model"] == "tiny-demo"
-  assert p["sampler_mesh"] == {"data": 1, "fsdp": 1, "tensor": 4}
+  assert p["sampler_mesh"] == {"data": 1, "fsdp": 1, "tensor": 4} and p["rows_split_between_hosts"]
   chip = p["per_chip"]
   assert all(v > 0 for v in chip.values()), chip
   # float32 weights spread over 8 chips (the tiny model's small vectors are replicated, so a little more than an
@@ -152,3 +152,26 @@ def test_plan_reports_what_does_not_fit_with_the_compilers_numbers(tiny_plan):
   assert not p["fits"] and p["peak_phase"] == "rollout: decode steps"
   assert p["peak_bytes"] == max(ph["peak_bytes"] for ph in p["phases"])
 
+
+
+def test_batch_rows_must_stay_on_one_host_each():
+  """A v5p host is a 2x2 block of chips: a tensor axis of 8 on v5p:4x4x8 spans hosts, so blocks of batch rows
+  are shared between hosts (put_micro_batches refuses that); with tensor 1, or within a host on v5p:2x2x2,
+  each host has its own."""
+  reason = _libtpu_missing_reason()
+  if reason:
+    pytest.skip(reason)
+  code = """
+import os
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+from jax.experimental import topologies
+from dapo_jax import memory_plan, sharding
+for topology, shape in (("v5p:4x4x8", (1, 16, 8)), ("v5p:4x4x8", (1, 128, 1)), ("v5p:2x2x2", (1, 2, 4))):
+  devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  mesh = memory_plan.mesh_for(devices, dict(zip(sharding.MESH_AXES, shape)))
+  print(memory_plan.rows_split_between_hosts(mesh, sharding.DEFAULT_RULES))
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ["False", "True", "True"]
