@@ -126,7 +126,8 @@ def test_each_process_resumes_from_its_own_loop_state(runs):
 def test_processes_end_each_step_with_the_checkpointed_params(runs):
   workdir, records, _, _, _ = runs
   for step in (1, 2):
-    restored = jax.tree_util.tree_leaves_with_path(checkpoint.load_policy(str(workdir / "checkpoints" / str(step))).params)
+    policy = checkpoint.load_policy(str(workdir / "checkpoints" / str(step)))
+    restored = jax.tree_util.tree_leaves_with_path(policy.params)
     first, second = _recorded(records, 0, step), _recorded(records, 1, step)
     assert sorted(first) == sorted(jax.tree_util.keystr(p) for p, _ in restored)
     for path, leaf in restored:
