@@ -48,7 +48,10 @@ def get_config(arg: str | None = None):
   # bfloat16 decode weights 15.6 GiB; the KV caches of 16 slots 22.0 GiB; the trainer's share of params and
   # optimizer state 2.9 GiB). The update peaks at 63.2 GiB (micro-batch gradients). A tensor axis of 8 (40 heads,
   # 8 KV heads) is what fits the gradients: with tensor = 1 they need 764.6 GiB, with 4 (v5p:4x4x4, whose 4x4x4
-  # torus cannot hold a tensor axis of 8) 96.6 GiB.
+  # torus cannot hold a tensor axis of 8) 96.6 GiB. Not yet runnable on several hosts: sharding.put_micro_batches
+  # needs each host to hold its own blocks of batch rows, and jax lays this tensor axis across two 2x2-chip hosts
+  # (the planner flags it). A host-local tensor axis of 4 fits once collate caps its widths at the longest
+  # prompt and response (2048 + 20480): v5p:4x4x4 then peaks at 90.2 GiB (README, "Memory plan").
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 8
   # Per host (each host samples on its own chips); 16 is one group of rollout.n, the least validate() accepts.
   c.rollout.max_concurrent_decodes = 16
