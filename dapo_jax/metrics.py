@@ -94,7 +94,11 @@ def validation_metrics(results: Iterable[SampleResult], *, prefix: str = "val-co
 
 
 def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
-  """Every scalar a run wrote to its TensorBoard event files: {tag: [(step, value), ...]} in step order."""
+  """Every scalar a run wrote to its TensorBoard event files: {tag: [(step, value), ...]} in step order.
+
+  A step written more than once (a run killed after writing it but before its checkpoint, then resumed, writes
+  it again) keeps the newest value, as TensorBoard shows it.
+  """
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
   accumulator = event_accumulator.EventAccumulator(workdir, size_guidance={event_accumulator.TENSORS: 0})
@@ -103,5 +107,6 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   for tag in accumulator.Tags()["tensors"]:
     values = [(e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in accumulator.Tensors(tag)]
     if all(v.ndim == 0 and v.dtype.kind == "f" for _, v in values):  # scalars, not texts or histograms
-      out[tag] = sorted((step, float(v)) for step, v in values)
+      newest = {step: float(v) for step, v in values}  # event files are read oldest first
+      out[tag] = sorted(newest.items())
   return out

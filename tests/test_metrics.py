@@ -58,3 +58,18 @@ def test_unequal_sample_counts_are_an_error():
              metrics.SampleResult("aime", "p2", 0)]
   with pytest.raises(ValueError, match="different sample counts"):
     metrics.validation_metrics(results)
+
+
+def test_read_scalars_keeps_the_newest_write_of_a_step(tmp_path):
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  killed = metric_writers.create_default_writer(str(tmp_path), just_logging=False)
+  killed.write_scalars(1, {"loss": 1.0})
+  killed.write_scalars(2, {"loss": 2.0})  # flushed, then the run dies before checkpointing step 2
+  killed.close()
+  time.sleep(1.1)  # event file names carry the time in seconds: the resumed run's file sorts after
+  resumed = metric_writers.create_default_writer(str(tmp_path), just_logging=False)
+  resumed.write_scalars(2, {"loss": 2.5})
+  resumed.write_scalars(3, {"loss": 3.0})
+  resumed.close()
+  assert metrics.read_scalars(str(tmp_path))["loss"] == [(1, 1.0), (2, 2.5), (3, 3.0)]
