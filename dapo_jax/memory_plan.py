@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
+from dapo_jax import config as config_lib
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
@@ -181,6 +182,20 @@ def rows_split_between_hosts(mesh: jax.sharding.Mesh, rules) -> bool:
   return all(len(held) * len(blocks) == size for held in blocks.values())
 
 
+def config_error(config: ml_collections.ConfigDict, model: str, num_processes: int) -> str | None:
+  """What `config.validate` says of the config on a slice of `num_processes` hosts (e.g. batch sizes that the
+  hosts cannot share equally), with the planned model standing in for the checkpoint; None if it is valid."""
+  checked = ml_collections.ConfigDict(config.to_dict())
+  if not (checked.model.hf_checkpoint or checked.model.preset):
+    checked.model.preset = model
+  extra = tuple(key for key in checked if key not in config_lib.base_config())
+  try:
+    config_lib.validate(checked, extra_sections=extra, num_processes=num_processes)
+  except config_lib.ConfigError as error:
+    return str(error)
+  return None
+
+
 def _rules(config: ml_collections.ConfigDict):
   return tuple(config.mesh.rules) if "rules" in config.mesh else sharding_lib.DEFAULT_RULES
 
@@ -294,6 +309,7 @@ class Plan:
   mesh: dict[str, int]
   num_processes: int            # hosts of the slice, one process each
   rows_split_between_hosts: bool  # `rows_split_between_hosts`: batches can be placed (always on one host)
+  config_error: str | None      # `config.validate` on this many hosts (None: valid)
   sampler_mesh: dict[str, int]  # the trainer's mesh on one host; else each host's own devices
   model: str
   num_params: int
@@ -466,7 +482,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   return Plan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), hbm_bytes=hbm,
       hbm_source=hbm_source, mesh=dict(mesh.shape), num_processes=len({dev.process_index for dev in devices}),
-      rows_split_between_hosts=rows_split_between_hosts(mesh, rules), sampler_mesh=dict(sampler_mesh.shape),
+      rows_split_between_hosts=rows_split_between_hosts(mesh, rules),
+      config_error=config_error(config, model_name, len({dev.process_index for dev in devices})),
+      sampler_mesh=dict(sampler_mesh.shape),
       model=model_name, num_params=mc.num_params(),
       micro_batch=dict(rows=rows, prompt_width=prompt_width, response_width=response_width, tokens=rows * length,
                        padding_rows=rows - micro_batch_rows(config), rows_per_device=rows_per_device,
@@ -522,6 +540,8 @@ def format_plan(p: Plan) -> str:
   if not p.rows_split_between_hosts:
     lines.append(f"  !! sharding.put_micro_batches refuses this mesh on {p.num_processes} hosts: blocks of batch rows "
                  "span several hosts (lay the non-batch mesh axes, e.g. tensor, within a host)")
+  if p.config_error:
+    lines.append(f"  !! the training program refuses the config on {p.num_processes} hosts: {p.config_error}")
   verdict = "fits" if p.fits else "DOES NOT FIT"
   lines.append(f"  => {verdict}: peak {gib(p.peak_bytes)} of {gib(p.hbm_bytes)} GiB per chip ({p.peak_phase}); "
                f"planned in {p.plan_seconds:.0f} s")

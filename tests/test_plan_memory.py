@@ -48,6 +48,14 @@ def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_da
   assert memory_plan.micro_batch_rows(c) == 1
 
 
+def test_config_errors_for_a_number_of_hosts():
+  c = config_lib.load_config_file(str(REPO / "configs" / "dapo_qwen2_5_32b.py"))
+  assert memory_plan.config_error(c, "qwen2.5-32b", 32) is None  # v5p-256: 32 hosts share 32-prompt mini-batches
+  error = memory_plan.config_error(c, "qwen2.5-32b", 64)  # v5p-512: 64 hosts cannot
+  assert error.startswith("config.actor.ppo_mini_batch_size")
+  assert c.model.preset is None  # the check works on a copy
+
+
 def test_model_shape_from_config_file_names():
   assert memory_plan.model_from_file_name("configs/dapo_qwen2_5_32b.py") == "qwen2.5-32b"
   assert memory_plan.model_from_file_name("configs/dapo_early_qwen2_5_32b.py") == "qwen2.5-32b"
@@ -96,6 +104,7 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   assert p["hbm_source"] == "compiler" and 90 * GIB < p["hbm_bytes"] <= 96 * GIB
   assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2} and p["model"] == "tiny-demo"
   assert p["sampler_mesh"] == {"data": 1, "fsdp": 1, "tensor": 4} and p["rows_split_between_hosts"]
+  assert p["config_error"] is None
   chip = p["per_chip"]
   assert all(v > 0 for v in chip.values()), chip
   # float32 weights spread over 8 chips (the tiny model's small vectors are replicated, so a little more than an
