@@ -542,7 +542,7 @@ def format_plan(p: Plan) -> str:
                  "span several hosts (lay the non-batch mesh axes, e.g. tensor, within a host)")
   if p.config_error:
     lines.append(f"  !! the training program refuses the config on {p.num_processes} hosts: {p.config_error}")
-  verdict = "fits" if p.fits else "DOES NOT FIT"
+  verdict = "fits in HBM" if p.fits else "DOES NOT FIT in HBM"
   lines.append(f"  => {verdict}: peak {gib(p.peak_bytes)} of {gib(p.hbm_bytes)} GiB per chip ({p.peak_phase}); "
                f"planned in {p.plan_seconds:.0f} s")
   return "\n".join(lines)
