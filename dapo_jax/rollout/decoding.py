@@ -27,10 +27,7 @@ stacked layers copies every layer's cache in and out of the loop on every step. 
 the layer weights while decoding (made once per run by `decode_weights`). The caches are laid out so that both
 attention contractions are plain batched matrix products over (slot, KV head): keys [slots, kv_heads, head_dim,
 length], values [slots, kv_heads, length, head_dim] (on CPU several times faster than attention over the model's
-[slots, length, kv_heads, head_dim] layout). The LM head is kept as `unembed` [vocab, embed] and its product
-computed as [vocab, slots] logits (on CPU about 15% faster than [slots, vocab] from an [embed, vocab] matrix, and
-the LM head is the single largest product of a decode step); the sampler reduces over that axis directly. The
-prefill applies the LM head to each prompt's last token only.
+[slots, length, kv_heads, head_dim] layout). The prefill applies the LM head to each prompt's last token only.
 """
 from collections.abc import Callable
 import functools
@@ -89,8 +86,7 @@ class DecodeOutput(NamedTuple):
 
 class DecodeWeights(NamedTuple):
   """The model's weights laid out for decode steps (see the module docstring); build with `decode_weights`."""
-  head: dict[str, jax.Array]               # embed and final_norm, as in the params dict, and unembed
-                                            # [vocab, embed]: the tied embedding or the transposed lm_head
+  head: dict[str, jax.Array]               # embed, final_norm and (untied) lm_head, as in the params dict
   layers: tuple[dict[str, jax.Array], ...]  # per layer: attn_norm, qkv_kernel [embed, kv_heads, group + 2,
                                             # head_dim], qkv_bias [kv_heads, group + 2, head_dim], o_kernel
                                             # [heads * head_dim, embed], mlp_norm, gate_up_kernel
@@ -125,8 +121,7 @@ def decode_weights(params: qwen2.Params, config: Qwen2Config) -> DecodeWeights:
         "gate_up_kernel": jnp.stack([layer["gate_kernel"], layer["up_kernel"]], axis=1).astype(dtype),
         "down_kernel": layer["down_kernel"].astype(dtype),
     })
-  unembed = params["embed"] if config.tie_word_embeddings else params["lm_head"].T
-  head = {"embed": params["embed"], "final_norm": params["final_norm"], "unembed": unembed.astype(dtype)}
+  head = {name: params[name] for name in ("embed", "final_norm", "lm_head") if name in params}
   return DecodeWeights(head=head, layers=tuple(layers))
 
 
@@ -221,9 +216,9 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
   attend_length = state.max_length if attend_length is None else min(attend_length, state.max_length)
 
   def step(state: DecodeState, _):
-    logits_t, k, v = _decode_forward(weights, config, state, attend_length)
+    logits, k, v = _decode_forward(weights, config, state, attend_length)
     following = sampling_lib.sample_tokens(
-        logits_t, sampling_lib.token_keys(state.response_keys, state.positions + 1), sampling, vocab_axis=0)
+        logits, sampling_lib.token_keys(state.response_keys, state.positions + 1), sampling)
     emitted = (state.tokens, state.logp_sampled, state.logp_full)
     state = state._replace(k=k, v=v, lengths=state.lengths + 1, tokens=following.tokens,
                            logp_sampled=following.logp_sampled, logp_full=following.logp_full,
@@ -236,7 +231,7 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
 
 def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeState,
                     attend_length: int) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
-  """One token per slot through the model: logits [vocab, slots] (float32) and the updated per-layer caches.
+  """One token per slot through the model: logits [slots, vocab] (float32) and the updated per-layer caches.
 
   The arithmetic of `qwen2.extend` for one new token, on `DecodeWeights`, attending to the first
   `attend_length` cache entries.
@@ -267,9 +262,8 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeSt
     h = h + (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ layer["down_kernel"]
     new_k.append(k_cache)
     new_v.append(v_cache)
-  h = qwen2.rms_norm(h, weights.head["final_norm"], config.rms_norm_eps)
-  logits_t = jnp.einsum("ve,be->vb", weights.head["unembed"], h).astype(jnp.float32)
-  return logits_t, tuple(new_k), tuple(new_v)
+  logits = qwen2.logits_from_hidden(weights.head, config, h).astype(jnp.float32)
+  return logits, tuple(new_k), tuple(new_v)
 
 
 def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:

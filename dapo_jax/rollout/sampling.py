@@ -81,31 +81,18 @@ def token_keys(response_keys: jax.Array, positions: jax.Array) -> jax.Array:
   return jax.vmap(fold)(response_keys, positions)
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, *,
-                  vocab_axis: int = 1) -> SampledTokens:
-  """Chooses one token per row of `logits` [batch, vocab]; `keys` [batch] are typed keys (unused when greedy).
-
-  With `vocab_axis=0` the logits are [vocab, batch], the layout the decode step's LM head produces fastest on
-  CPU (see `decoding.DecodeWeights`). Greedy decoding reduces over that axis directly; sampling transposes first,
-  since XLA:CPU's cumulative sum over the major axis of a [vocab, batch] array is several times slower than the
-  transpose.
-  """
-  if vocab_axis not in (0, 1):
-    raise ValueError(f"sample_tokens: vocab_axis must be 0 or 1 for [vocab, batch] or [batch, vocab] logits, "
-                     f"got {vocab_axis}")
+def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) -> SampledTokens:
+  """Chooses one token per row of `logits` [batch, vocab]; `keys` [batch] are typed keys (unused when greedy)."""
   logits = logits.astype(jnp.float32)
-  vocab = logits.shape[vocab_axis]
+  vocab = logits.shape[-1]
   if params.greedy:
-    token_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, vocab_axis)
-    best = jnp.max(logits, axis=vocab_axis, keepdims=True)
+    best = jnp.max(logits, axis=-1, keepdims=True)
     # The first index holding the maximum, with two plain reductions: XLA:CPU's argmax (a variadic reduce of
     # value and index) is several times slower, and this runs on every decode step.
-    tokens = jnp.min(jnp.where(logits == best, token_ids, vocab - 1), axis=vocab_axis)
-    logp_full = -jnp.log(jnp.sum(jnp.exp(logits - best), axis=vocab_axis))  # log_softmax at the maximum
+    tokens = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
+    logp_full = -jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1))  # log_softmax at the maximum
     return SampledTokens(tokens, jnp.zeros_like(logp_full), logp_full)
 
-  if vocab_axis == 0:
-    logits = logits.T
   scaled = logits / params.temperature
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
   top_k = params.top_k if 0 < params.top_k < vocab else 0

@@ -51,20 +51,6 @@ def test_greedy_is_argmax_first_on_ties():
   np.testing.assert_allclose(out.logp_full, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("params", [sampling.GREEDY, SamplingParams(temperature=0.7),
-                                    SamplingParams(temperature=1.0, top_p=0.8, top_k=5)])
-def test_vocab_major_logits_give_the_same_tokens_and_log_probs(params):
-  logits = jax.random.normal(jax.random.key(3), (6, 40)) * 3
-  logits = logits.at[2, 7].set(logits[2].max()).at[2, 30].set(logits[2].max())  # a tie: the first index wins
-  keys = _keys(6, seed=4)
-  batch_major = sampling.sample_tokens(logits, keys, params)
-  vocab_major = sampling.sample_tokens(logits.T, keys, params, vocab_axis=0)
-  np.testing.assert_array_equal(vocab_major.tokens, batch_major.tokens)
-  np.testing.assert_allclose(vocab_major.logp_sampled, batch_major.logp_sampled, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(vocab_major.logp_full, batch_major.logp_full, rtol=1e-6, atol=1e-6)
-  assert params != sampling.GREEDY or int(batch_major.tokens[2]) == 7
-
-
 def test_untruncated_sampling_matches_the_softmax(logits_row):
   temperature = 0.8
   out = _sample_many(logits_row, SamplingParams(temperature=temperature), 20000)
