@@ -278,4 +278,10 @@ def single_host_recipe(full_recipe: ml_collections.ConfigDict, *, train_batch_si
   c.reward.overlong_buffer.len = max_response_length // 5
   c.actor.ppo_mini_batch_size = ppo_mini_batch_size
   c.actor.micro_batch_tokens = 2 * (c.data.max_prompt_length + max_response_length)
+  # The 32B recipe's mesh and decode settings are planned for a pod slice (scripts/plan_memory.py); one host
+  # takes the base config's: FSDP over all its chips, the default decode slots and steps per call.
+  base = base_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = base.mesh.data, base.mesh.fsdp, base.mesh.tensor
+  c.rollout.max_concurrent_decodes = base.rollout.max_concurrent_decodes
+  c.rollout.decode_steps_per_call = base.rollout.decode_steps_per_call
   return c

@@ -126,3 +126,11 @@ def test_single_host_variant_sizes():
   assert (c.data.max_response_length, c.reward.overlong_buffer.len) == (16384, 3276)
   assert c.actor.micro_batch_tokens == 2 * (2048 + 16384)
   assert c.actor.clip_ratio_high == 0.28 and c.algorithm.filter_groups.enable  # the algorithm is full DAPO
+
+
+@pytest.mark.parametrize("name", ["dapo_qwen2_5_0_5b.py", "dapo_qwen2_5_1_5b.py", "dapo_qwen2_5_7b.py"])
+def test_single_host_recipes_do_not_inherit_the_pod_slice_layout(name):
+  c = config_lib.load_config_file(os.path.join(CONFIG_DIR, name))
+  base = config_lib.base_config()
+  assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (base.mesh.data, base.mesh.fsdp, base.mesh.tensor)
+  assert c.rollout.max_concurrent_decodes == base.rollout.max_concurrent_decodes
