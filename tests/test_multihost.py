@@ -29,6 +29,7 @@ from dapo_jax.model.config import get_preset
 from dapo_jax.rl import step
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import GREEDY
+from tests import batch_fixtures
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
@@ -45,16 +46,8 @@ def _free_port() -> int:
 
 
 def _rows(rng, rows, prompt_width, response_width):
-  prompt_lengths = rng.integers(1, prompt_width + 1, rows)
-  response_lengths = rng.integers(1, response_width + 1, rows)
-  prompt_mask = (np.arange(prompt_width)[None] >= prompt_width - prompt_lengths[:, None]).astype(np.int32)
-  response_mask = (np.arange(response_width)[None] < response_lengths[:, None]).astype(np.int32)
-  return {"prompt_ids": rng.integers(0, CONFIG.vocab_size, (rows, prompt_width)).astype(np.int32) * prompt_mask,
-          "prompt_mask": prompt_mask,
-          "response_ids": rng.integers(0, CONFIG.vocab_size, (rows, response_width)).astype(np.int32) * response_mask,
-          "response_mask": response_mask,
-          "advantages": rng.normal(0, 1, rows).astype(np.float32),
-          "old_logp": (-rng.random((rows, response_width)) * response_mask).astype(np.float32)}
+  return batch_fixtures.random_micro_batch(rng, rows, prompt_width, response_width, CONFIG.vocab_size,
+                                           with_old_logp=True)
 
 
 def _run_workers(workdir: pathlib.Path) -> None:

@@ -18,6 +18,7 @@ from dapo_jax import sharding
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import get_preset
 from dapo_jax.rl import step
+from tests import batch_fixtures
 
 # Every weight dimension divides by the mesh axes used below (embed 64 over fsdp <= 8, heads 4 and mlp 176 over
 # tensor <= 4), except the 2 KV heads on tensor = 4, which are replicated there.
@@ -34,15 +35,7 @@ OPTIMIZER = step.make_optimizer(learning_rate=LEARNING_RATE)
 
 
 def _micro_batch(rng, rows, prompt_width, response_width):
-  prompt_lengths = rng.integers(1, prompt_width + 1, rows)
-  response_lengths = rng.integers(1, response_width + 1, rows)
-  prompt_mask = (np.arange(prompt_width)[None] >= prompt_width - prompt_lengths[:, None]).astype(np.int32)
-  response_mask = (np.arange(response_width)[None] < response_lengths[:, None]).astype(np.int32)
-  return {"prompt_ids": rng.integers(0, CONFIG.vocab_size, (rows, prompt_width)).astype(np.int32) * prompt_mask,
-          "prompt_mask": prompt_mask,
-          "response_ids": rng.integers(0, CONFIG.vocab_size, (rows, response_width)).astype(np.int32) * response_mask,
-          "response_mask": response_mask,
-          "advantages": rng.normal(0, 1, rows).astype(np.float32)}
+  return batch_fixtures.random_micro_batch(rng, rows, prompt_width, response_width, CONFIG.vocab_size)
 
 
 @pytest.fixture(scope="module")
