@@ -1,6 +1,6 @@
 """Full DAPO on Qwen2.5-32B base (AIME 2024 avg@32 = 50): every hyperparameter of DAPO_SPEC.md section 9.
 
-    python -m dapo_jax.train --config configs/dapo_qwen2_5_32b.py --workdir gs://bucket/runs/dapo32b \
+    python -m dapo_jax.train --config configs/dapo_qwen2_5_32b.py --workdir /mnt/shared/runs/dapo32b \
         --config.model.hf_checkpoint=/path/to/Qwen2.5-32B
 Pass an ablation rung as the config argument (`configs/dapo_qwen2_5_32b.py:grpo`) for the Table 1 ladder.
 """
