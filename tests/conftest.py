@@ -7,6 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Parity tests compare against float32 PyTorch: keep XLA's matmuls at full precision.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+import gc
 import pathlib
 
 import pytest
@@ -20,3 +21,16 @@ def shared_data_dir():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"{SHARED_DATA} is absent (it exists only beside the development checkout)")
   return SHARED_DATA.resolve()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops each test module's compiled programs and arrays when the module ends.
+
+  The whole suite runs in one process; without this, hundreds of modules' executables and device buffers pile
+  up, and a full run once crashed inside XLA's compiler near its end (tests that pass alone).
+  """
+  yield
+  import jax  # pylint: disable=g-import-not-at-top  (after the environment above is set)
+  jax.clear_caches()
+  gc.collect()
