@@ -30,7 +30,6 @@ from dapo_jax.model.config import Qwen2Config
 
 POLICY_DIR = "policy"
 _META = "meta"
-_DTYPE_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"}
 
 
 class Checkpointer:
@@ -92,7 +91,7 @@ def write_policy_files(checkpoint_dir: str, model_config: Qwen2Config, tokenizer
   if jax.process_index() != 0:
     return directory
   os.makedirs(directory, exist_ok=True)
-  dtype_name = _DTYPE_NAMES[jnp.dtype(model_config.param_dtype)]
+  dtype_name = hf_io.dtype_config_name(model_config.param_dtype)
   with open(os.path.join(directory, hf_io.CONFIG_FILE), "w") as f:
     json.dump(hf_io.config_to_hf(model_config, torch_dtype=dtype_name), f, indent=2)
   with open(os.path.join(directory, tokenizer_lib.GENERATION_CONFIG), "w") as f:

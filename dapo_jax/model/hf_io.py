@@ -94,6 +94,14 @@ def config_to_hf(config: Qwen2Config, *, torch_dtype: str) -> dict:
   }
 
 
+def dtype_config_name(dtype) -> str:
+  """config.json's name (`torch_dtype` / `dtype`) for weights stored in `dtype`."""
+  names = {np.dtype(v): k for k, v in _DTYPE_NAMES.items()}
+  if np.dtype(dtype) not in names:
+    raise ValueError(f"dtype {np.dtype(dtype)} is not one of {sorted(_DTYPE_NAMES)}")
+  return names[np.dtype(dtype)]
+
+
 def stored_dtype_name(hf_config: dict) -> str | None:
   """The dtype the checkpoint's weights are stored in, as config.json says (`dtype` or `torch_dtype`)."""
   return hf_config.get("dtype") or hf_config.get("torch_dtype")
@@ -334,9 +342,7 @@ def save_hf_checkpoint(params: qwen2.Params, config: Qwen2Config, path: str | os
   if primary:
     os.makedirs(directory, exist_ok=True)
   np_dtype = np.dtype(dtype or config.param_dtype)
-  dtype_name = {np.dtype(v): k for k, v in _DTYPE_NAMES.items()}.get(np_dtype)
-  if dtype_name is None:
-    raise ValueError(f"save_hf_checkpoint: dtype {np_dtype} is not one of {sorted(_DTYPE_NAMES)}")
+  dtype_name = dtype_config_name(np_dtype)
 
   # Every HF tensor with a function that fetches it from the devices when its turn comes.
   tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
