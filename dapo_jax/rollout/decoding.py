@@ -290,8 +290,17 @@ def bucket_length(length: int, minimum: int = 16) -> int:
 
 def attention_window(cache_lengths_needed: int, max_length: int, minimum: int = 64) -> int:
   """The `attend_length` for decode steps that will use up to `cache_lengths_needed` cache entries: the next power
-  of two (at least `minimum`), at most `max_length`, so a rollout compiles a handful of window sizes."""
-  return min(max_length, max(minimum, 1 << max(cache_lengths_needed - 1, 0).bit_length()))
+  of two (at least `minimum`), so a rollout compiles a handful of window sizes; or the whole cache
+  (`max_length`) where a window would not pay for itself.
+
+  XLA materialises the window (a slice of each layer's key and value caches) before attention reads it, on CPU
+  and on TPU alike, so a window of w entries costs about 3w entry reads (the copy's read and write, then
+  attention's) against `max_length` for attending to the whole cache. Windows longer than a third of the cache
+  are therefore not used (measured on CPU: a 128-entry window of a 192-entry cache made a 60M model's decode
+  step 13% slower than attending to all 192).
+  """
+  window = max(minimum, 1 << max(cache_lengths_needed - 1, 0).bit_length())
+  return window if 3 * window <= max_length else max_length
 
 
 def decode_state_shardings(config: Qwen2Config, mesh: jax.sharding.Mesh, num_slots: int, max_length: int,

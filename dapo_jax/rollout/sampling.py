@@ -86,11 +86,8 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) ->
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
   if params.greedy:
-    best = jnp.max(logits, axis=-1, keepdims=True)
-    # The first index holding the maximum, with two plain reductions: XLA:CPU's argmax (a variadic reduce of
-    # value and index) is several times slower, and this runs on every decode step.
-    tokens = jnp.min(jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab - 1), axis=-1)
-    logp_full = -jnp.log(jnp.sum(jnp.exp(logits - best), axis=-1))  # log_softmax at the maximum
+    tokens, best = _first_argmax(logits)
+    logp_full = -jnp.log(jnp.sum(jnp.exp(logits - best[:, None]), axis=-1))  # log_softmax at the maximum
     return SampledTokens(tokens, jnp.zeros_like(logp_full), logp_full)
 
   scaled = logits / params.temperature
@@ -121,6 +118,31 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) ->
   logp_full = _take(candidate_log_probs, choice)
   kept_mass = jnp.sum(candidate_probs, axis=-1)
   return SampledTokens(tokens, logp_full - jnp.log(kept_mass), logp_full)
+
+
+def _first_argmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The first index of each row's maximum (as `torch.argmax` on ties) and the maximum, for logits [batch, vocab].
+
+  XLA:CPU's argmax (a variadic reduce of value and index) is several times slower than plain reductions, and
+  marking every entry equal to the maximum costs a full pass over the logits too. So the vocabulary is cut into
+  blocks: one pass takes each block's maximum, and only the first block holding the row's maximum is searched
+  for its first index (measured on CPU at 64 rows x 32000: the greedy step after the LM head costs 1 ms instead
+  of 2). Without a block size between 16 and 256 that divides the vocabulary, the whole row is searched.
+  """
+  batch, vocab = logits.shape
+  block = next((size for size in range(256, 15, -1) if vocab % size == 0), vocab)
+  blocks = logits.reshape(batch, vocab // block, block)
+  block_max = jnp.max(blocks, axis=-1)  # [batch, blocks]
+  best = jnp.max(block_max, axis=-1)
+  first_block = _first_index(block_max == best[:, None])
+  candidates = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # [batch, block]
+  return first_block * block + _first_index(candidates == best[:, None]), best
+
+
+def _first_index(mask: jax.Array) -> jax.Array:
+  """Per row of a boolean [batch, n], the index of its first True (n - 1 where there is none, e.g. NaN logits)."""
+  n = mask.shape[-1]
+  return jnp.min(jnp.where(mask, jnp.arange(n, dtype=jnp.int32), n - 1), axis=-1)
 
 
 def _invert_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:

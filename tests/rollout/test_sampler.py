@@ -52,16 +52,19 @@ def test_greedy_matches_transformers_generate(checkpoints, name, with_eos):
 
 
 def test_attention_window_grows_with_the_responses_and_matches_generate(checkpoints):
-  # A cache of 20 + 150 entries: decode steps attend to a 64-, then 128-, then 170-entry window as the responses
-  # grow; the tokens are still transformers' greedy ones.
-  assert [decoding.attention_window(n, 170) for n in (1, 64, 65, 129, 400)] == [64, 64, 128, 170, 170]
+  # Windows are powers of two, used only while three times the window fits in the cache (slicing one out copies
+  # it); beyond that the whole cache is read.
+  assert [decoding.attention_window(n, 170) for n in (1, 64, 65, 400)] == [170, 170, 170, 170]
+  assert [decoding.attention_window(n, 420) for n in (1, 64, 65, 129, 400)] == [64, 64, 128, 420, 420]
+  # A cache of 20 + 400 entries: decode steps attend to a 64-, then 128-entry window, then the whole cache as
+  # the responses grow; the tokens are still transformers' greedy ones.
   checkpoint = checkpoints["tied_gqa"]
   prompts = random_prompts(checkpoint.vocab_size, PROMPT_LENGTHS, seed=2)
-  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=2, max_prompt_length=20, max_response_length=150,
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=2, max_prompt_length=20, max_response_length=400,
                                      steps_per_call=8)
   groups = sampler.sample(checkpoint.params, prompts, n=1, seed=0, sampling=GREEDY)
   for group, prompt in zip(groups, prompts):
-    assert group.responses[0].token_ids.tolist() == checkpoint.greedy(prompt, 150)
+    assert group.responses[0].token_ids.tolist() == checkpoint.greedy(prompt, 400)
 
 
 def test_greedy_logp_full_is_the_models_log_softmax(checkpoints):

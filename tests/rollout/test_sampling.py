@@ -51,6 +51,22 @@ def test_greedy_is_argmax_first_on_ties():
   np.testing.assert_allclose(out.logp_full, expected, rtol=1e-6)
 
 
+
+@pytest.mark.parametrize("vocab", [64, 1000, 32000, 151936, 997])  # 997 is prime: no block size divides it
+def test_greedy_is_the_first_argmax_across_vocabulary_blocks(vocab):
+  # The search goes block by block (the first block holding the maximum, then the first index in it); ties
+  # within a block, across blocks and at block edges must still give the first index, as torch.argmax does.
+  rng = np.random.default_rng(vocab)
+  logits = rng.normal(size=(6, vocab)).astype(np.float32)
+  positions = [(0, [vocab - 1]), (1, [0, vocab - 1]), (2, [vocab // 2, vocab // 2 + 1]),
+               (3, [vocab - 2, 5, vocab // 3]), (4, [i for i in (127, 128, 255, 256) if i < vocab]), (5, [])]
+  for row, tied in positions:
+    logits[row, tied] = 10.0
+  out = sampling.sample_tokens(jnp.asarray(logits), _keys(6), sampling.GREEDY)
+  np.testing.assert_array_equal(out.tokens, torch.argmax(torch.from_numpy(logits), dim=-1).numpy())
+  expected = jax.nn.log_softmax(jnp.asarray(logits))[jnp.arange(6), out.tokens]
+  np.testing.assert_allclose(out.logp_full, expected, rtol=1e-5, atol=1e-6)
+
 def test_untruncated_sampling_matches_the_softmax(logits_row):
   temperature = 0.8
   out = _sample_many(logits_row, SamplingParams(temperature=temperature), 20000)
