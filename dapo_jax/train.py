@@ -208,15 +208,18 @@ def _training_batches(groups: list[dict], config, tokenizer, groups_per_update: 
       truncated.append(r.finish_reason == "length")
   loss_masked = np.array(truncated) if config.reward.overlong_filter else np.zeros(len(responses), bool)
   per_update = groups_per_update * n
+  # Length buckets stop at the longest lengths the config allows (a 20,480-token response pads to 20,480).
+  max_widths = dict(max_prompt_width=config.data.max_prompt_length, max_response_width=config.data.max_response_length)
   mini_batches = []
   for start in range(0, len(responses), per_update):
     rows = list(range(start, min(start + per_update, len(responses))))
     micro_rows = batching.split_by_token_budget([len(prompts[i]) for i in rows], [len(responses[i]) for i in rows],
-                                                config.actor.micro_batch_tokens)
+                                                config.actor.micro_batch_tokens, **max_widths)
     micro_batches = []
     for micro in micro_rows:
       picked = [rows[i] for i in micro]
-      mb = batching.collate([prompts[i] for i in picked], [responses[i] for i in picked], pad_id=tokenizer.pad_id)
+      mb = batching.collate([prompts[i] for i in picked], [responses[i] for i in picked], pad_id=tokenizer.pad_id,
+                            **max_widths)
       width = mb["response_ids"].shape[1]
       mb["response_mask"] = mb["response_mask"] * (~loss_masked[picked])[:, None].astype(np.int32)
       mb["advantages"] = advantages[picked]

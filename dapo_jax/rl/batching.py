@@ -1,7 +1,9 @@
 """Trajectories -> padded arrays for the jitted passes, and micro-batches formed by a token budget.
 
 The layout is `dapo_jax/rl/step.py`'s: prompts left-padded, responses right-padded. Widths are rounded up to
-powers of two (length buckets) so that the jitted passes compile once per bucket rather than once per batch.
+powers of two (length buckets) so that the jitted passes compile once per bucket rather than once per batch,
+and capped at the longest width the config allows (data.max_prompt_length / data.max_response_length): a
+20,480-token response then pads to 20,480 columns, not 32,768 (attention's memory grows with the width squared).
 Micro-batches are packed like verl's dynamic batch size: consecutive trajectories in the batch's own order (so
 a run is reproducible), until the padded token count would pass the budget.
 """
@@ -15,18 +17,33 @@ def bucket_length(length: int, minimum: int = 8) -> int:
   return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
+def capped_bucket_length(length: int, maximum: int | None = None) -> int:
+  """`bucket_length(length)`, but no wider than `maximum` (the longest length allowed) when one is given."""
+  if maximum is not None and length > maximum:
+    raise ValueError(f"capped_bucket_length: length {length} is over the maximum width {maximum}")
+  bucket = bucket_length(length)
+  return bucket if maximum is None else min(bucket, maximum)
+
+
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
-            prompt_width: int | None = None, response_width: int | None = None) -> dict[str, np.ndarray]:
+            prompt_width: int | None = None, response_width: int | None = None,
+            max_prompt_width: int | None = None, max_response_width: int | None = None) -> dict[str, np.ndarray]:
   """prompt_ids/prompt_mask [B, P] (left-padded) and response_ids/response_mask [B, R] (right-padded).
 
-  Widths default to the length bucket of the longest prompt / response.
+  Widths default to the length bucket of the longest prompt / response, capped at `max_prompt_width` /
+  `max_response_width` when given (the config's data.max_prompt_length / data.max_response_length).
   """
   if len(prompts) != len(responses):
     raise ValueError(f"collate: {len(prompts)} prompts but {len(responses)} responses")
   longest_prompt = max((len(p) for p in prompts), default=1)
   longest_response = max((len(r) for r in responses), default=1)
-  prompt_width = prompt_width or bucket_length(longest_prompt)
-  response_width = response_width or bucket_length(longest_response)
+  for name, longest, maximum in (("prompt", longest_prompt, max_prompt_width),
+                                 ("response", longest_response, max_response_width)):
+    if maximum is not None and longest > maximum:
+      raise ValueError(f"collate: a {name} of {longest} tokens is longer than max_{name}_width ({maximum}), the "
+                       f"config's data.max_{name}_length")
+  prompt_width = prompt_width or capped_bucket_length(longest_prompt, max_prompt_width)
+  response_width = response_width or capped_bucket_length(longest_response, max_response_width)
   if longest_prompt > prompt_width or longest_response > response_width:
     raise ValueError(f"collate: a prompt ({longest_prompt}) or response ({longest_response}) is longer than its "
                      f"width ({prompt_width} / {response_width})")
@@ -46,19 +63,22 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
           "response_mask": response_mask}
 
 
-def split_by_token_budget(prompt_lengths: Sequence[int], response_lengths: Sequence[int],
-                          token_budget: int) -> list[list[int]]:
+def split_by_token_budget(prompt_lengths: Sequence[int], response_lengths: Sequence[int], token_budget: int, *,
+                          max_prompt_width: int | None = None, max_response_width: int | None = None
+                          ) -> list[list[int]]:
   """Consecutive index groups whose padded size (rows x bucketed prompt + response width) fits the budget.
 
-  A single trajectory longer than the budget gets a micro-batch of its own (the config check makes the budget
-  hold one full-length trajectory, so this happens only for budgets set by hand).
+  Widths are counted as `collate` pads them, given the same `max_prompt_width` / `max_response_width`. A single
+  trajectory longer than the budget gets a micro-batch of its own (the config check makes the budget hold one
+  full-length trajectory, so this happens only for budgets set by hand).
   """
   groups: list[list[int]] = []
   current: list[int] = []
   widest_prompt = widest_response = 0
   for index, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
     new_prompt, new_response = max(widest_prompt, p), max(widest_response, r)
-    padded = (len(current) + 1) * (bucket_length(new_prompt) + bucket_length(new_response))
+    padded = (len(current) + 1) * (capped_bucket_length(new_prompt, max_prompt_width)
+                                   + capped_bucket_length(new_response, max_response_width))
     if current and padded > token_budget:
       groups.append(current)
       current, new_prompt, new_response = [], p, r

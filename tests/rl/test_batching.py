@@ -34,3 +34,37 @@ def test_split_by_token_budget():
   assert batching.split_by_token_budget([3, 3, 3, 3], [5, 20, 5, 5], 48) == [[0], [1], [2, 3]]
   # A trajectory alone over the budget still gets its own micro-batch.
   assert batching.split_by_token_budget([3, 3], [100, 2], 32) == [[0], [1]]
+
+
+def test_capped_bucket_length_stops_at_the_longest_allowed_length():
+  # DAPO's 20,480-token responses: the power-of-two bucket would be 32,768.
+  assert batching.capped_bucket_length(20480, 20480) == 20480
+  assert batching.capped_bucket_length(16385, 20480) == 20480
+  assert batching.capped_bucket_length(16384, 20480) == 16384
+  assert batching.capped_bucket_length(9, 12) == 12 and batching.capped_bucket_length(5, 12) == 8
+  assert batching.capped_bucket_length(100) == 128
+  with pytest.raises(ValueError, match="over the maximum width 12"):
+    batching.capped_bucket_length(13, 12)
+
+
+def test_collate_caps_widths_at_the_maximum_lengths():
+  out = batching.collate([[1] * 5, [2] * 2], [[3] * 20, [4]], pad_id=0, max_prompt_width=6, max_response_width=24)
+  # Buckets 8 and 32 capped at 6 and 24.
+  assert out["prompt_ids"].shape == (2, 6) and out["response_ids"].shape == (2, 24)
+  np.testing.assert_array_equal(out["prompt_mask"], [[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+  assert out["response_mask"].sum(axis=1).tolist() == [20, 1]
+  # Below the cap the power-of-two bucket stays.
+  short = batching.collate([[1] * 5], [[3] * 10], pad_id=0, max_prompt_width=6, max_response_width=24)
+  assert short["prompt_ids"].shape == (1, 6) and short["response_ids"].shape == (1, 16)
+  with pytest.raises(ValueError, match=r"response of 25 tokens is longer than max_response_width \(24\)"):
+    batching.collate([[1]], [[3] * 25], pad_id=0, max_response_width=24)
+
+
+def test_split_by_token_budget_counts_capped_widths_like_collate():
+  # Rows of 3 + 20 tokens: uncapped each pads to 8 + 32 = 40 (a budget of 48 holds one); capped at 4 + 20 = 24
+  # it holds two, and collate pads each group to exactly that.
+  assert batching.split_by_token_budget([3] * 4, [20] * 4, 48) == [[0], [1], [2], [3]]
+  groups = batching.split_by_token_budget([3] * 4, [20] * 4, 48, max_prompt_width=4, max_response_width=20)
+  assert groups == [[0, 1], [2, 3]]
+  out = batching.collate([[1] * 3] * 2, [[2] * 20] * 2, pad_id=0, max_prompt_width=4, max_response_width=20)
+  assert out["prompt_ids"].size + out["response_ids"].size == 48
