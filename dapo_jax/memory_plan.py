@@ -11,7 +11,10 @@ the training program calls it, with the config's worst-case shapes and the progr
            `train.py` does), reading the sampler's copy of the params (`sharding.decode_rules`);
   update:  `old_log_probs`, `_micro_batch_gradients` and `_apply` from `dapo_jax/rl/step.py`, on the
            micro-batch that `batching.split_by_token_budget` and `batching.collate` make when every trajectory
-           of a mini-batch has the longest prompt and response.
+           of a mini-batch has the longest prompt and response: on each host its share of the mini-batch
+           (actor.ppo_mini_batch_size / hosts groups) split by actor.micro_batch_tokens, every host's rows
+           stacked into one global micro-batch as `sharding.put_micro_batches` does (hosts = the distinct
+           `process_index` of the topology's devices); the mesh is laid out as `sharding.make_mesh` lays it.
 
 `compiled.memory_analysis()` gives each program's per-chip argument, output, temporary and aliased bytes and
 its peak. A program alone can miss what stays on the chip while it runs (the optimizer state during the
@@ -135,26 +138,30 @@ def model_from_file_name(path: str) -> str | None:
   return name if name in PRESETS else None
 
 
-def mesh_for(devices: Sequence[jax.Device], mesh_config: Mapping[str, Any]) -> jax.sharding.Mesh:
-  """The config's mesh over a topology's devices, as `sharding.make_mesh` lays it out on a real slice.
+def mesh_for(devices: Sequence[jax.Device], mesh_config: Mapping[str, Any], rules=sharding_lib.DEFAULT_RULES
+             ) -> tuple[jax.sharding.Mesh, str]:
+  """The config's mesh over a topology's devices as `sharding.make_mesh` lays it out on a real slice (with
+  several hosts, tensor groups within a host), and the sentence saying which layout that is and why.
 
   TPU v4 topologies list each chip's two TensorCores as devices, which jax's physical mesh layout refuses
-  (it wants one device per chip); there the devices are taken in order, which changes no memory figure.
+  (it wants one device per chip); on one host the devices are then taken in order, which changes no memory
+  figure.
   """
   shape = {name: mesh_config[name] for name in sharding_lib.MESH_AXES if name in mesh_config}
   try:
-    return sharding_lib.make_mesh(shape, devices)
+    return sharding_lib.mesh_and_layout(shape, devices, rules)
   except NotImplementedError as error:
-    # jax lays a mesh axis only along whole physical axes of the slice (a tensor axis of 8 cannot be laid on a
-    # 4x4x4 torus): the training program would fail the same way on this slice.
+    # On one host jax lays each mesh axis along whole physical axes of the slice and refuses other sizes, as
+    # the training program would on this slice (with several hosts make_mesh lays them out process-major).
     raise ValueError(f"mesh {shape} cannot be laid out on this slice: {error}") from None
   except AssertionError:
     sizes = [int(shape.get(name, 1)) for name in sharding_lib.MESH_AXES]
     known = math.prod(s for s in sizes if s != -1)
     sizes = [len(devices) // known if s == -1 else s for s in sizes]
     grid = np.asarray(list(devices)[:math.prod(sizes)], dtype=object).reshape(sizes)
-    return jax.sharding.Mesh(grid, sharding_lib.MESH_AXES,
-                             axis_types=(jax.sharding.AxisType.Auto,) * len(sharding_lib.MESH_AXES))
+    return (jax.sharding.Mesh(grid, sharding_lib.MESH_AXES,
+                              axis_types=(jax.sharding.AxisType.Auto,) * len(sharding_lib.MESH_AXES)),
+            "devices in order (jax's physical layout refuses this topology's devices)")
 
 
 def sampler_mesh_for(devices: Sequence[jax.Device], mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
@@ -167,19 +174,6 @@ def sampler_mesh_for(devices: Sequence[jax.Device], mesh: jax.sharding.Mesh) -> 
   grid = np.asarray(own, dtype=object).reshape(1, 1, len(own))
   return jax.sharding.Mesh(grid, sharding_lib.MESH_AXES,
                            axis_types=(jax.sharding.AxisType.Auto,) * len(sharding_lib.MESH_AXES))
-
-
-def rows_split_between_hosts(mesh: jax.sharding.Mesh, rules) -> bool:
-  """Whether every host holds its own blocks of a batch's rows and no other host holds them, which
-  `sharding.put_micro_batches` needs with several hosts (each supplies the rows of its blocks from its share of
-  the data; the same test as its `_local_row_shards`). A mesh axis laid across hosts (e.g. a tensor axis that jax
-  lays along a torus dimension spanning two hosts) breaks it."""
-  size = sharding_lib.data_parallel_size(mesh, rules)
-  row_sharding = sharding_lib.logical_sharding(("batch",), rules, mesh, (size,))
-  blocks: dict[int, set[int]] = {}
-  for device, index in row_sharding.devices_indices_map((size,)).items():
-    blocks.setdefault(device.process_index, set()).add(index[0].start)
-  return all(len(held) * len(blocks) == size for held in blocks.values())
 
 
 def config_error(config: ml_collections.ConfigDict, model: str, num_processes: int) -> str | None:
@@ -200,24 +194,49 @@ def _rules(config: ml_collections.ConfigDict):
   return tuple(config.mesh.rules) if "rules" in config.mesh else sharding_lib.DEFAULT_RULES
 
 
-def micro_batch_rows(config: ml_collections.ConfigDict) -> int:
-  """Rows of the largest micro-batch: a mini-batch of full-length trajectories split by the config's token
-  budget (`batching.split_by_token_budget`). Attention makes the longest rows the worst case: its scores grow
-  with the square of the row width."""
+def num_processes_of(devices: Sequence[jax.Device]) -> int:
+  """Processes (hosts) of a topology: one per distinct `process_index` among its devices."""
+  return len({d.process_index for d in devices})
+
+
+def _max_widths(config: ml_collections.ConfigDict) -> dict[str, int]:
+  # train.py's cap on the length buckets (`batching.collate`).
+  return dict(max_prompt_width=config.data.max_prompt_length, max_response_width=config.data.max_response_length)
+
+
+def micro_batch_rows(config: ml_collections.ConfigDict, num_processes: int = 1) -> int:
+  """Rows of a process's largest micro-batch: its share of a mini-batch (actor.ppo_mini_batch_size /
+  `num_processes` groups of rollout.n, as `train.py` deals them out) of full-length trajectories, split by the
+  config's token budget (`batching.split_by_token_budget`, which train.py runs on each process's share).
+  Attention makes the longest rows the worst case: its scores grow with the square of the row width."""
   d = config.data
-  count = config.actor.ppo_mini_batch_size * config.rollout.n
+  count = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
   groups = batching.split_by_token_budget([d.max_prompt_length] * count, [d.max_response_length] * count,
-                                          config.actor.micro_batch_tokens)
+                                          config.actor.micro_batch_tokens, **_max_widths(config))
   return len(groups[0])
 
 
-def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1) -> dict[str, np.ndarray]:
-  """The largest micro-batch (`micro_batch_rows`) padded by `batching.collate`, with the arrays `train.py` adds
-  (advantages, sampler and old log-probs), its rows rounded up to a multiple of `data_parallel` as
-  `sharding.put_micro_batches` pads them."""
+def global_micro_batch_rows(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1
+                            ) -> int:
+  """Rows of the global micro-batch that `sharding.put_micro_batches` builds from every process's largest one:
+  each process's rows padded up to a multiple of the row blocks it holds (data_parallel / num_processes; a mesh
+  from `sharding.make_mesh` gives every process the same number), stacked over the processes."""
+  if data_parallel % num_processes:
+    raise ValueError(f"{num_processes} processes cannot split {data_parallel} blocks of batch rows between them "
+                     "(sharding.rows_split_between_processes)")
+  blocks = data_parallel // num_processes
+  return num_processes * (-(-micro_batch_rows(config, num_processes) // blocks) * blocks)
+
+
+def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1
+                           ) -> dict[str, np.ndarray]:
+  """The largest global micro-batch (`global_micro_batch_rows`) padded by `batching.collate` as train.py pads
+  it (length buckets capped at data.max_prompt_length / data.max_response_length), with the arrays `train.py`
+  adds (advantages, sampler and old log-probs)."""
   d = config.data
-  rows = -(-micro_batch_rows(config) // data_parallel) * data_parallel
-  batch = batching.collate([[1] * d.max_prompt_length] * rows, [[1] * d.max_response_length] * rows, pad_id=0)
+  rows = global_micro_batch_rows(config, data_parallel, num_processes)
+  batch = batching.collate([[1] * d.max_prompt_length] * rows, [[1] * d.max_response_length] * rows, pad_id=0,
+                           **_max_widths(config))
   width = batch["response_ids"].shape[1]
   batch["advantages"] = np.zeros((rows,), np.float32)
   batch["sampler_logp"] = np.zeros((rows, width), np.float32)
@@ -307,14 +326,18 @@ class Plan:
   hbm_bytes: int
   hbm_source: str               # "compiler" (its out-of-memory message) or "documented"
   mesh: dict[str, int]
+  mesh_layout: str              # which device layout `sharding.make_mesh` gives the mesh on this slice, and why
   num_processes: int            # hosts of the slice, one process each
-  rows_split_between_hosts: bool  # `rows_split_between_hosts`: batches can be placed (always on one host)
+  rows_split_between_hosts: bool  # `sharding.rows_split_between_processes`: batches can be placed (always on
+                                # one host; `sharding.make_mesh` refuses a mesh that breaks it on several)
   config_error: str | None      # `config.validate` on this many hosts (None: valid)
   sampler_mesh: dict[str, int]  # the trainer's mesh on one host; else each host's own devices
   model: str
   num_params: int
-  micro_batch: dict[str, Any]   # rows, prompt_width, response_width, tokens, padding_rows (added to fill the
-                                # data-parallel shards), rows_per_device, data_parallel
+  micro_batch: dict[str, Any]   # the global micro-batch: rows, prompt_width, response_width, tokens,
+                                # padding_rows (added to fill the data-parallel shards), rows_per_device,
+                                # data_parallel; and each host's part: rows_per_host (the token budget's rows,
+                                # unpadded), mini_batch_rows_per_host, micro_batches_per_update (per host)
   decode: dict[str, Any]        # slots, cache_length, steps_per_call, prefill_rows, prefill_width
   per_chip: dict[str, int | None]  # bytes: params, optimizer_state, gradients, sampler_params, decode_weights,
                                 # kv_cache
@@ -360,8 +383,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   plan_start = time.perf_counter()
   devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
   hbm, hbm_source = usable_hbm_bytes(devices[0])
-  mesh = mesh_for(devices, config.mesh)
   rules = _rules(config)
+  mesh, mesh_layout = mesh_for(devices, config.mesh, rules)
+  num_processes = num_processes_of(devices)
   replicated = NamedSharding(mesh, PartitionSpec())
   model_name, mc = model_config(config, model)
   d = config.data
@@ -383,9 +407,12 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   params_bytes, opt_bytes = per_device_bytes(params), per_device_bytes(opt_state)
   sampler_params_bytes = per_device_bytes(sampler_params)
 
-  # The largest micro-batch, placed as `sharding.put_micro_batches` places it.
+  # The largest micro-batch, placed as `sharding.put_micro_batches` places it: every host's largest one (its
+  # share of a mini-batch split by the token budget), stacked over the hosts.
   data_parallel = sharding_lib.data_parallel_size(mesh, rules)
-  batch_np = worst_case_micro_batch(config, data_parallel)
+  batch_np = worst_case_micro_batch(config, data_parallel, num_processes)
+  process_rows = micro_batch_rows(config, num_processes)
+  process_share = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
   rows, prompt_width = batch_np["prompt_ids"].shape
   response_width = batch_np["response_ids"].shape[1]
   update_batch = {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
@@ -481,14 +508,16 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   worst = max(sized, key=lambda p: p.peak_bytes) if sized else phases[0]
   return Plan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), hbm_bytes=hbm,
-      hbm_source=hbm_source, mesh=dict(mesh.shape), num_processes=len({dev.process_index for dev in devices}),
-      rows_split_between_hosts=rows_split_between_hosts(mesh, rules),
-      config_error=config_error(config, model_name, len({dev.process_index for dev in devices})),
+      hbm_source=hbm_source, mesh=dict(mesh.shape), mesh_layout=mesh_layout, num_processes=num_processes,
+      rows_split_between_hosts=sharding_lib.rows_split_between_processes(mesh, rules),
+      config_error=config_error(config, model_name, num_processes),
       sampler_mesh=dict(sampler_mesh.shape),
       model=model_name, num_params=mc.num_params(),
       micro_batch=dict(rows=rows, prompt_width=prompt_width, response_width=response_width, tokens=rows * length,
-                       padding_rows=rows - micro_batch_rows(config), rows_per_device=rows_per_device,
-                       data_parallel=data_parallel),
+                       padding_rows=rows - num_processes * process_rows, rows_per_device=rows_per_device,
+                       data_parallel=data_parallel, rows_per_host=process_rows,
+                       mini_batch_rows_per_host=process_share,
+                       micro_batches_per_update=-(-process_share // process_rows)),
       decode=dict(slots=slots, cache_length=sampler.cache_length, steps_per_call=sampler.steps_per_call,
                   prefill_rows=prefill_rows, prefill_width=prefill_width),
       per_chip=dict(params=params_bytes, optimizer_state=opt_bytes, gradients=grads_bytes,
@@ -509,6 +538,10 @@ def format_plan(p: Plan) -> str:
   sharded = f"{mb['rows_per_device']} per device"
   if mb["padding_rows"]:
     sharded += f", {mb['padding_rows']} of them padding (the token budget gives fewer rows than data x fsdp)"
+  share = "a mini-batch" if p.num_processes == 1 else f"each of the {p.num_processes} hosts' share of a mini-batch"
+  count = mb["micro_batches_per_update"]
+  made = (f"  {share} ({mb['mini_batch_rows_per_host']} rows) is split by actor.micro_batch_tokens into "
+          f"{count} micro-batch{'es' if count > 1 else ''} of up to {mb['rows_per_host']} rows")
   where = ""
   if p.num_processes > 1:
     sampler_mesh = " ".join(f"{k}={v}" for k, v in p.sampler_mesh.items())
@@ -516,7 +549,9 @@ def format_plan(p: Plan) -> str:
   lines = [
       f"{p.topology}: {p.num_devices} x {p.device_kind}, {gib(p.hbm_bytes)} GiB HBM each ({p.hbm_source}); "
       f"mesh {mesh}; model {p.model} ({p.num_params / 1e9:.2f}B params)",
-      f"  micro-batch: {mb['rows']} rows x ({mb['prompt_width']} + {mb['response_width']}) tokens, {sharded}",
+      f"  mesh layout: {p.mesh_layout}",
+      f"  micro-batch: {mb['rows']} rows x ({mb['prompt_width']} + {mb['response_width']}) tokens, {sharded};",
+      made,
       f"  rollout: {dec['slots']} decode slots{where} x {dec['cache_length']} cache entries, "
       f"{dec['steps_per_call']} decode step{'s' if dec['steps_per_call'] > 1 else ''} per call; "
       f"prefill {dec['prefill_rows']} x {dec['prefill_width']}",
@@ -550,12 +585,14 @@ def format_plan(p: Plan) -> str:
 
 def format_summary(plans: Sequence[Plan]) -> str:
   """One line per plan: the table of the README."""
-  lines = ["| topology | chips | mesh (data, fsdp, tensor) | micro-batch rows x tokens | decode slots per host | "
-           "peak GiB (phase) | HBM GiB | fits | rows placeable |", "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| topology | chips (hosts) | mesh (data, fsdp, tensor) | micro-batch rows x tokens (per device) | "
+           "decode slots per host | peak GiB (phase) | HBM GiB | fits | rows placeable |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for p in plans:
     mb = p.micro_batch
-    lines.append(f"| {p.topology} | {p.num_devices} | {', '.join(str(v) for v in p.mesh.values())} | "
-                 f"{mb['rows']} x {mb['tokens'] // mb['rows']} | {p.decode['slots']} | {gib(p.peak_bytes)} "
-                 f"({p.peak_phase}) | {gib(p.hbm_bytes)} | {'yes' if p.fits else 'no'} | "
+    mesh = ", ".join(str(v) for v in p.mesh.values())
+    lines.append(f"| {p.topology} | {p.num_devices} ({p.num_processes}) | {mesh} | "
+                 f"{mb['rows']} x {mb['tokens'] // mb['rows']} ({mb['rows_per_device']}) | {p.decode['slots']} | "
+                 f"{gib(p.peak_bytes)} ({p.peak_phase}) | {gib(p.hbm_bytes)} | {'yes' if p.fits else 'no'} | "
                  f"{'yes' if p.rows_split_between_hosts else 'no'} |")
   return "\n".join(lines)

@@ -6,6 +6,8 @@ The model annotates each weight with logical axis names (`embed`, `heads`, `kv_h
 does not divide (e.g. 2 KV heads on a tensor axis of 4) is replicated over that axis instead.
 
 The whole program's layout:
+  * the mesh: `make_mesh` (with several processes, the axes outside the data-parallel ones, i.e. `tensor`,
+    stay within one process's devices, so that each process holds its own blocks of batch rows);
   * params: `param_shardings` (trainer: FSDP over `fsdp`, tensor parallel over `tensor`);
   * optimizer state: `optimizer_state_shardings` (Adam's moments like the params), created in place by
     `init_optimizer_state`;
@@ -71,10 +73,29 @@ def decode_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> tuple[tupl
 DECODE_RULES = decode_rules(DEFAULT_RULES)
 
 
-def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None,
+              rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Mesh:
   """A mesh with axes (data, fsdp, tensor); one size may be -1 for "all remaining devices".
 
-  Axis types are Auto: the compiler propagates shardings (jax 0.10's make_mesh defaults to Explicit).
+  Axis types are Auto: the compiler propagates shardings (jax 0.10's make_mesh defaults to Explicit). When the
+  devices belong to several processes, the layout keeps every row block of a batch (the data-parallel axes of
+  the `batch` rule) on one process's devices, which `put_micro_batches` needs: see `mesh_and_layout`.
+  """
+  mesh, layout = mesh_and_layout(shape, devices, rules)
+  several_processes = len({d.process_index for d in mesh.devices.flat}) > 1
+  logging.log(logging.INFO if several_processes else logging.DEBUG, "mesh %s: %s", dict(mesh.shape), layout)
+  return mesh
+
+
+def mesh_and_layout(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> tuple[Mesh, str]:
+  """`make_mesh`'s mesh and a sentence saying which device layout it has and why (for logs and reports).
+
+  One process: `jax.make_mesh`'s layout, which follows the physical torus. Several processes: that layout if
+  the processes split the batch rows between them (`rows_split_between_processes`), else a process-major one:
+  the processes in index order along the data-parallel axes, and the other axes (`tensor`) within each
+  process's devices. On a v5p slice (a host is a 2x2 block of chips) jax lays a tensor axis of 4 along a torus
+  dimension of 4, across two hosts; process-major keeps it in one host.
   """
   shape = dict(shape or {"data": 1, "fsdp": -1, "tensor": 1})
   unknown = set(shape) - set(MESH_AXES)
@@ -94,7 +115,73 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
     logging.warning("mesh: axis sizes %s use %d of the %d devices; the rest stay idle (use -1 for one axis to "
                     "take them all)", dict(zip(MESH_AXES, sizes)), math.prod(sizes), len(devices))
     devices = devices[:math.prod(sizes)]
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if len({d.process_index for d in devices}) == 1:
+    return (jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices),
+            "jax.make_mesh's physical layout (one process)")
+  try:
+    physical = jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+  except (NotImplementedError, AssertionError, ValueError) as error:
+    # jax lays each mesh axis along whole dimensions of the physical torus and refuses sizes that do not
+    # match one (e.g. an axis of 2 on a 4x4x4 slice); grouping devices by process needs no such match.
+    reason = f"jax.make_mesh cannot lay these sizes on the devices ({type(error).__name__}: {error})"
+  else:
+    if rows_split_between_processes(physical, rules):
+      return physical, "jax.make_mesh's physical layout, in which each process holds its own blocks of batch rows"
+    spread = " x ".join(a for a in _non_batch_axes(rules) if physical.shape[a] > 1)
+    reason = (f"jax.make_mesh's physical layout puts the devices of a block of batch rows (mesh axes {spread}) on "
+              "several processes, which put_micro_batches cannot fill from each process's own rows")
+  grid = _process_major_grid(dict(zip(MESH_AXES, sizes)), devices, rules)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types), f"process-major layout, because {reason}"
+
+
+def _batch_axes(rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+  return tuple(a for a in _as_tuple(dict(rules).get("batch")) if a in MESH_AXES)
+
+
+def _non_batch_axes(rules: Sequence[tuple[str, Any]]) -> tuple[str, ...]:
+  return tuple(a for a in MESH_AXES if a not in _batch_axes(rules))
+
+
+def _process_major_grid(sizes: Mapping[str, int], devices: Sequence[jax.Device], rules) -> np.ndarray:
+  """Devices arranged as a (data, fsdp, tensor) array in which every block of batch rows lies in one process.
+
+  Row blocks are numbered as `logical_to_spec` numbers them (the `batch` rule's axes, first one outermost);
+  process p (in index order) takes the next run of blocks, and each block's devices (the non-batch axes) are
+  consecutive devices of that process, in `mesh_utils.create_device_mesh`'s order for the process's devices
+  (it follows the host's own torus) or, where that refuses them, in id order.
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+
+  by_process: dict[int, list[jax.Device]] = {}
+  for device in sorted(devices, key=lambda d: d.id):
+    by_process.setdefault(device.process_index, []).append(device)
+  per_process = {len(own) for own in by_process.values()}
+  if len(per_process) > 1:
+    raise ValueError(f"mesh: the processes hold different numbers of the mesh's devices ({sorted(per_process)}); "
+                     "give the mesh all of every process's devices (one axis -1)")
+  (local_count,) = per_process
+  batch_axes, other_axes = _batch_axes(rules), _non_batch_axes(rules)
+  group = math.prod(sizes[a] for a in other_axes)
+  if local_count % group:
+    names = " x ".join(f"mesh.{a} ({sizes[a]})" for a in other_axes if sizes[a] > 1) or "1"
+    raise ValueError(
+        f"mesh: {names} must divide each process's {local_count} devices: with several processes every process "
+        "must hold its own blocks of batch rows, so the axes outside the data-parallel ones (data x fsdp) must lie "
+        f"within one process. Choose mesh.tensor among the divisors of {local_count} (e.g. {local_count} on a "
+        "v5p host's 4 chips)")
+  blocks_per_process = local_count // group
+  local_grids = []
+  for process in sorted(by_process):
+    own = by_process[process]
+    try:
+      local = mesh_utils.create_device_mesh((blocks_per_process, group), devices=own)
+    except (NotImplementedError, AssertionError, ValueError):
+      local = np.asarray(own, dtype=object).reshape(blocks_per_process, group)
+    local_grids.append(local)
+  # [blocks, group] -> the batch axes (in the rule's order) and the other axes, then (data, fsdp, tensor).
+  grid = np.concatenate(local_grids).reshape([sizes[a] for a in batch_axes] + [sizes[a] for a in other_axes])
+  return np.transpose(grid, [(batch_axes + other_axes).index(a) for a in MESH_AXES])
 
 
 def mesh_from_config(mesh_config: Mapping[str, Any]) -> Mesh:
@@ -262,17 +349,32 @@ def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
   return math.prod(mesh.shape[a] for a in _as_tuple(dict(rules).get("batch")) if a in mesh.shape)
 
 
+def rows_split_between_processes(mesh: Mesh, rules=DEFAULT_RULES) -> bool:
+  """Whether every process of the mesh holds its own blocks of a batch's rows, the same number each, and no
+  other process holds them: what `put_micro_batches` needs with several processes, each of which supplies the
+  rows of its blocks from its share of the data. Equivalently, the mesh axes outside the `batch` rule (tensor)
+  lie within one process's devices. Always true on one process.
+  """
+  size = data_parallel_size(mesh, rules)
+  row_sharding = logical_sharding(("batch",), rules, mesh, (size,))
+  blocks: dict[int, set[int]] = {}
+  for device, index in row_sharding.devices_indices_map((size,)).items():
+    blocks.setdefault(device.process_index, set()).add(index[0].start)
+  return all(len(held) * len(blocks) == size for held in blocks.values())
+
+
 def _local_row_shards(mesh: Mesh, rules) -> int:
   """How many distinct row blocks of a batch this process's devices hold; checks that the processes split the
   rows between them (rather than each holding all rows, which per-process data cannot fill)."""
   size = data_parallel_size(mesh, rules)
   sharding = logical_sharding(("batch",), rules, mesh, (size,))
   blocks = {index[0].start for index in sharding.addressable_devices_indices_map((size,)).values()}
-  if len(blocks) * jax.process_count() != size:
+  if not rows_split_between_processes(mesh, rules) or len(blocks) * jax.process_count() != size:
     raise ValueError(
         f"put_batch: the mesh {dict(mesh.shape)} splits batch rows into {size} blocks, of which each of the "
         f"{jax.process_count()} processes holds {len(blocks)}: the processes do not divide the rows between them. "
-        "Make the data-parallel axes (data x fsdp) span the processes (e.g. fsdp = -1, tensor within a host)")
+        "Make the data-parallel axes (data x fsdp) span the processes (e.g. fsdp = -1, tensor within a host) and "
+        "build the mesh with sharding.make_mesh, which keeps the other axes within a process")
   return len(blocks)
 
 

@@ -36,16 +36,42 @@ def test_sizes_and_out_of_memory_messages_parse():
 
 def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_data_parallel_size():
   c = config_lib.load_config_file(str(REPO / "configs" / "default.py"))
-  c.data.max_prompt_length, c.data.max_response_length = 20, 40  # buckets 32 and 64: 96 tokens a row
-  c.actor.micro_batch_tokens = 96 * 5
+  # Buckets 32 and 64 capped at the longest lengths, as train.py collates: 20 + 40 = 60 tokens a row.
+  c.data.max_prompt_length, c.data.max_response_length = 20, 40
+  c.actor.micro_batch_tokens = 60 * 5
   batch = memory_plan.worst_case_micro_batch(c)
-  assert batch["prompt_ids"].shape == (5, 32) and batch["response_ids"].shape == (5, 64)
+  assert batch["prompt_ids"].shape == (5, 20) and batch["response_ids"].shape == (5, 40)
   assert batch["response_mask"].sum() == 5 * 40 and batch["prompt_mask"].sum() == 5 * 20
-  assert batch["advantages"].shape == (5,) and batch["old_logp"].shape == batch["sampler_logp"].shape == (5, 64)
-  assert memory_plan.worst_case_micro_batch(c, data_parallel=4)["prompt_ids"].shape == (8, 32)
+  assert batch["advantages"].shape == (5,) and batch["old_logp"].shape == batch["sampler_logp"].shape == (5, 40)
+  assert memory_plan.worst_case_micro_batch(c, data_parallel=4)["prompt_ids"].shape == (8, 20)
   assert memory_plan.micro_batch_rows(c) == 5
-  c.actor.micro_batch_tokens = 95  # less than one row: a row still gets a micro-batch of its own
+  c.actor.micro_batch_tokens = 59  # less than one row: a row still gets a micro-batch of its own
   assert memory_plan.micro_batch_rows(c) == 1
+
+
+def test_worst_case_micro_batch_stacks_every_hosts_rows():
+  """train.py gives each of P processes ppo_mini_batch_size / P groups of a mini-batch, splits them by the token
+  budget, and put_micro_batches pads each process's rows to its row blocks and stacks the processes' rows."""
+  c = config_lib.load_config_file(str(REPO / "configs" / "default.py"))
+  c.data.max_prompt_length, c.data.max_response_length = 20, 40
+  c.actor.ppo_mini_batch_size, c.rollout.n = 16, 8  # a mini-batch of 128 rows: 64 on each of 2 hosts
+  c.actor.micro_batch_tokens = 60 * 5
+  assert memory_plan.micro_batch_rows(c, num_processes=2) == 5
+  # 4 row blocks, 2 on each host: each host's 5 rows padded to 6, stacked over the 2 hosts.
+  assert memory_plan.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 12
+  assert memory_plan.worst_case_micro_batch(c, data_parallel=4, num_processes=2)["response_ids"].shape == (12, 40)
+  # A budget larger than a host's share: each host's whole share (64 rows) is one micro-batch.
+  c.actor.micro_batch_tokens = 60 * 100
+  assert memory_plan.micro_batch_rows(c) == 100 and memory_plan.micro_batch_rows(c, num_processes=2) == 64
+  assert memory_plan.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 128
+  # The 32B recipe on v5p:4x4x4: 16 hosts, 2 groups (32 rows) each; a budget of one full-length row makes
+  # micro-batches of one row per host, one per data-parallel shard (fsdp 16).
+  big = config_lib.load_config_file(str(REPO / "configs" / "dapo_qwen2_5_32b.py"))
+  big.actor.micro_batch_tokens = 2048 + 20480
+  assert memory_plan.micro_batch_rows(big, num_processes=16) == 1
+  assert memory_plan.global_micro_batch_rows(big, data_parallel=16, num_processes=16) == 16
+  with pytest.raises(ValueError, match="cannot split 6 blocks of batch rows"):
+    memory_plan.global_micro_batch_rows(c, data_parallel=6, num_processes=4)
 
 
 def test_config_errors_for_a_number_of_hosts():
@@ -122,9 +148,13 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   kv = 4 * 2 * dec["slots"] * 2 * 32 * 64 * 4
   assert kv <= chip["kv_cache"] <= kv + 64 * dec["slots"]
   mb = p["micro_batch"]
-  # 63 rows of 32 + 32 tokens fill the budget; put_micro_batches pads them to 64 for the 4 data-parallel shards.
-  assert (mb["rows"], mb["padding_rows"], mb["prompt_width"], mb["response_width"]) == (64, 1, 32, 32)
-  assert mb["tokens"] == 64 * 64 and (mb["rows_per_device"], mb["data_parallel"]) == (16, 4)
+  # Each host's share of a mini-batch is 8 groups x 8 = 64 rows, of which 63 rows of 32 + 32 tokens fill the
+  # budget; put_micro_batches pads them to 64 for the host's 2 of the 4 data-parallel shards and stacks the
+  # 2 hosts' rows: 128 rows, 2 of them padding.
+  assert (mb["mini_batch_rows_per_host"], mb["rows_per_host"], mb["micro_batches_per_update"]) == (64, 63, 2)
+  assert (mb["rows"], mb["padding_rows"], mb["prompt_width"], mb["response_width"]) == (128, 2, 32, 32)
+  assert mb["tokens"] == 128 * 64 and (mb["rows_per_device"], mb["data_parallel"]) == (32, 4)
+  assert p["mesh_layout"].startswith("jax.make_mesh's physical layout")
 
   programs = {r["name"]: r for r in p["programs"]}
   assert set(programs) == {"decode_weights", "prefill", "decode_steps", "old_log_probs", "micro_batch_gradients",
@@ -163,10 +193,9 @@ def test_plan_reports_what_does_not_fit_with_the_compilers_numbers(tiny_plan):
 
 
 
-def test_batch_rows_must_stay_on_one_host_each():
-  """A v5p host is a 2x2 block of chips: a tensor axis of 8 on v5p:4x4x8 spans hosts, so blocks of batch rows
-  are shared between hosts (put_micro_batches refuses that); with tensor 1, or within a host on v5p:2x2x2,
-  each host has its own."""
+def test_planned_meshes_keep_tensor_groups_within_a_host():
+  """A v5p host is a 2x2 block of chips: the planner lays meshes out as sharding.make_mesh does (a host-local
+  tensor axis of 4 process-major on v5p:4x4x8), and a tensor axis of 8, which would span hosts, is refused."""
   reason = _libtpu_missing_reason()
   if reason:
     pytest.skip(reason)
@@ -176,11 +205,18 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
 from jax.experimental import topologies
 from dapo_jax import memory_plan, sharding
-for topology, shape in (("v5p:4x4x8", (1, 16, 8)), ("v5p:4x4x8", (1, 128, 1)), ("v5p:2x2x2", (1, 2, 4))):
+for topology, shape in (("v5p:4x4x8", (1, 32, 4)), ("v5p:4x4x8", (1, 128, 1)), ("v5p:2x2x2", (1, 2, 4)),
+                        ("v5p:4x4x8", (1, 16, 8))):
   devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-  mesh = memory_plan.mesh_for(devices, dict(zip(sharding.MESH_AXES, shape)))
-  print(memory_plan.rows_split_between_hosts(mesh, sharding.DEFAULT_RULES))
+  try:
+    mesh, layout = memory_plan.mesh_for(devices, dict(zip(sharding.MESH_AXES, shape)))
+  except ValueError as error:
+    print("refused:", str(error).split(":")[1].strip())
+    continue
+  print(memory_plan.num_processes_of(devices), sharding.rows_split_between_processes(mesh), layout.split(",")[0])
 """
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split() == ["False", "True", "True"]
+  assert result.stdout.splitlines() == [
+      "32 True process-major layout", "32 True jax.make_mesh's physical layout",
+      "2 True jax.make_mesh's physical layout", "refused: mesh.tensor (8) must divide each process's 4 devices"]
