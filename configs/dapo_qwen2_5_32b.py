@@ -21,11 +21,11 @@ def get_config(arg: str | None = None):
   c.rollout.val_kwargs.n = 32
   c.rollout.val_kwargs.top_p = 0.7
   c.actor.ppo_mini_batch_size = 32
-  # Sized for a v5p-256 slice (v5p:4x4x8, 128 chips) with scripts/plan_memory.py (README, "Memory plan"): one
-  # full-length row (2048 + 20480 tokens, padded to the 2048 + 32768 length buckets) per data-parallel shard,
-  # data x fsdp = 16 here. Two rows per shard do not fit (the gradients need 142.3 GiB a chip); scale the budget
-  # with data x fsdp on another slice.
-  c.actor.micro_batch_tokens = 16 * (2048 + 32768)
+  # Per host (train.py splits each host's share of a mini-batch by this budget): one full-length trajectory,
+  # 2048 + 20480 tokens (length buckets stop at the maximum lengths). With tensor 4 a v5p host holds one block
+  # of batch rows, so a global micro-batch is one row per data-parallel shard on any v5p slice: 16 rows on
+  # v5p-128, 32 on v5p-256 (scripts/plan_memory.py; README, "Memory plan").
+  c.actor.micro_batch_tokens = 2048 + 20480
   c.actor.loss_agg_mode = "token-mean"
   c.actor.clip_ratio_low, c.actor.clip_ratio_high, c.actor.clip_ratio_c = 0.2, 0.28, 10.0
   c.actor.optim.lr = 1e-6
@@ -43,16 +43,13 @@ def get_config(arg: str | None = None):
   c.model.dtype = "bfloat16"
   c.model.param_dtype = "float32"
   c.model.remat = True
-  # Planned on v5p:4x4x8 (95.74 GiB usable a chip; README, "Memory plan"): peak 87.4 GiB a chip, in the rollout's
-  # prefill (the sampler's float32 copy of the params, tensor parallel over a host's 4 chips, 30.5 GiB; its
-  # bfloat16 decode weights 15.6 GiB; the KV caches of 16 slots 22.0 GiB; the trainer's share of params and
-  # optimizer state 2.9 GiB). The update peaks at 63.2 GiB (micro-batch gradients). A tensor axis of 8 (40 heads,
-  # 8 KV heads) is what fits the gradients: with tensor = 1 they need 764.6 GiB, with 4 (v5p:4x4x4, whose 4x4x4
-  # torus cannot hold a tensor axis of 8) 96.6 GiB. Not yet runnable on several hosts: sharding.put_micro_batches
-  # needs each host to hold its own blocks of batch rows, and jax lays this tensor axis across two 2x2-chip hosts
-  # (the planner flags it). A host-local tensor axis of 4 fits once collate caps its widths at the longest
-  # prompt and response (2048 + 20480): v5p:4x4x4 then peaks at 90.2 GiB (README, "Memory plan").
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 8
+  # Tensor parallel over a v5p host's 4 chips, FSDP over the hosts: make_mesh keeps each tensor group in one
+  # host, so each host feeds its own rows (a tensor axis of 8 would span two hosts and is refused). Planned
+  # (95.74 GiB usable a chip): v5p:4x4x4 (v5p-128) peaks at 90.6 GiB, v5p:4x4x8 (v5p-256) at 87.7 GiB, both in
+  # the rollout's prefill (the sampler's float32 copy of the params over a host's 4 chips, 30.5 GiB; its bfloat16
+  # decode weights 16.0 GiB; the KV caches of 16 slots 22.0 GiB); the update peaks at 59.7 / 67.5 GiB (micro-batch
+  # gradients, one 22,528-token row per data-parallel shard).
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
   # Per host (each host samples on its own chips); 16 is one group of rollout.n, the least validate() accepts.
   c.rollout.max_concurrent_decodes = 16
   # One decode step per device call: a call that scans several steps holds another ~1.4x of the KV caches in

@@ -541,7 +541,8 @@ def format_plan(p: Plan) -> str:
   share = "a mini-batch" if p.num_processes == 1 else f"each of the {p.num_processes} hosts' share of a mini-batch"
   count = mb["micro_batches_per_update"]
   made = (f"  {share} ({mb['mini_batch_rows_per_host']} rows) is split by actor.micro_batch_tokens into "
-          f"{count} micro-batch{'es' if count > 1 else ''} of up to {mb['rows_per_host']} rows")
+          f"{count} micro-batch{'es' if count > 1 else ''} of up to {mb['rows_per_host']} "
+          f"row{'s' if mb['rows_per_host'] > 1 else ''}")
   where = ""
   if p.num_processes > 1:
     sampler_mesh = " ".join(f"{k}={v}" for k, v in p.sampler_mesh.items())

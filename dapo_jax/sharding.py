@@ -168,8 +168,7 @@ def _process_major_grid(sizes: Mapping[str, int], devices: Sequence[jax.Device],
     raise ValueError(
         f"mesh: {names} must divide each process's {local_count} devices: with several processes every process "
         "must hold its own blocks of batch rows, so the axes outside the data-parallel ones (data x fsdp) must lie "
-        f"within one process. Choose mesh.tensor among the divisors of {local_count} (e.g. {local_count} on a "
-        "v5p host's 4 chips)")
+        f"within one process. Choose sizes that divide {local_count} (e.g. mesh.tensor = 4 on v5p, 4 chips a host)")
   blocks_per_process = local_count // group
   local_grids = []
   for process in sorted(by_process):

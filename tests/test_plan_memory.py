@@ -64,10 +64,10 @@ def test_worst_case_micro_batch_stacks_every_hosts_rows():
   c.actor.micro_batch_tokens = 60 * 100
   assert memory_plan.micro_batch_rows(c) == 100 and memory_plan.micro_batch_rows(c, num_processes=2) == 64
   assert memory_plan.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 128
-  # The 32B recipe on v5p:4x4x4: 16 hosts, 2 groups (32 rows) each; a budget of one full-length row makes
+  # The 32B recipe on v5p:4x4x4: 16 hosts, 2 groups (32 rows) each; its budget of one full-length row makes
   # micro-batches of one row per host, one per data-parallel shard (fsdp 16).
   big = config_lib.load_config_file(str(REPO / "configs" / "dapo_qwen2_5_32b.py"))
-  big.actor.micro_batch_tokens = 2048 + 20480
+  assert big.actor.micro_batch_tokens == 2048 + 20480
   assert memory_plan.micro_batch_rows(big, num_processes=16) == 1
   assert memory_plan.global_micro_batch_rows(big, data_parallel=16, num_processes=16) == 16
   with pytest.raises(ValueError, match="cannot split 6 blocks of batch rows"):
