@@ -124,7 +124,8 @@ def mesh_and_layout(shape: Mapping[str, int] | None = None, devices: Sequence[ja
   except (NotImplementedError, AssertionError, ValueError) as error:
     # jax lays each mesh axis along whole dimensions of the physical torus and refuses sizes that do not
     # match one (e.g. an axis of 2 on a 4x4x4 slice); grouping devices by process needs no such match.
-    reason = f"jax.make_mesh cannot lay these sizes on the devices ({type(error).__name__}: {error})"
+    first_sentence = str(error).split(". ")[0]
+    reason = f"jax.make_mesh cannot lay these sizes on the devices ({type(error).__name__}: {first_sentence})"
   else:
     if rows_split_between_processes(physical, rules):
       return physical, "jax.make_mesh's physical layout, in which each process holds its own blocks of batch rows"
