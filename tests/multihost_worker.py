@@ -4,9 +4,10 @@
 
 The test writes WORKDIR/inputs.npz (this process's share of a mini-batch, as micro-batches of its own shapes)
 and a Hugging Face checkpoint WORKDIR/hf. Together the processes load the checkpoint onto a global mesh, place
-their rows, compute old log-probs, the mini-batch gradients and one DAPO update, save and restore an orbax
-checkpoint of the train state, and each samples greedily on its own devices from weights resharded out of the
-trainer's layout. Process 0 writes WORKDIR/outputs.npz (everything gathered); each writes its greedy tokens.
+their rows, compute old log-probs (again on a mesh that make_mesh must lay out process-major, checked equal),
+the mini-batch gradients and one DAPO update, save and restore an orbax checkpoint of the train state, and each
+samples greedily on its own devices from weights resharded out of the trainer's layout. Process 0 writes
+WORKDIR/outputs.npz (everything gathered); each writes its greedy tokens.
 """
 import json
 import os
@@ -51,6 +52,23 @@ def main(process_id: int, num_processes: int, coordinator_address: str, workdir:
   placed = sharding.put_micro_batches(local_micro_batches, mesh)
   old_logps = [step.old_log_probs(params, mb, model_config=config, temperature=settings["temperature"])
                for mb in placed]
+
+  # Devices listed so that jax's own layout would give every tensor pair one device of each process (as jax lays
+  # a tensor axis of 4 across two v5p hosts): make_mesh lays the mesh out process-major instead, each process
+  # places its own rows on it, and the old log-probs are those of the mesh above.
+  by_process = [sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+                for p in range(num_processes)]
+  interleaved = [d for same_position in zip(*by_process) for d in same_position]
+  crossed, layout = sharding.mesh_and_layout({"data": 1, "fsdp": -1, "tensor": 2}, devices=interleaved)
+  assert layout.startswith("process-major") and sharding.rows_split_between_processes(crossed), layout
+  assert all(len({d.process_index for d in pair}) == 1 for pair in crossed.devices.reshape(-1, 2))
+  crossed_params = jax.device_put(params, sharding.param_shardings(qwen2.abstract_model(config), crossed))
+  crossed_logps = [step.old_log_probs(crossed_params, mb, model_config=config, temperature=settings["temperature"])
+                   for mb in sharding.put_micro_batches(local_micro_batches, crossed)]
+  for ours, theirs in zip(multihost_utils.process_allgather(old_logps, tiled=True),
+                          multihost_utils.process_allgather(crossed_logps, tiled=True)):
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-6)
+  del crossed_params, crossed_logps
 
   loss_config = step.LossConfig(agg_mode=settings["agg_mode"], temperature=settings["temperature"])
   optimizer = step.make_optimizer(learning_rate=settings["learning_rate"])
