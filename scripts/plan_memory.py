@@ -10,9 +10,11 @@ reports per-chip params, optimizer state, gradients, decode weights, KV cache, e
 outputs / temporaries, the peak of each phase of a rollout step and whether it fits the chip's HBM
 (`dapo_jax/memory_plan.py`). Topologies are named as jax names them: `v5p:4x4x4` is a v5p-128 (64 chips),
 `v5e:4x4` a v5litepod-16, `v6e:4x4` a v6e-16. Override config values with `--config.KEY=VALUE` (e.g.
-`--config.mesh.tensor=8 --config.actor.micro_batch_tokens=...`). The model shape is the config's
+`--config.mesh.tensor=2 --config.actor.micro_batch_tokens=45056`). The model shape is the config's
 `model.preset` or `model.hf_checkpoint` config.json, else `--model`, else the Qwen2.5 size in the config's
-file name (configs/dapo_qwen2_5_32b.py: qwen2.5-32b).
+file name (configs/dapo_qwen2_5_32b.py: qwen2.5-32b). The mesh is laid out as the training program lays it
+(`sharding.make_mesh`: on several hosts, tensor within a host) and the micro-batch is the one every host's
+share of a mini-batch makes (hosts = the topology's processes, 4 chips each on v5p).
 """
 import json
 import os
