@@ -18,16 +18,17 @@ Randomness. The token at response position t is drawn with `fold_in(response_key
 comes from (seed, prompt index, sample index) (`sampling.response_key`), so a response does not depend on the
 slot it runs in or on what runs beside it.
 
-Speed (decode is most of an RL step). Decode steps read `DecodeWeights`: the decoder layers' weights unstacked
-into one array per layer and weight, in the compute dtype, with the q, k and v projections fused into one
-matrix and the MLP's gate and up into another (fewer, larger matrix products). Slicing a layer out of the
-stacked weights inside the step function would copy it on every call. The layer loop is unrolled in Python (not
-scanned) so that each layer's KV cache is its own buffer, updated in place across steps, where a scan over
-stacked layers copies every layer's cache in and out of the loop on every step. The price is a second copy of
-the layer weights while decoding (made once per run by `decode_weights`). The caches are laid out so that both
-attention contractions are plain batched matrix products over (slot, KV head): keys [slots, kv_heads, head_dim,
-length], values [slots, kv_heads, length, head_dim] (on CPU several times faster than attention over the model's
-[slots, length, kv_heads, head_dim] layout). The prefill applies the LM head to each prompt's last token only.
+Speed (decode is most of an RL step). Decode steps read `DecodeWeights`: the decoder layers' weights unstacked into
+one array per layer and weight, in the compute dtype, with the q, k and v projections fused into one matrix and the
+MLP's gate and up into another (fewer, larger matrix products). Slicing a layer out of the stacked weights inside
+the step function would copy it on every call. The layer loop is unrolled in Python (not scanned) so that each
+layer's KV cache is its own buffer, updated in place across steps, where a scan over stacked layers copies every
+layer's cache in and out of the loop on every step. The price is a second copy of the layer weights while decoding
+(made once per run by `decode_weights`; the embedding and LM head are read in place). The caches are laid out so
+that both attention contractions are plain batched matrix products over (slot, KV head): keys [slots, kv_heads,
+head_dim, length], values [slots, kv_heads, length, head_dim] (on CPU several times faster than attention over the
+model's [slots, length, kv_heads, head_dim] layout). The prefill applies the LM head to each prompt's last token
+only.
 """
 from collections.abc import Callable
 import functools
@@ -94,7 +95,18 @@ class DecodeWeights(NamedTuple):
 
 
 def decode_weights(params: qwen2.Params, config: Qwen2Config) -> DecodeWeights:
-  """Unstacks the decoder layers of `params` (the model's plain dict) into `DecodeWeights`.
+  """`params` (the model's plain dict) as `DecodeWeights`: the head used as it is, the layers from
+  `decode_layers`."""
+  return DecodeWeights(head=decode_head(params), layers=decode_layers(params, config))
+
+
+def decode_head(params: qwen2.Params) -> dict[str, jax.Array]:
+  """The embedding, final norm and (untied) LM head of `params`, the same arrays (not copies)."""
+  return {name: params[name] for name in ("embed", "final_norm", "lm_head") if name in params}
+
+
+def decode_layers(params: qwen2.Params, config: Qwen2Config) -> tuple[dict[str, jax.Array], ...]:
+  """Unstacks the decoder layers of `params` into `DecodeWeights.layers`.
 
   The query, key and value projections become one matrix, grouped by KV head: for each KV head, the `group`
   query heads that share it, then its key, then its value ([embed, kv_heads, group + 2, head_dim]). One matrix
@@ -121,8 +133,7 @@ def decode_weights(params: qwen2.Params, config: Qwen2Config) -> DecodeWeights:
         "gate_up_kernel": jnp.stack([layer["gate_kernel"], layer["up_kernel"]], axis=1).astype(dtype),
         "down_kernel": layer["down_kernel"].astype(dtype),
     })
-  head = {name: params[name] for name in ("embed", "final_norm", "lm_head") if name in params}
-  return DecodeWeights(head=head, layers=tuple(layers))
+  return tuple(layers)
 
 
 def init_decode_state(config: Qwen2Config, num_slots: int, max_length: int, dtype=None,
@@ -321,11 +332,13 @@ def decode_state_shardings(config: Qwen2Config, mesh: jax.sharding.Mesh, num_slo
 
 
 class JittedFunctions(NamedTuple):
-  """`decode_weights(params)`, `prefill(params, tokens, lengths)`,
+  """`decode_layers(params)`, `prefill(params, tokens, lengths)`,
   `insert(prefix, state, prefix_rows, slots, response_keys, sampling)` and
   `decode_steps(weights, state, num_steps, sampling, attend_length=None)`, jitted for one config (and
-  decode-state sharding)."""
+  decode-state sharding); `decode_weights(params)` combines `decode_layers` with the params' own head arrays
+  (a jitted function would return copies of them: 130 MB for a 32000-token vocabulary at width 512)."""
   decode_weights: Callable
+  decode_layers: Callable
   prefill: Callable
   insert: Callable
   decode_steps: Callable
@@ -353,8 +366,14 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
     state, output = decode_steps(weights, config, state, num_steps, sampling, attend_length)
     return constrain(state), output
 
+  layers_fn = jax.jit(functools.partial(decode_layers, config=config))
+
+  def weights_fn(params):
+    return DecodeWeights(head=decode_head(params), layers=layers_fn(params))
+
   return JittedFunctions(
-      decode_weights=jax.jit(functools.partial(decode_weights, config=config)),
+      decode_weights=weights_fn,
+      decode_layers=layers_fn,
       prefill=jax.jit(prefill_fn),
       insert=jax.jit(insert_fn, static_argnames=("sampling",), donate_argnames=("state",)),
       decode_steps=jax.jit(decode_fn, static_argnames=("num_steps", "sampling", "attend_length"),
