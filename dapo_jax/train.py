@@ -29,6 +29,7 @@ With one process each rule is the single-host one.
 """
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -331,6 +332,24 @@ class _Preemption:
 _BATCH_DECIDED, _DATA_RAN_OUT, _GEN_BATCHES_SPENT = 0, 1, 2
 
 
+def _sampler_params(params: qwen2.Params, shardings, dtype) -> qwen2.Params:
+  """The sampler's copy of the trainer's params: in the compute dtype `dtype`, in the sampler's layout.
+
+  Every use of a weight in the prefill and decode passes casts it to the compute dtype first, so a copy made in
+  that dtype samples exactly the same tokens; with bfloat16 compute over float32 master weights it takes half
+  the memory (the 32B recipe's copy on a 4-chip host: 15 instead of 30 GiB a chip) and spares the casts. The cast
+  runs in the trainer's layout (small shards), then `sharding.reshard` moves the copy on the devices.
+  """
+  if any(leaf.dtype != dtype for leaf in jax.tree.leaves(params)):
+    params = _cast(params, dtype)
+  return sharding.reshard(params, shardings)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
 def _own_loop_state(meta: dict) -> dict:
   """This process's data-iterator and dynamic-sampling state from a checkpoint's metadata: a list indexed by
   process (checkpoints of single-process runs saved before multi-host support keep it at the top level)."""
@@ -387,8 +406,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 tis_cap=config.actor.tis_cap, logits_chunk_size=config.actor.logits_chunk_size)
   # The sampler's own layout: tensor parallel only (decode reads every weight for each token, so FSDP would
   # gather the weights again at every step: `sharding.DECODE_RULES`). With several hosts each process samples
-  # its own prompts, on its own devices. Each rollout step and validation samples from a copy resharded from
-  # the trainer's params (`sharding.reshard`, on the devices), dropped after sampling.
+  # its own prompts, on its own devices. Each rollout step and validation samples from a copy of the trainer's
+  # params in the compute dtype, resharded on the devices (`_sampler_params`), dropped after sampling.
   sampler_mesh = mesh if num_processes == 1 else sharding.process_local_mesh()
   sampler_shardings = sharding.param_shardings(qwen2.abstract_model(model_config), sampler_mesh,
                                                sharding.DECODE_RULES)
@@ -413,8 +432,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def run_validation(at_step: int) -> dict:
     logging.info("Validation at rollout step %d (%d problems x %d samples) ...", at_step, len(val_prompts),
                  config.rollout.val_kwargs.n)
-    val = _validate(sharding.reshard(params, sampler_shardings), sampler, val_prompts, config, tokenizer,
-                    score_fns, pool, seed=config.trainer.seed + 10**6)
+    val = _validate(_sampler_params(params, sampler_shardings, model_config.dtype), sampler, val_prompts, config,
+                    tokenizer, score_fns, pool, seed=config.trainer.seed + 10**6)
     writer.write_scalars(at_step, val)
     logging.info("step %d validation: %s", at_step,
                  json.dumps({k: round(v, 4) for k, v in val.items() if "mean@" in k or "pass@1" in k}))
@@ -453,7 +472,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_exhausted = False
     spent: filtering.DynamicSamplingExhausted | None = None
     seed = (config.trainer.seed * 1_000_003 + rollout_step * num_processes + process_index) % 2**31
-    sampler_params = sharding.reshard(params, sampler_shardings)
+    sampler_params = _sampler_params(params, sampler_shardings, model_config.dtype)
     with sampler.start(sampler_params, n=config.rollout.n, seed=seed, sampling=train_sampling) as run:
       try:
         while not dynamic.is_decided():

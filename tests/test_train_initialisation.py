@@ -1,7 +1,10 @@
-"""Where a run's first weights come from: a Hugging Face checkpoint directory, or another run's checkpoint."""
+"""Where a run's first weights come from (a Hugging Face checkpoint directory, or another run's checkpoint), and
+the sampler's copy of them."""
 import os
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -9,9 +12,13 @@ import transformers
 
 from dapo_jax import checkpoint
 from dapo_jax import config as config_lib
+from dapo_jax import sharding
 from dapo_jax import train
 from dapo_jax.data import synthetic
+from dapo_jax.model import qwen2
 from dapo_jax.model import tokenizer as tokenizer_lib
+from dapo_jax.model.config import get_preset
+from dapo_jax.rollout import sampler as sampler_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -78,3 +85,26 @@ def test_resume_from_seeds_a_fresh_workdir(hf_checkpoint, tmp_path):
   from_second = checkpoint.load_policy(second).params
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(jax.tree.leaves(from_first), jax.tree.leaves(from_second)))
+
+
+def test_the_samplers_compute_dtype_copy_samples_what_the_master_weights_sample():
+  # bfloat16 compute over float32 master weights: the sampler's copy is made in bfloat16 (half the memory), and
+  # since every use of a weight casts it to the compute dtype anyway, the tokens and log-probs are the same.
+  model_config = get_preset("tiny", dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  params = qwen2.Qwen2(model_config, rngs=nnx.Rngs(3)).params
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2])
+  shardings = sharding.param_shardings(qwen2.abstract_model(model_config), mesh, sharding.DECODE_RULES)
+  copy = train._sampler_params(params, shardings, model_config.dtype)  # pylint: disable=protected-access
+  assert {leaf.dtype for leaf in jax.tree.leaves(copy)} == {jnp.dtype(jnp.bfloat16)}
+  assert all(leaf.sharding == target for leaf, target in zip(jax.tree.leaves(copy), jax.tree.leaves(shardings)))
+  sampler = sampler_lib.GroupSampler(model_config, num_slots=4, max_prompt_length=8, max_response_length=12,
+                                     mesh=mesh)
+  prompts = [[5, 6, 7], [1, 2, 3, 4, 9]]
+  sampling = sampler_lib.SamplingParams(temperature=1.0, top_p=0.9)
+  reference = sampler.sample(sharding.reshard(params, shardings), prompts, n=2, seed=1, sampling=sampling)
+  ours = sampler.sample(copy, prompts, n=2, seed=1, sampling=sampling)
+  for expected, got in zip(reference, ours):
+    for a, b in zip(expected.responses, got.responses):
+      np.testing.assert_array_equal(a.token_ids, b.token_ids)
+      np.testing.assert_array_equal(a.logp_full, b.logp_full)
+      np.testing.assert_array_equal(a.logp_sampled, b.logp_sampled)
