@@ -2,8 +2,8 @@
 (seq-mean-token-mean), no dynamic sampling, generation batch = train batch (DAPO_SPEC.md section 9).
 
 Mesh, micro-batch budget and decode slots are the full recipe's, and so is the memory plan
-(scripts/plan_memory.py: the same peaks a chip, 90.6 GiB on v5p:4x4x4 and 87.7 GiB on v5p:4x4x8; the loss mode
-changes no buffer size)."""
+(scripts/plan_memory.py: the same peaks a chip, 87.1 GiB on v5p:2x4x4, 81.4 on v5p:4x4x4 and 78.5 on v5p:4x4x8;
+the loss mode changes no buffer size)."""
 import os
 
 from dapo_jax import config as config_lib

@@ -45,15 +45,18 @@ def get_config(arg: str | None = None):
   c.model.remat = True
   # Tensor parallel over a v5p host's 4 chips, FSDP over the hosts: make_mesh keeps each tensor group in one
   # host, so each host feeds its own rows (a tensor axis of 8 would span two hosts and is refused). Planned
-  # (95.74 GiB usable a chip): v5p:4x4x4 (v5p-128) peaks at 90.6 GiB, v5p:4x4x8 (v5p-256) at 87.7 GiB, both in
-  # the rollout's prefill (the sampler's float32 copy of the params over a host's 4 chips, 30.5 GiB; its bfloat16
-  # decode weights 16.0 GiB; the KV caches of 16 slots 22.0 GiB); the update peaks at 59.7 / 67.5 GiB (micro-batch
-  # gradients, one 22,528-token row per data-parallel shard).
+  # (95.74 GiB usable a chip; README, "Memory plan"): v5p:2x4x4 (v5p-64) peaks at 87.1 GiB, v5p:4x4x4 (v5p-128)
+  # at 81.4, v5p:4x4x8 (v5p-256) at 78.5, each in the rollout's prefill (the KV caches of 32 slots 44.0 GiB, the
+  # bfloat16 decode weights 14.5 GiB, the sampler's bfloat16 copy of the params over a host's 4 chips 15.3 GiB);
+  # the update peaks at 64.4 / 59.7 / 67.5 GiB (micro-batch gradients, one 22,528-token row per data-parallel
+  # shard).
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
-  # Per host (each host samples on its own chips); 16 is one group of rollout.n, the least validate() accepts.
-  c.rollout.max_concurrent_decodes = 16
+  # Per host (each host samples on its own chips): two groups of rollout.n. Decode reads every weight once per
+  # step whatever the number of slots, so more slots is more tokens per weight read; 64 slots (88 GiB of KV
+  # caches) do not fit.
+  c.rollout.max_concurrent_decodes = 32
   # One decode step per device call: a call that scans several steps holds another ~1.4x of the KV caches in
-  # temporaries (16 slots: 31.6 GiB, which makes the rollout need 102.5 GiB a chip).
+  # temporaries.
   c.rollout.decode_steps_per_call = 1
   if arg:
     config_lib.apply_ablation(c, arg)

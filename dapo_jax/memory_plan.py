@@ -8,7 +8,8 @@ the training program calls it, with the config's worst-case shapes and the progr
            (the config's decode slots, each with a KV cache of prompt + response length, attending to all of
            it), from `dapo_jax/rollout/decoding.py` through a `GroupSampler` on the sampler's mesh (the
            trainer's on one host; with several hosts each samples on its own chips, tensor parallel, as
-           `train.py` does), reading the sampler's copy of the params (`sharding.decode_rules`);
+           `train.py` does), reading the sampler's copy of the params (`sharding.decode_rules`, in the compute
+           dtype);
   update:  `old_log_probs`, `_micro_batch_gradients` and `_apply` from `dapo_jax/rl/step.py`, on the
            micro-batch that `batching.split_by_token_budget` and `batching.collate` make when every trajectory
            of a mini-batch has the longest prompt and response: on each host its share of the mini-batch
@@ -396,8 +397,10 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   param_shardings = sharding_lib.param_shardings(abstract, mesh, rules)
   params = _with_shardings(abstract.params, param_shardings)
   sampler_mesh = sampler_mesh_for(devices, mesh)
-  sampler_params = _with_shardings(abstract.params, sharding_lib.param_shardings(
-      abstract, sampler_mesh, sharding_lib.decode_rules(rules)))
+  # In the compute dtype, as `train.py` makes it (`_sampler_params`).
+  sampler_params = _with_shardings(
+      jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(mc.dtype), p), abstract.params),
+      sharding_lib.param_shardings(abstract, sampler_mesh, sharding_lib.decode_rules(rules)))
   optim = config.actor.optim
   optimizer = step.make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2,
                                   weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
@@ -406,6 +409,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
       optimizer, abstract_opt_state, param_shardings, mesh))
   params_bytes, opt_bytes = per_device_bytes(params), per_device_bytes(opt_state)
   sampler_params_bytes = per_device_bytes(sampler_params)
+  head_bytes = per_device_bytes(decoding.decode_head(sampler_params))
 
   # The largest micro-batch, placed as `sharding.put_micro_batches` places it: every host's largest one (its
   # share of a mini-batch split by the token budget), stacked over the hosts.
@@ -452,7 +456,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   length = prompt_width + response_width
   fwd = forward_flops(mc, rows, length, response_width)
   functions = sampler.functions
-  programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.decode_weights,
+  # The decode weights are the sampler params' own head plus the layers `decode_layers` lays out anew.
+  programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.decode_layers,
                                                           sampler_params)
   weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None
   programs["prefill"], _ = _compile(
@@ -460,8 +465,10 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
       _abstract((prefill_rows, prefill_width), jnp.int32, sampler_replicated),
       _abstract((prefill_rows,), jnp.int32, sampler_replicated))
   if weights_compiled is not None:
-    weights = _with_shardings(jax.eval_shape(functions.decode_weights, sampler_params),
-                              weights_compiled.output_shardings)
+    weights = decoding.DecodeWeights(
+        head=decoding.decode_head(sampler_params),
+        layers=_with_shardings(jax.eval_shape(functions.decode_layers, sampler_params),
+                               weights_compiled.output_shardings))
     programs["decode_steps"], _ = _compile(
         "decode_steps", sampler.steps_per_call * decode_step_flops(mc, slots, sampler.cache_length),
         functions.decode_steps, weights, state, num_steps=sampler.steps_per_call, sampling=sampling)
@@ -489,7 +496,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   phase_specs = [
       ("rollout: decode weights", "decode_weights", dict(trainer)),
       ("rollout: prefill", "prefill", dict(trainer, decode_weights=weights_bytes, kv_cache=kv_bytes)),
-      ("rollout: decode steps", "decode_steps", dict(trainer, sampler_params=sampler_params_bytes)),
+      # decode_steps reads the sampler params' head among its arguments; the rest of them stays beside it.
+      ("rollout: decode steps", "decode_steps", dict(trainer, sampler_params=sampler_params_bytes - head_bytes)),
       ("old log-probs", "old_log_probs", {"optimizer_state": opt_bytes}),
       ("micro-batch gradients", "micro_batch_gradients", {"optimizer_state": opt_bytes,
                                                           "gradient_sum": grads_bytes}),
