@@ -27,6 +27,7 @@ FLOPs are counted analytically: XLA's `cost_analysis()` counts a scanned layer l
 """
 from collections.abc import Mapping, Sequence
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -409,7 +410,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
       optimizer, abstract_opt_state, param_shardings, mesh))
   params_bytes, opt_bytes = per_device_bytes(params), per_device_bytes(opt_state)
   sampler_params_bytes = per_device_bytes(sampler_params)
-  head_bytes = per_device_bytes(decoding.decode_head(sampler_params))
+  # The sampler params' embedding, final norm and LM head, which decode steps read in place.
+  head_bytes = per_device_bytes({name: sampler_params[name] for name in ("embed", "final_norm", "lm_head")
+                                 if name in sampler_params})
 
   # The largest micro-batch, placed as `sharding.put_micro_batches` places it: every host's largest one (its
   # share of a mini-batch split by the token budget), stacked over the hosts.
@@ -456,19 +459,19 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   length = prompt_width + response_width
   fwd = forward_flops(mc, rows, length, response_width)
   functions = sampler.functions
-  # The decode weights are the sampler params' own head plus the layers `decode_layers` lays out anew.
-  programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.decode_layers,
-                                                          sampler_params)
+  # The decode weights: the arrays `new_decode_arrays` lays out anew, and the sampler params' embedding.
+  programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.new_decode_arrays,
+                                                          sampler_params, greedy=sampling.greedy)
   weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None
   programs["prefill"], _ = _compile(
       "prefill", forward_flops(mc, prefill_rows, prefill_width, 1), functions.prefill, sampler_params,
       _abstract((prefill_rows, prefill_width), jnp.int32, sampler_replicated),
       _abstract((prefill_rows,), jnp.int32, sampler_replicated))
   if weights_compiled is not None:
-    weights = decoding.DecodeWeights(
-        head=decoding.decode_head(sampler_params),
-        layers=_with_shardings(jax.eval_shape(functions.decode_layers, sampler_params),
-                               weights_compiled.output_shardings))
+    new_arrays = jax.eval_shape(functools.partial(functions.new_decode_arrays, greedy=sampling.greedy),
+                                sampler_params)
+    weights = decoding.assemble_decode_weights(
+        sampler_params, _with_shardings(new_arrays, weights_compiled.output_shardings), sampling.greedy)
     programs["decode_steps"], _ = _compile(
         "decode_steps", sampler.steps_per_call * decode_step_flops(mc, slots, sampler.cache_length),
         functions.decode_steps, weights, state, num_steps=sampler.steps_per_call, sampling=sampling)

@@ -194,7 +194,7 @@ class QwenEngine(engine_api.Engine):
   def engine_params(self, params: qwen2.Params) -> EngineParams:
     """`EngineParams` of model weights (e.g. freshly trained ones): adds their decode layout (a copy of the
     decoder-layer weights)."""
-    return EngineParams(model=params, decode=self._functions.decode_weights(params))
+    return EngineParams(model=params, decode=self._functions.decode_weights(params, greedy=self.sampling.greedy))
 
   def init_decode_state(self, *args, **kwargs) -> decoding.DecodeState:
     del args, kwargs

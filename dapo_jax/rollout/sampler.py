@@ -257,7 +257,8 @@ class SamplingRun:
   def __init__(self, sampler: GroupSampler, params: qwen2.Params, *, n: int, seed: int, sampling: SamplingParams):
     self._sampler = sampler
     self._params = params  # prefill reads the model's stacked layers
-    self._weights = sampler.functions.decode_weights(params)  # decode steps read unstacked ones
+    # Decode steps read unstacked layers (and, greedy, a [vocab, embed] LM head).
+    self._weights = sampler.functions.decode_weights(params, greedy=sampling.greedy)
     self.n = n
     self.seed = seed
     self.sampling = sampling

@@ -86,9 +86,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) ->
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
   if params.greedy:
-    tokens, best = _first_argmax(logits)
-    logp_full = -jnp.log(jnp.sum(jnp.exp(logits - best[:, None]), axis=-1))  # log_softmax at the maximum
-    return SampledTokens(tokens, jnp.zeros_like(logp_full), logp_full)
+    return _greedy(logits, vocab_axis=1)
 
   scaled = logits / params.temperature
   uniforms = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
@@ -120,29 +118,55 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams) ->
   return SampledTokens(tokens, logp_full - jnp.log(kept_mass), logp_full)
 
 
-def _first_argmax(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The first index of each row's maximum (as `torch.argmax` on ties) and the maximum, for logits [batch, vocab].
+def greedy_vocab_major(logits: jax.Array) -> SampledTokens:
+  """The greedy choice for logits laid out [vocab, batch] (one column per row to choose for), as greedy decode
+  steps make them (`decoding.py`); `sample_tokens(logits.T, _, GREEDY)` without the transpose."""
+  return _greedy(logits, vocab_axis=0)
+
+
+def _greedy(logits: jax.Array, vocab_axis: int) -> SampledTokens:
+  """The argmax (the first one on ties, as `torch.argmax`) over `vocab_axis` of 2-D logits: a point mass, so
+  `logp_sampled` is 0, and `logp_full` is the log-softmax of the unscaled logits there."""
+  logits = logits.astype(jnp.float32)
+  tokens, best = _first_argmax(logits, vocab_axis)
+  logp_full = -jnp.log(jnp.sum(jnp.exp(logits - jnp.expand_dims(best, vocab_axis)), axis=vocab_axis))
+  return SampledTokens(tokens, jnp.zeros_like(logp_full), logp_full)
+
+
+def _first_argmax(logits: jax.Array, vocab_axis: int) -> tuple[jax.Array, jax.Array]:
+  """The first index of the maximum over `vocab_axis` (0 or 1) of 2-D logits, and the maximum.
 
   XLA:CPU's argmax (a variadic reduce of value and index) is several times slower than plain reductions, and
   marking every entry equal to the maximum costs a full pass over the logits too. So the vocabulary is cut into
-  blocks: one pass takes each block's maximum, and only the first block holding the row's maximum is searched
-  for its first index (measured on CPU at 64 rows x 32000: the greedy step after the LM head costs 1 ms instead
-  of 2). Without a block size between 16 and 256 that divides the vocabulary, the whole row is searched.
+  blocks: one pass takes each block's maximum, and only the first block holding the maximum is searched for its
+  first index (measured on CPU at 64 x 32000: the greedy choice after the LM head costs 1 ms instead of 2).
+  Without a block size between 16 and 256 that divides the vocabulary, the whole vocabulary is searched. (The
+  two layouts are written out rather than transposed into one: XLA folds such a transpose into the LM head's
+  matrix product, which then runs several times slower.)
   """
-  batch, vocab = logits.shape
+  vocab = logits.shape[vocab_axis]
   block = next((size for size in range(256, 15, -1) if vocab % size == 0), vocab)
-  blocks = logits.reshape(batch, vocab // block, block)
-  block_max = jnp.max(blocks, axis=-1)  # [batch, blocks]
-  best = jnp.max(block_max, axis=-1)
-  first_block = _first_index(block_max == best[:, None])
-  candidates = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # [batch, block]
-  return first_block * block + _first_index(candidates == best[:, None]), best
+  if vocab_axis == 1:  # [batch, vocab]
+    blocks = logits.reshape(logits.shape[0], vocab // block, block)
+    block_max = jnp.max(blocks, axis=2)  # [batch, blocks]
+    best = jnp.max(block_max, axis=1)
+    first_block = _first_index(block_max == best[:, None], axis=1)
+    candidates = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # [batch, block]
+    return first_block * block + _first_index(candidates == best[:, None], axis=1), best
+  blocks = logits.reshape(vocab // block, block, logits.shape[1])  # [vocab, batch]
+  block_max = jnp.max(blocks, axis=1)  # [blocks, batch]
+  best = jnp.max(block_max, axis=0)
+  first_block = _first_index(block_max == best, axis=0)
+  candidates = jnp.take_along_axis(blocks, first_block[None, None, :], axis=0)[0]  # [block, batch]
+  return first_block * block + _first_index(candidates == best, axis=0), best
 
 
-def _first_index(mask: jax.Array) -> jax.Array:
-  """Per row of a boolean [batch, n], the index of its first True (n - 1 where there is none, e.g. NaN logits)."""
-  n = mask.shape[-1]
-  return jnp.min(jnp.where(mask, jnp.arange(n, dtype=jnp.int32), n - 1), axis=-1)
+def _first_index(mask: jax.Array, axis: int) -> jax.Array:
+  """The index of the first True along `axis` of a 2-D boolean mask (the last index where there is none, e.g.
+  NaN logits)."""
+  n = mask.shape[axis]
+  positions = jnp.expand_dims(jnp.arange(n, dtype=jnp.int32), 1 - axis)
+  return jnp.min(jnp.where(mask, positions, n - 1), axis=axis)
 
 
 def _invert_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:

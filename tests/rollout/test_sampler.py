@@ -67,6 +67,32 @@ def test_attention_window_grows_with_the_responses_and_matches_generate(checkpoi
     assert group.responses[0].token_ids.tolist() == checkpoint.greedy(prompt, 400)
 
 
+@pytest.mark.parametrize("name", ["tied_gqa", "untied_mha"])
+def test_greedy_decode_weights_give_the_same_steps_and_refuse_sampling(checkpoints, name):
+  # Weights made for greedy decoding carry a [vocab, embed] LM head (the embedding itself when tied) and produce
+  # [vocab, slots] logits; the tokens and log-probs are those of the sampling-layout weights.
+  checkpoint = checkpoints[name]
+  config, params = checkpoint.config, checkpoint.params
+  functions = decoding.jitted_functions(config)
+  prompts = jnp.asarray(random_prompts(config.vocab_size, (8, 8, 8), seed=5), jnp.int32)
+  prefix = functions.prefill(params, prompts, jnp.full((3,), 8, jnp.int32))
+  keys = jnp.zeros((3, 2), jnp.uint32)
+  outputs = []
+  for greedy in (False, True):
+    weights = functions.decode_weights(params, greedy=greedy)
+    assert ("unembed" in weights.head) == greedy
+    if greedy and config.tie_word_embeddings:
+      assert weights.head["unembed"] is params["embed"]
+    state = decoding.init_decode_state(config, 3, 32)
+    state = functions.insert(prefix, state, jnp.arange(3), jnp.arange(3), keys, sampling=GREEDY)
+    state, out = functions.decode_steps(weights, state, num_steps=6, sampling=GREEDY)
+    outputs.append(out)
+  np.testing.assert_array_equal(outputs[0].tokens, outputs[1].tokens)
+  np.testing.assert_allclose(outputs[0].logp_full, outputs[1].logp_full, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="greedy"):
+    functions.decode_steps(weights, state, num_steps=1, sampling=SamplingParams(temperature=1.0))
+
+
 def test_greedy_logp_full_is_the_models_log_softmax(checkpoints):
   checkpoint = checkpoints["tied_gqa"]
   prompt = random_prompts(checkpoint.vocab_size, (7,), seed=2)[0]

@@ -66,6 +66,11 @@ def test_greedy_is_the_first_argmax_across_vocabulary_blocks(vocab):
   np.testing.assert_array_equal(out.tokens, torch.argmax(torch.from_numpy(logits), dim=-1).numpy())
   expected = jax.nn.log_softmax(jnp.asarray(logits))[jnp.arange(6), out.tokens]
   np.testing.assert_allclose(out.logp_full, expected, rtol=1e-5, atol=1e-6)
+  # The same choice from the [vocab, batch] layout greedy decode steps use.
+  columns = sampling.greedy_vocab_major(jnp.asarray(logits.T))
+  np.testing.assert_array_equal(columns.tokens, out.tokens)
+  np.testing.assert_allclose(columns.logp_full, out.logp_full, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(columns.logp_sampled, 0.0)
 
 def test_untruncated_sampling_matches_the_softmax(logits_row):
   temperature = 0.8
