@@ -459,7 +459,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   length = prompt_width + response_width
   fwd = forward_flops(mc, rows, length, response_width)
   functions = sampler.functions
-  # The decode weights: the arrays `new_decode_arrays` lays out anew, and the sampler params' embedding.
+  # The decode weights: the arrays `new_decode_arrays` lays out anew, and the sampler params' own head.
   programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.new_decode_arrays,
                                                           sampler_params, greedy=sampling.greedy)
   weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None

@@ -24,11 +24,11 @@ MLP's gate and up into another (fewer, larger matrix products). Slicing a layer 
 the step function would copy it on every call. The layer loop is unrolled in Python (not scanned) so that each
 layer's KV cache is its own buffer, updated in place across steps, where a scan over stacked layers copies every
 layer's cache in and out of the loop on every step. The price is a second copy of the layer weights while decoding
-(made once per run by `decode_weights`; the embedding and LM head are read in place). The caches are laid out so
-that both attention contractions are plain batched matrix products over (slot, KV head): keys [slots, kv_heads,
-head_dim, length], values [slots, kv_heads, length, head_dim] (on CPU several times faster than attention over the
-model's [slots, length, kv_heads, head_dim] layout). The prefill applies the LM head to each prompt's last token
-only.
+(made once per run by `decode_weights`; the embedding and LM head are read in place, but for a transposed copy of
+an untied LM head in greedy runs). The caches are laid out so that both attention contractions are plain batched
+matrix products over (slot, KV head): keys [slots, kv_heads, head_dim, length], values [slots, kv_heads, length,
+head_dim] (on CPU several times faster than attention over the model's [slots, length, kv_heads, head_dim] layout).
+The prefill applies the LM head to each prompt's last token only.
 """
 from collections.abc import Callable
 import functools
