@@ -446,7 +446,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   sampler_replicated = NamedSharding(sampler_mesh, PartitionSpec())
   slots = sampler.num_slots
   state = _with_shardings(
-      jax.eval_shape(lambda: decoding.init_decode_state(mc, slots, sampler.cache_length)), sampler.state_shardings)
+      jax.eval_shape(lambda: decoding.init_decode_state(mc, slots, sampler.cache_length,
+                                                        keys_transposed=sampler.keys_transposed)),
+      sampler.state_shardings)
   kv_bytes = per_device_bytes(state)
   # A prefill call takes the prompts of one length bucket up to the sampler's token budget, padded to a power
   # of two rows (`SamplingRun._prefill_next`); the longest bucket is the largest call.

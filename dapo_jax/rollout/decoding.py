@@ -44,15 +44,31 @@ from dapo_jax.rollout import sampling as sampling_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
 # Logical axes (dapo_jax/sharding.py rules) of the decode state's per-layer key and value caches and per-slot
-# vectors.
-KEY_CACHE_AXES = ("cache_batch", "kv_heads", "head_dim", "cache_length")
+# vectors. Keys are stored transposed (head_dim before length) on CPU only: see `keys_transposed_on`.
+TRANSPOSED_KEY_CACHE_AXES = ("cache_batch", "kv_heads", "head_dim", "cache_length")
 VALUE_CACHE_AXES = ("cache_batch", "kv_heads", "cache_length", "head_dim")
 SLOT_AXES = ("cache_batch",)
 
 
+def keys_transposed_on(platform: str) -> bool:
+  """Whether decode caches on `platform` ("cpu", "tpu", "gpu") store keys [slots, kv_heads, head_dim, length]
+  rather than [slots, kv_heads, length, head_dim] like the values.
+
+  On CPU the transposed keys make attention's scores a plain matrix product per (slot, KV head), 1.7x faster at
+  64 slots. On TPU they cost more than they save: writing one position per slot is then a column of the (8, 128)
+  memory tiles, and XLA copies each layer's key cache into another layout and back on every step (seen in
+  AOT-compiled v5p decode steps); keys laid out like the values take a row write and no copy.
+  """
+  return platform == "cpu"
+
+
+def key_cache_axes(keys_transposed: bool) -> tuple[str, ...]:
+  return TRANSPOSED_KEY_CACHE_AXES if keys_transposed else VALUE_CACHE_AXES
+
+
 class Prefix(NamedTuple):
   """The result of prefilling P prompts: their KV caches and the logits of each prompt's next token."""
-  k: jax.Array        # [layers, P, kv_heads, head_dim, bucket_length]
+  k: jax.Array        # [layers, P, kv_heads, head_dim, bucket_length], or like v (`keys_transposed_on`)
   v: jax.Array        # [layers, P, kv_heads, bucket_length, head_dim]
   lengths: jax.Array  # [P] int32: true prompt lengths (cache entries beyond them are padding)
   logits: jax.Array   # [P, vocab] float32: logits after each prompt's last token
@@ -60,7 +76,7 @@ class Prefix(NamedTuple):
 
 class DecodeState(NamedTuple):
   """Everything a decode step transforms, for `num_slots` rows (decode slots)."""
-  k: tuple[jax.Array, ...]   # per layer [slots, kv_heads, head_dim, max_length]
+  k: tuple[jax.Array, ...]   # per layer [slots, kv_heads, head_dim, max_length], or like v (`keys_transposed_on`)
   v: tuple[jax.Array, ...]   # per layer [slots, kv_heads, max_length, head_dim]
   lengths: jax.Array         # [slots] int32: cache entries in use, i.e. the cache index of `tokens` when fed
   tokens: jax.Array          # [slots] int32: the next token of each response, sampled but not yet returned
@@ -152,13 +168,12 @@ def decode_layers(params: qwen2.Params, config: Qwen2Config) -> tuple[dict[str, 
 
 
 def init_decode_state(config: Qwen2Config, num_slots: int, max_length: int, dtype=None,
-                      shardings: DecodeState | None = None) -> DecodeState:
+                      shardings: DecodeState | None = None, keys_transposed: bool = True) -> DecodeState:
   """Empty decode state: every slot free (its outputs are junk until something is inserted into it).
 
   With `shardings` (`decode_state_shardings`) each array is created directly in its sharding.
   """
-  key_shape = (num_slots, config.num_kv_heads, config.head_dim, max_length)
-  value_shape = (num_slots, config.num_kv_heads, max_length, config.head_dim)
+  key_shape, value_shape = _cache_shapes(config, num_slots, max_length, keys_transposed)
   dtype = dtype or config.dtype
 
   def zeros() -> DecodeState:
@@ -172,7 +187,14 @@ def init_decode_state(config: Qwen2Config, num_slots: int, max_length: int, dtyp
   return jax.jit(zeros, out_shardings=shardings)() if shardings is not None else zeros()
 
 
-def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array) -> Prefix:
+def _cache_shapes(config: Qwen2Config, num_slots: int, max_length: int, keys_transposed: bool):
+  value_shape = (num_slots, config.num_kv_heads, max_length, config.head_dim)
+  key_shape = (num_slots, config.num_kv_heads, config.head_dim, max_length) if keys_transposed else value_shape
+  return key_shape, value_shape
+
+
+def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
+            keys_transposed: bool = True) -> Prefix:
   """Runs P right-padded prompts `tokens` [P, bucket_length] with true `lengths` [P] through the model.
 
   Each row's padding is written into its cache beyond its length, where it is never attended to and is
@@ -183,14 +205,14 @@ def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, length
   hidden, cache = qwen2.extend_hidden_states(params, config, cache, tokens, num_new=lengths)
   last_hidden = hidden[jnp.arange(num_prompts), lengths - 1]
   logits = qwen2.logits_from_hidden(params, config, last_hidden).astype(jnp.float32)
-  # [layers, P, length, kv_heads, head_dim] -> the decode layouts (keys [.., kv_heads, head_dim, length],
-  # values [.., kv_heads, length, head_dim]).
-  return Prefix(k=jnp.transpose(cache.k, (0, 1, 3, 4, 2)), v=jnp.swapaxes(cache.v, 2, 3),
-                lengths=lengths.astype(jnp.int32), logits=logits)
+  # [layers, P, length, kv_heads, head_dim] -> the decode layouts (values [.., kv_heads, length, head_dim], keys
+  # the same or [.., kv_heads, head_dim, length]).
+  k = jnp.transpose(cache.k, (0, 1, 3, 4, 2)) if keys_transposed else jnp.swapaxes(cache.k, 2, 3)
+  return Prefix(k=k, v=jnp.swapaxes(cache.v, 2, 3), lengths=lengths.astype(jnp.int32), logits=logits)
 
 
 def insert(prefix: Prefix, state: DecodeState, prefix_rows: jax.Array, slots: jax.Array,
-           response_keys: jax.Array, sampling: SamplingParams) -> DecodeState:
+           response_keys: jax.Array, sampling: SamplingParams, keys_transposed: bool = True) -> DecodeState:
   """Starts responses: slot `slots[j]` gets prompt `prefix_rows[j]` of the prefix and the key `response_keys[j]`.
 
   Several slots may take the same prefix row (the samples of one group share one prefill). A slot index
@@ -207,6 +229,8 @@ def insert(prefix: Prefix, state: DecodeState, prefix_rows: jax.Array, slots: ja
       prefix.logits[rows], sampling_lib.token_keys(response_keys, jnp.zeros_like(rows)), sampling)
 
   def put_keys(cache_layer, prefix_layer):
+    if not keys_transposed:
+      return put_values(cache_layer, prefix_layer)
     return cache_layer.at[slots, :, :, :bucket_length].set(prefix_layer[rows].astype(cache_layer.dtype),
                                                            mode="drop")
 
@@ -228,7 +252,8 @@ def insert(prefix: Prefix, state: DecodeState, prefix_rows: jax.Array, slots: ja
 
 
 def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, num_steps: int,
-                 sampling: SamplingParams, attend_length: int | None = None) -> tuple[DecodeState, DecodeOutput]:
+                 sampling: SamplingParams, attend_length: int | None = None, keys_transposed: bool = True
+                 ) -> tuple[DecodeState, DecodeOutput]:
   """`num_steps` decode steps for every slot in one device call.
 
   Each step returns the slots' next tokens, feeds them to the model and samples the following ones. Slots
@@ -242,7 +267,7 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
   attend_length = state.max_length if attend_length is None else min(attend_length, state.max_length)
 
   def step(state: DecodeState, _):
-    logits, k, v = _decode_forward(weights, config, state, attend_length)
+    logits, k, v = _decode_forward(weights, config, state, attend_length, keys_transposed)
     if "unembed" in weights.head:
       if not sampling.greedy:
         raise ValueError("decode_steps: these weights were made for greedy decoding (decode_weights(greedy=True))")
@@ -260,8 +285,8 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
   return state, DecodeOutput(tokens=tokens.T, logp_sampled=logp_sampled.T, logp_full=logp_full.T)
 
 
-def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeState,
-                    attend_length: int) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, attend_length: int,
+                    keys_transposed: bool) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """One token per slot through the model: logits (float32; [slots, vocab], or [vocab, slots] with weights made
   for greedy decoding) and the updated per-layer caches.
 
@@ -284,10 +309,15 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeSt
     qk = qwen2.apply_rotary(qkv[:, :, :group + 1].reshape(num_slots, 1, -1, head_dim), cos, sin)
     qk = qk.reshape(num_slots, -1, group + 1, head_dim)
     q, k, v = qk[:, :, :group], qk[:, :, group], qkv[:, :, group + 1]  # [slots, kv, group, d], [slots, kv, d] x2
-    k_cache = k_cache.at[slots, :, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
+    if keys_transposed:
+      k_cache = k_cache.at[slots, :, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
+      keys = k_cache[..., :attend_length]
+    else:
+      k_cache = k_cache.at[slots, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
+      keys = k_cache[:, :, :attend_length]
     v_cache = v_cache.at[slots, :, state.lengths].set(v.astype(v_cache.dtype), mode="drop")
-    attn = _slot_attention(q, k_cache[..., :attend_length].astype(dtype),
-                           v_cache[:, :, :attend_length].astype(dtype), visible)
+    attn = _slot_attention(q, keys.astype(dtype), v_cache[:, :, :attend_length].astype(dtype), visible,
+                           keys_transposed)
     h = h + attn @ layer["o_kernel"]
     x = qwen2.rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
     gate_up = jnp.einsum("be,etm->btm", x, layer["gate_up_kernel"])
@@ -305,15 +335,17 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeSt
   return logits, tuple(new_k), tuple(new_v)
 
 
-def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-  """Grouped-query attention of one query per slot: q [slots, kv_heads, group, d], k [slots, kv_heads, d, length],
-  v [slots, kv_heads, length, d], visible [slots, length]; returns [slots, heads * d] (heads kv-major, as the
-  model numbers them).
+def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+                    keys_transposed: bool = True) -> jax.Array:
+  """Grouped-query attention of one query per slot: q [slots, kv_heads, group, d], k [slots, kv_heads, d, length]
+  (keys_transposed) or [slots, kv_heads, length, d], v [slots, kv_heads, length, d], visible [slots, length];
+  returns [slots, heads * d] (heads kv-major, as the model numbers them).
 
   The same arithmetic as `qwen2.attention` (float32 scores and softmax), in the cache's layout.
   """
   num_slots, num_kv_heads, group, head_dim = q.shape
-  scores = jnp.einsum("bkgd,bkdt->bkgt", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+  scores = jnp.einsum("bkgd,bkdt->bkgt" if keys_transposed else "bkgd,bktd->bkgt", q, k,
+                      preferred_element_type=jnp.float32) * (head_dim ** -0.5)
   scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgt,bktd->bkgd", probs, v)
@@ -343,15 +375,14 @@ def attention_window(cache_lengths_needed: int, max_length: int, minimum: int = 
 
 
 def decode_state_shardings(config: Qwen2Config, mesh: jax.sharding.Mesh, num_slots: int, max_length: int,
-                           rules=None) -> DecodeState:
+                           rules=None, keys_transposed: bool = True) -> DecodeState:
   """NamedShardings of a decode state on `mesh`: slots over the data-parallel axes, KV heads over `tensor`.
 
   An axis that does not divide its dimension is replicated instead (as for the weights, `dapo_jax/sharding.py`).
   """
   rules = rules or sharding_lib.DEFAULT_RULES
-  key_shape = (num_slots, config.num_kv_heads, config.head_dim, max_length)
-  value_shape = (num_slots, config.num_kv_heads, max_length, config.head_dim)
-  key_cache = sharding_lib.logical_sharding(KEY_CACHE_AXES, rules, mesh, key_shape)
+  key_shape, value_shape = _cache_shapes(config, num_slots, max_length, keys_transposed)
+  key_cache = sharding_lib.logical_sharding(key_cache_axes(keys_transposed), rules, mesh, key_shape)
   value_cache = sharding_lib.logical_sharding(VALUE_CACHE_AXES, rules, mesh, value_shape)
   slot = sharding_lib.logical_sharding(SLOT_AXES, rules, mesh, (num_slots,))
   keys = sharding_lib.logical_sharding(SLOT_AXES + (None,), rules, mesh, (num_slots, 2))
@@ -373,11 +404,13 @@ class JittedFunctions(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = None) -> JittedFunctions:
+def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = None,
+                     keys_transposed: bool = True) -> JittedFunctions:
   """The device functions jitted for one model config; cached, so samplers and engines share compilations.
 
   `insert` and `decode_steps` donate the decode state, whose caches are then updated in place; with
-  `state_shardings` (`decode_state_shardings`), the state they return keeps that sharding.
+  `state_shardings` (`decode_state_shardings`), the state they return keeps that sharding. `keys_transposed`
+  is the key cache layout of `keys_transposed_on` the platform.
   """
   def constrain(state: DecodeState) -> DecodeState:
     if state_shardings is None:
@@ -385,13 +418,13 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
     return jax.lax.with_sharding_constraint(state, state_shardings)
 
   def prefill_fn(params, tokens, lengths):
-    return prefill(params, config, tokens, lengths)
+    return prefill(params, config, tokens, lengths, keys_transposed)
 
   def insert_fn(prefix, state, prefix_rows, slots, response_keys, sampling):
-    return constrain(insert(prefix, state, prefix_rows, slots, response_keys, sampling))
+    return constrain(insert(prefix, state, prefix_rows, slots, response_keys, sampling, keys_transposed))
 
   def decode_fn(weights, state, num_steps, sampling, attend_length=None):
-    state, output = decode_steps(weights, config, state, num_steps, sampling, attend_length)
+    state, output = decode_steps(weights, config, state, num_steps, sampling, attend_length, keys_transposed)
     return constrain(state), output
 
   new_arrays_fn = jax.jit(functools.partial(new_decode_arrays, config=config), static_argnames=("greedy",))

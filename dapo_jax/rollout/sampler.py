@@ -167,10 +167,14 @@ class GroupSampler:
     # Prefixes are at most one bucket long; responses write up to max_prompt + max_response - 1.
     self.cache_length = max(decoding.bucket_length(max_prompt_length, min_prefill_bucket),
                             max_prompt_length + max_response_length)
-    # Where the decode state lives (None: the default device), and the device functions compiled for it.
-    self.state_shardings = (decoding.decode_state_shardings(config, mesh, num_slots, self.cache_length, rules)
+    # Where the decode state lives (None: the default device), its key cache layout, and the device functions
+    # compiled for it.
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    self.keys_transposed = decoding.keys_transposed_on(platform)
+    self.state_shardings = (decoding.decode_state_shardings(config, mesh, num_slots, self.cache_length, rules,
+                                                            self.keys_transposed)
                             if mesh is not None else None)
-    self.functions = decoding.jitted_functions(config, self.state_shardings)
+    self.functions = decoding.jitted_functions(config, self.state_shardings, self.keys_transposed)
     self.response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, 0, 0)))
     self._active_run: "SamplingRun | None" = None
 
@@ -269,7 +273,8 @@ class SamplingRun:
     self._prefilled: collections.deque[_PendingGroup] = collections.deque()  # samples still to insert
     self._slots: list[_SlotResponse | None] = [None] * sampler.num_slots
     self._state = decoding.init_decode_state(sampler.config, sampler.num_slots, sampler.cache_length,
-                                             shardings=sampler.state_shardings)
+                                             shardings=sampler.state_shardings,
+                                             keys_transposed=sampler.keys_transposed)
 
   def __enter__(self) -> "SamplingRun":
     return self

@@ -13,6 +13,7 @@ from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
 from dapo_jax.rollout import decoding
 from dapo_jax.rollout import sampler as sampler_lib
+from dapo_jax.rollout import sampling as sampling_lib
 from dapo_jax.rollout.sampling import GREEDY, SamplingParams
 from tests.rollout.rollout_fixtures import (PARITY_CONFIGS, chi_square_p_value, eos_ids_hit_by, random_prompts,
                                             truncate_at_eos)
@@ -91,6 +92,34 @@ def test_greedy_decode_weights_give_the_same_steps_and_refuse_sampling(checkpoin
   np.testing.assert_allclose(outputs[0].logp_full, outputs[1].logp_full, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="greedy"):
     functions.decode_steps(weights, state, num_steps=1, sampling=SamplingParams(temperature=1.0))
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, top_p=0.9)])
+def test_both_key_cache_layouts_decode_the_same_tokens(checkpoints, sampling):
+  # CPU stores keys [slots, kv_heads, head_dim, length]; TPU and GPU store them like the values
+  # (`decoding.keys_transposed_on`). Forced here on CPU, the second layout gives the same responses.
+  checkpoint = checkpoints["untied_mqa"]
+  config, params = checkpoint.config, checkpoint.params
+  assert decoding.keys_transposed_on("cpu") and not decoding.keys_transposed_on("tpu")
+  prompts = random_prompts(config.vocab_size, (5, 11, 16), seed=6)
+  tokens = np.zeros((4, 16), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, :len(prompt)] = prompt
+  lengths = np.asarray([len(p) for p in prompts] + [1], np.int32)
+  keys = jax.vmap(sampling_lib.response_key, in_axes=(None, 0, None))(0, jnp.arange(4), 0)
+  outputs = []
+  for keys_transposed in (True, False):
+    functions = decoding.jitted_functions(config, None, keys_transposed)
+    weights = functions.decode_weights(params, greedy=sampling.greedy)
+    state = decoding.init_decode_state(config, 4, 48, keys_transposed=keys_transposed)
+    prefix = functions.prefill(params, tokens, lengths)
+    state = functions.insert(prefix, state, jnp.arange(4), jnp.arange(4), keys, sampling=sampling)
+    state, first = functions.decode_steps(weights, state, num_steps=8, sampling=sampling, attend_length=32)
+    state, second = functions.decode_steps(weights, state, num_steps=8, sampling=sampling)
+    outputs.append(jax.tree.map(lambda a, b: np.concatenate([a, b], axis=1), tuple(first), tuple(second)))
+  np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+  for got, expected in zip(outputs[1][1:], outputs[0][1:]):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_logp_full_is_the_models_log_softmax(checkpoints):
