@@ -9,6 +9,7 @@ import importlib.util
 import os
 from typing import Any
 
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
@@ -21,7 +22,8 @@ from dapo_jax.rl import loss as loss_lib
 AGG_MODES = loss_lib.AGG_MODES
 FILTER_METRICS = filtering.FILTER_METRICS
 TRUNCATION_MODES = math_data.TRUNCATION_MODES
-DTYPES = ("float32", "bfloat16")
+# The names `model.dtype` / `model.param_dtype` (and the entry points' --dtype) accept, and their dtypes.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -205,7 +207,7 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
   _check(t.save_freq >= 1 and t.test_freq >= 0, "trainer.save_freq", "save_freq must be >= 1, test_freq >= 0")
   _check(m.hf_checkpoint is not None or m.preset is not None, "model.hf_checkpoint",
          "set model.hf_checkpoint (a Hugging Face directory) or model.preset (random initial weights)")
-  _check(m.dtype in DTYPES and m.param_dtype in DTYPES, "model.dtype", f"dtype and param_dtype: one of {DTYPES}")
+  _check(m.dtype in DTYPES and m.param_dtype in DTYPES, "model.dtype", f"dtype and param_dtype: one of {tuple(DTYPES)}")
   for key, value in (("data.train_batch_size", d.train_batch_size), ("data.gen_batch_size", d.gen_batch_size),
                      ("actor.ppo_mini_batch_size", a.ppo_mini_batch_size)):
     _check(value % num_processes == 0, key,

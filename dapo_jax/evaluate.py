@@ -33,10 +33,10 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dapo_jax import checkpoint as checkpoint_lib
+from dapo_jax import config as config_lib
 from dapo_jax import metrics as metrics_lib
 from dapo_jax import sharding
 from dapo_jax import validation
@@ -51,7 +51,6 @@ from dapo_jax.rollout.sampling import SamplingParams
 SUMMARY_FILE = "summary.json"
 PROBLEMS_FILE = "problems.jsonl"
 METRIC_PREFIX = "val-core"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class EvaluationError(ValueError):
@@ -86,8 +85,8 @@ class EvalSettings:
       raise ValueError(f"--reward_workers must be >= 0 (0 scores in this process), got {self.reward_workers}")
     if not 0 <= self.seed < 2**31:
       raise ValueError(f"--seed must be in [0, 2**31), got {self.seed}")
-    if self.dtype not in _DTYPES:
-      raise ValueError(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    if self.dtype not in config_lib.DTYPES:
+      raise ValueError(f"--dtype must be one of {sorted(config_lib.DTYPES)}, got {self.dtype!r}")
     SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)  # checks the ranges
     if self.mesh is not None:
       parse_mesh(self.mesh)
@@ -214,7 +213,7 @@ def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings 
       mesh = sharding.make_mesh(parse_mesh(settings.mesh))
     except ValueError as error:
       raise EvaluationError(f"--mesh={settings.mesh!r} on {jax.device_count()} devices: {error}") from None
-  policy = checkpoint_lib.load_policy(checkpoint, dtype=_DTYPES[settings.dtype], mesh=mesh)
+  policy = checkpoint_lib.load_policy(checkpoint, dtype=config_lib.DTYPES[settings.dtype], mesh=mesh)
   tokenizer = checkpoint_generation.load_optional_tokenizer(policy.files_dir)
   if tokenizer is None:
     raise FileNotFoundError(
@@ -306,7 +305,7 @@ _REWARD_WORKERS = flags.DEFINE_integer(
     "--reward_timeout_s; 0 scores in this process without a time bound.")
 _REWARD_TIMEOUT_S = flags.DEFINE_float("reward_timeout_s", rewards.DEFAULT_TIMEOUT_S,
                                        "Seconds to score one response before it counts as wrong.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES),
+_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(config_lib.DTYPES),
                            "Weights and compute dtype (float32: XLA:CPU's bfloat16 matrix products are slow).")
 _DECODE_STEPS_PER_CALL = flags.DEFINE_integer("decode_steps_per_call", 16,
                                               "Decode steps fused into one device call.")

@@ -53,7 +53,6 @@ from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
 GIB = 1 << 30
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # HBM per chip where the compiler's own figure cannot be read (Cloud TPU system architecture pages). The
 # compiler's figure, from its out-of-memory message, is what a program may really use (e.g. 95.74 GiB on v5p).
@@ -115,7 +114,7 @@ def usable_hbm_bytes(device: jax.Device) -> tuple[int, str]:
 def model_config(config: ml_collections.ConfigDict, model: str | None = None) -> tuple[str, Qwen2Config]:
   """(name, shape and numerics) of the policy: `model` (a preset name or a Hugging Face directory), else the
   config's `model.hf_checkpoint` (its config.json), else its `model.preset`, as the training program picks."""
-  numerics = dict(dtype=_DTYPES[config.model.dtype], param_dtype=_DTYPES[config.model.param_dtype],
+  numerics = dict(dtype=config_lib.DTYPES[config.model.dtype], param_dtype=config_lib.DTYPES[config.model.param_dtype],
                   remat=bool(config.model.remat))
   for source in (model, config.model.hf_checkpoint, config.model.preset):
     if not source:

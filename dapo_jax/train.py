@@ -41,7 +41,6 @@ from absl import app
 from absl import flags
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -72,7 +71,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training c
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "./runs/default", "Where checkpoints, metrics and caches go.")
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _EXTRA_SECTIONS = ("synthetic", "warmup")
 
 
@@ -103,7 +101,7 @@ def _prepare_synthetic_task(config, workdir: str) -> str | None:
 
 def _initial_policy(config, workdir: str, tokenizer, mesh) -> tuple[Any, qwen2.Params]:
   """(model config, params): an HF checkpoint, or a preset (warmed up on the synthetic task when configured)."""
-  dtype, param_dtype = _DTYPES[config.model.dtype], _DTYPES[config.model.param_dtype]
+  dtype, param_dtype = config_lib.DTYPES[config.model.dtype], config_lib.DTYPES[config.model.param_dtype]
   if config.model.hf_checkpoint:
     if config.model.preset:
       logging.info("model.hf_checkpoint is set: its weights and shape are used, not the preset %r",

@@ -22,18 +22,17 @@ import sys
 
 from absl import app
 from absl import flags
-import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # pylint: disable=wrong-import-position
 from dapo_jax import checkpoint as checkpoint_lib
+from dapo_jax import config as config_lib
 from dapo_jax.model import hf_io
 from dapo_jax.model import tokenizer as tokenizer_lib
 from dapo_jax.rollout import checkpoint_generation
 # pylint: enable=wrong-import-position
 
-_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 # transformers' convention (`max_shard_size="5GB"`): GB is 10^9 bytes, GiB 2^30.
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
                "GIB": 2**30, "TIB": 2**40}
@@ -42,7 +41,7 @@ _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A training workdir, its checkpoints/ directory or one step directory in it; or a Hugging "
     "Face Qwen2 directory.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "The Hugging Face directory to write (new or empty).", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", sorted(_DTYPES), "The dtype of the exported weights.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", sorted(config_lib.DTYPES), "The dtype of the exported weights.")
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB",
                                       "Largest safetensors file, e.g. 5GB (10^9 bytes), 4GiB (2^30) or bytes.")
 
@@ -63,7 +62,7 @@ def export(checkpoint: str, output: str, *, dtype: str = "bfloat16", max_shard_b
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
     raise FileExistsError(f"--output {output} exists and is not an empty directory; choose a new one")
   # Loaded straight into the output dtype: a bfloat16 export never holds a float32 copy of the weights.
-  policy = checkpoint_lib.load_policy(checkpoint, dtype=_DTYPES[dtype])
+  policy = checkpoint_lib.load_policy(checkpoint, dtype=config_lib.DTYPES[dtype])
   tokenizer = checkpoint_generation.load_optional_tokenizer(policy.files_dir)
   os.makedirs(output, exist_ok=True)
   if tokenizer is not None:
@@ -75,7 +74,7 @@ def export(checkpoint: str, output: str, *, dtype: str = "bfloat16", max_shard_b
   if os.path.exists(generation_config_path):
     with open(generation_config_path) as f:
       generation_config = json.load(f)
-  hf_io.save_hf_checkpoint(policy.params, policy.config, output, dtype=_DTYPES[dtype],
+  hf_io.save_hf_checkpoint(policy.params, policy.config, output, dtype=config_lib.DTYPES[dtype],
                            max_shard_bytes=max_shard_bytes, generation_config=generation_config)
   shards = sorted(name for name in os.listdir(output) if name.endswith(".safetensors"))
   return f"Wrote {output}: {len(shards)} safetensors file(s) in {dtype} from {policy.description}"

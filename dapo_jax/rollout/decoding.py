@@ -25,10 +25,11 @@ the step function would copy it on every call. The layer loop is unrolled in Pyt
 layer's KV cache is its own buffer, updated in place across steps, where a scan over stacked layers copies every
 layer's cache in and out of the loop on every step. The price is a second copy of the layer weights while decoding
 (made once per run by `decode_weights`; the embedding and LM head are read in place, but for a transposed copy of
-an untied LM head in greedy runs). The caches are laid out so that both attention contractions are plain batched
-matrix products over (slot, KV head): keys [slots, kv_heads, head_dim, length], values [slots, kv_heads, length,
-head_dim] (on CPU several times faster than attention over the model's [slots, length, kv_heads, head_dim] layout).
-The prefill applies the LM head to each prompt's last token only.
+an untied LM head in greedy runs). The caches are laid out so that both attention contractions are batched matrix
+products over (slot, KV head): values [slots, kv_heads, length, head_dim], and keys on CPU [slots, kv_heads,
+head_dim, length] (several times faster there than attention over the model's [slots, length, kv_heads, head_dim]
+layout), elsewhere like the values (`keys_transposed_on`). The prefill applies the LM head to each prompt's last
+token only.
 """
 from collections.abc import Callable
 import functools
