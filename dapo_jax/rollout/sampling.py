@@ -140,25 +140,21 @@ def _first_argmax(logits: jax.Array, vocab_axis: int) -> tuple[jax.Array, jax.Ar
   marking every entry equal to the maximum costs a full pass over the logits too. So the vocabulary is cut into
   blocks: one pass takes each block's maximum, and only the first block holding the maximum is searched for its
   first index (measured on CPU at 64 x 32000: the greedy choice after the LM head costs 1 ms instead of 2).
-  Without a block size between 16 and 256 that divides the vocabulary, the whole vocabulary is searched. (The
-  two layouts are written out rather than transposed into one: XLA folds such a transpose into the LM head's
-  matrix product, which then runs several times slower.)
+  Without a block size between 16 and 256 that divides the vocabulary, the whole vocabulary is searched. (Both
+  layouts are reduced where they lie rather than transposed into one: XLA folds such a transpose into the LM
+  head's matrix product, which then runs several times slower.)
   """
   vocab = logits.shape[vocab_axis]
   block = next((size for size in range(256, 15, -1) if vocab % size == 0), vocab)
-  if vocab_axis == 1:  # [batch, vocab]
-    blocks = logits.reshape(logits.shape[0], vocab // block, block)
-    block_max = jnp.max(blocks, axis=2)  # [batch, blocks]
-    best = jnp.max(block_max, axis=1)
-    first_block = _first_index(block_max == best[:, None], axis=1)
-    candidates = jnp.take_along_axis(blocks, first_block[:, None, None], axis=1)[:, 0]  # [batch, block]
-    return first_block * block + _first_index(candidates == best[:, None], axis=1), best
-  blocks = logits.reshape(vocab // block, block, logits.shape[1])  # [vocab, batch]
-  block_max = jnp.max(blocks, axis=1)  # [blocks, batch]
-  best = jnp.max(block_max, axis=0)
-  first_block = _first_index(block_max == best, axis=0)
-  candidates = jnp.take_along_axis(blocks, first_block[None, None, :], axis=0)[0]  # [block, batch]
-  return first_block * block + _first_index(candidates == best, axis=0), best
+  # [batch, blocks, block] or [blocks, block, batch]: the blocks at `vocab_axis`, their entries just after.
+  blocks = logits.reshape(logits.shape[:vocab_axis] + (vocab // block, block) + logits.shape[vocab_axis + 1:])
+  block_max = jnp.max(blocks, axis=vocab_axis + 1)  # [batch, blocks] or [blocks, batch]
+  best = jnp.max(block_max, axis=vocab_axis)
+  first_block = _first_index(block_max == jnp.expand_dims(best, vocab_axis), axis=vocab_axis)
+  picked = jnp.expand_dims(first_block, (vocab_axis, vocab_axis + 1))
+  candidates = jnp.take_along_axis(blocks, picked, axis=vocab_axis).squeeze(vocab_axis)  # the first block
+  inner = _first_index(candidates == jnp.expand_dims(best, vocab_axis), axis=vocab_axis)
+  return first_block * block + inner, best
 
 
 def _first_index(mask: jax.Array, axis: int) -> jax.Array:
