@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
+from dapo_jax.rollout import cpu_attention
 from dapo_jax.rollout import sampling as sampling_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
@@ -61,6 +62,19 @@ def keys_transposed_on(platform: str) -> bool:
   AOT-compiled v5p decode steps); keys laid out like the values take a row write and no copy.
   """
   return platform == "cpu"
+
+
+def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) -> bool:
+  """Whether decode steps of `config` on `num_devices` devices of `platform` run attention with the CPU kernel
+  (`cpu_attention.py`, 10% off a 64-slot decode step of a ~60M model) rather than XLA's batched products.
+
+  The kernel needs one CPU device (it does not split across a mesh), float32 compute and caches, the transposed
+  key cache of `keys_transposed_on("cpu")`, a supported shape, and a C++ compiler to build it (checked here, so
+  the first call may take a few seconds).
+  """
+  group = config.num_heads // config.num_kv_heads
+  return (platform == "cpu" and num_devices == 1 and config.dtype == jnp.float32
+          and cpu_attention.supports(group, config.head_dim) and cpu_attention.available())
 
 
 def key_cache_axes(keys_transposed: bool) -> tuple[str, ...]:
@@ -253,8 +267,8 @@ def insert(prefix: Prefix, state: DecodeState, prefix_rows: jax.Array, slots: ja
 
 
 def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, num_steps: int,
-                 sampling: SamplingParams, attend_length: int | None = None, keys_transposed: bool = True
-                 ) -> tuple[DecodeState, DecodeOutput]:
+                 sampling: SamplingParams, attend_length: int | None = None, keys_transposed: bool = True,
+                 attention_kernel: bool = False) -> tuple[DecodeState, DecodeOutput]:
   """`num_steps` decode steps for every slot in one device call.
 
   Each step returns the slots' next tokens, feeds them to the model and samples the following ones. Slots
@@ -264,11 +278,13 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
   `attend_length` (static; default: the whole cache) bounds the cache entries attention reads: the caller
   passes one that covers every live slot's cache through these steps (`attention_window`), so early in a long
   rollout a step reads the few thousand entries in use rather than all 22k of a 2k + 20k cache.
+  `attention_kernel` (`attention_kernel_on`) runs attention with the CPU kernel, which reads exactly the
+  entries each slot can see (`attend_length` is then not needed).
   """
   attend_length = state.max_length if attend_length is None else min(attend_length, state.max_length)
 
   def step(state: DecodeState, _):
-    logits, k, v = _decode_forward(weights, config, state, attend_length, keys_transposed)
+    logits, k, v = _decode_forward(weights, config, state, attend_length, keys_transposed, attention_kernel)
     if "unembed" in weights.head:
       if not sampling.greedy:
         raise ValueError("decode_steps: these weights were made for greedy decoding (decode_weights(greedy=True))")
@@ -287,7 +303,8 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
 
 
 def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, attend_length: int,
-                    keys_transposed: bool) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+                    keys_transposed: bool, attention_kernel: bool = False
+                    ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """One token per slot through the model: logits (float32; [slots, vocab], or [vocab, slots] with weights made
   for greedy decoding) and the updated per-layer caches.
 
@@ -312,13 +329,15 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeSt
     q, k, v = qk[:, :, :group], qk[:, :, group], qkv[:, :, group + 1]  # [slots, kv, group, d], [slots, kv, d] x2
     if keys_transposed:
       k_cache = k_cache.at[slots, :, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
-      keys = k_cache[..., :attend_length]
     else:
       k_cache = k_cache.at[slots, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
-      keys = k_cache[:, :, :attend_length]
     v_cache = v_cache.at[slots, :, state.lengths].set(v.astype(v_cache.dtype), mode="drop")
-    attn = _slot_attention(q, keys.astype(dtype), v_cache[:, :, :attend_length].astype(dtype), visible,
-                           keys_transposed)
+    if attention_kernel:
+      attn = cpu_attention.decode_attention(q, k_cache, v_cache, state.lengths).reshape(num_slots, -1)
+    else:
+      keys = k_cache[..., :attend_length] if keys_transposed else k_cache[:, :, :attend_length]
+      attn = _slot_attention(q, keys.astype(dtype), v_cache[:, :, :attend_length].astype(dtype), visible,
+                             keys_transposed)
     h = h + attn @ layer["o_kernel"]
     x = qwen2.rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
     gate_up = jnp.einsum("be,etm->btm", x, layer["gate_up_kernel"])
@@ -406,12 +425,13 @@ class JittedFunctions(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = None,
-                     keys_transposed: bool = True) -> JittedFunctions:
+                     keys_transposed: bool = True, attention_kernel: bool = False) -> JittedFunctions:
   """The device functions jitted for one model config; cached, so samplers and engines share compilations.
 
   `insert` and `decode_steps` donate the decode state, whose caches are then updated in place; with
   `state_shardings` (`decode_state_shardings`), the state they return keeps that sharding. `keys_transposed`
-  is the key cache layout of `keys_transposed_on` the platform.
+  is the key cache layout of `keys_transposed_on` the platform; `attention_kernel` (`attention_kernel_on`) has
+  decode steps run attention with the CPU kernel.
   """
   def constrain(state: DecodeState) -> DecodeState:
     if state_shardings is None:
@@ -425,7 +445,8 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
     return constrain(insert(prefix, state, prefix_rows, slots, response_keys, sampling, keys_transposed))
 
   def decode_fn(weights, state, num_steps, sampling, attend_length=None):
-    state, output = decode_steps(weights, config, state, num_steps, sampling, attend_length, keys_transposed)
+    state, output = decode_steps(weights, config, state, num_steps, sampling, attend_length, keys_transposed,
+                                 attention_kernel)
     return constrain(state), output
 
   new_arrays_fn = jax.jit(functools.partial(new_decode_arrays, config=config), static_argnames=("greedy",))

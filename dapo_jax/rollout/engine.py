@@ -171,10 +171,13 @@ class QwenEngine(engine_api.Engine):
     self.seed = seed
     self._mesh = mesh or sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     self.cache_length = max_prefill_length + max_response_length
-    self._keys_transposed = decoding.keys_transposed_on(self._mesh.devices.flat[0].platform)
+    platform = self._mesh.devices.flat[0].platform
+    self._keys_transposed = decoding.keys_transposed_on(platform)
     self._state_shardings = decoding.decode_state_shardings(config, self._mesh, num_slots, self.cache_length,
                                                             rules, self._keys_transposed)
-    self._functions = decoding.jitted_functions(config, self._state_shardings, self._keys_transposed)
+    self._functions = decoding.jitted_functions(
+        config, self._state_shardings, self._keys_transposed,
+        decoding.attention_kernel_on(platform, self._mesh.size, config))
     self._response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, None, 0)))
     self._result_data = jax.jit(_result_data, static_argnames=("num_steps",))
     self._prompt_numbers = itertools.count()

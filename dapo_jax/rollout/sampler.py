@@ -168,13 +168,14 @@ class GroupSampler:
     self.cache_length = max(decoding.bucket_length(max_prompt_length, min_prefill_bucket),
                             max_prompt_length + max_response_length)
     # Where the decode state lives (None: the default device), its key cache layout, and the device functions
-    # compiled for it.
+    # compiled for it (on one CPU device, with the CPU attention kernel).
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     self.keys_transposed = decoding.keys_transposed_on(platform)
     self.state_shardings = (decoding.decode_state_shardings(config, mesh, num_slots, self.cache_length, rules,
                                                             self.keys_transposed)
                             if mesh is not None else None)
-    self.functions = decoding.jitted_functions(config, self.state_shardings, self.keys_transposed)
+    attention_kernel = decoding.attention_kernel_on(platform, mesh.size if mesh is not None else 1, config)
+    self.functions = decoding.jitted_functions(config, self.state_shardings, self.keys_transposed, attention_kernel)
     self.response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, 0, 0)))
     self._active_run: "SamplingRun | None" = None
 

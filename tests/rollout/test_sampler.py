@@ -95,10 +95,13 @@ def test_greedy_decode_weights_give_the_same_steps_and_refuse_sampling(checkpoin
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, top_p=0.9)])
-def test_both_key_cache_layouts_decode_the_same_tokens(checkpoints, sampling):
+@pytest.mark.parametrize("name", ["untied_mqa", "tied_gqa"])
+def test_key_cache_layouts_and_the_cpu_attention_kernel_decode_the_same_tokens(checkpoints, name, sampling):
   # CPU stores keys [slots, kv_heads, head_dim, length]; TPU and GPU store them like the values
-  # (`decoding.keys_transposed_on`). Forced here on CPU, the second layout gives the same responses.
-  checkpoint = checkpoints["untied_mqa"]
+  # (`decoding.keys_transposed_on`). Forced here on CPU, the second layout gives the same responses, and so does
+  # the CPU attention kernel (`cpu_attention.py`) on the first, where it applies (tied_gqa's head size 16; not
+  # untied_mqa's 8) and builds.
+  checkpoint = checkpoints[name]
   config, params = checkpoint.config, checkpoint.params
   assert decoding.keys_transposed_on("cpu") and not decoding.keys_transposed_on("tpu")
   prompts = random_prompts(config.vocab_size, (5, 11, 16), seed=6)
@@ -107,9 +110,11 @@ def test_both_key_cache_layouts_decode_the_same_tokens(checkpoints, sampling):
     tokens[row, :len(prompt)] = prompt
   lengths = np.asarray([len(p) for p in prompts] + [1], np.int32)
   keys = jax.vmap(sampling_lib.response_key, in_axes=(None, 0, None))(0, jnp.arange(4), 0)
+  variants = [(True, False), (False, False)] + ([(True, True)] if decoding.attention_kernel_on("cpu", 1, config)
+                                                 else [])
   outputs = []
-  for keys_transposed in (True, False):
-    functions = decoding.jitted_functions(config, None, keys_transposed)
+  for keys_transposed, attention_kernel in variants:
+    functions = decoding.jitted_functions(config, None, keys_transposed, attention_kernel)
     weights = functions.decode_weights(params, greedy=sampling.greedy)
     state = decoding.init_decode_state(config, 4, 48, keys_transposed=keys_transposed)
     prefix = functions.prefill(params, tokens, lengths)
@@ -117,9 +122,10 @@ def test_both_key_cache_layouts_decode_the_same_tokens(checkpoints, sampling):
     state, first = functions.decode_steps(weights, state, num_steps=8, sampling=sampling, attend_length=32)
     state, second = functions.decode_steps(weights, state, num_steps=8, sampling=sampling)
     outputs.append(jax.tree.map(lambda a, b: np.concatenate([a, b], axis=1), tuple(first), tuple(second)))
-  np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
-  for got, expected in zip(outputs[1][1:], outputs[0][1:]):
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+  for output in outputs[1:]:
+    np.testing.assert_array_equal(output[0], outputs[0][0])
+    for got, expected in zip(output[1:], outputs[0][1:]):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_logp_full_is_the_models_log_softmax(checkpoints):

@@ -1,0 +1,255 @@
+// Decode-step attention for XLA:CPU, called through XLA's FFI (`cpu_attention.py` builds and registers it).
+//
+// One query token per decode slot attends to that slot's cached keys and values. XLA:CPU runs the same
+// arithmetic as two batched matrix products over (slot, KV head) of a few rows each, which its YNNPACK backend
+// executes on one core, reading every cache entry, visible or not. This kernel reads only the entries a slot can
+// see, keeps the accumulators of all the group's query heads in vector registers (so each key and value is read
+// once), and shares the (slot, KV head) pairs between the calling thread and XLA's intra-op thread pool.
+//
+// Layouts (decoding.py's CPU decode state): q [slots, kv_heads, group, head_dim], keys [slots, kv_heads,
+// head_dim, max_length] (transposed), values [slots, kv_heads, max_length, head_dim], lengths [slots] int32
+// (the cache index of the token being fed: entries 0 .. lengths[slot] are visible). The output is laid out
+// like q. The arithmetic is decoding._slot_attention's: float32 scores q . k / sqrt(head_dim), a softmax over the
+// visible entries (maximum subtracted, normalised), then the probability-weighted sum of the values.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;      // floats per vector (one AVX-512 register; the compiler splits it elsewhere)
+constexpr int64_t kRegisters = 24;  // vector accumulators a pass may keep (of 32 registers)
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float UnalignedVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+typedef int32_t IntVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// exp(x) for x <= 0, lane by lane: 2^(x log2 e) as an integer power of two (added to the exponent bits) times
+// 2^f, f in [-0.5, 0.5], by a degree-6 polynomial (relative error below 2e-7); 0 at and below -87 (and for -inf,
+// the masked entries), where float32 exp is below 2e-38 anyway.
+inline Vec ExpNonPositive(Vec x) {
+  const Vec low = Vec{} - 87.0f;
+  const Vec clamped = x > low ? x : low;
+  const Vec t = clamped * 1.44269504088896341f;
+  const Vec n = (t + 12582912.0f) - 12582912.0f;  // t rounded to the nearest integer (1.5 * 2^23 trick)
+  const Vec f = t - n;
+  Vec p = f * 1.535336188319500e-4f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  IntVec bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += __builtin_convertvector(n, IntVec) << 23;
+  Vec result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return x > low ? result : Vec{};
+}
+
+// The first `width` (<= kLanes) floats at `data`, zeros after them.
+inline Vec LoadPartial(const float* data, int64_t width) {
+  Vec v = Vec{};
+  for (int64_t i = 0; i < width; ++i) v[i] = data[i];
+  return v;
+}
+
+inline Vec LoadFull(const float* data) { return *reinterpret_cast<const UnalignedVec*>(data); }
+
+struct Problem {
+  const float* q;
+  const float* keys;
+  const float* values;
+  const int32_t* lengths;
+  float* out;
+  int64_t kv_heads, max_length;
+};
+
+// One (slot, KV head) pair: G query heads, head_dim = C * kLanes. `scratch` holds G rows of scores, each
+// ceil(max_length / kLanes) vectors.
+template <int G, int C>
+void AttendPair(const Problem& p, int64_t pair, Vec* __restrict__ scratch) {
+  constexpr int64_t d = C * kLanes;
+  const int64_t max_length = p.max_length;
+  const int64_t slot = pair / p.kv_heads;
+  const int64_t visible = std::clamp<int64_t>(static_cast<int64_t>(p.lengths[slot]) + 1, 1, max_length);
+  const int64_t blocks = (visible + kLanes - 1) / kLanes;  // vectors of scores per query head
+  const int64_t row = (max_length + kLanes - 1) / kLanes;
+  const float* __restrict__ q = p.q + pair * G * d;
+  const float* __restrict__ keys = p.keys + pair * d * max_length;
+  const float* __restrict__ values = p.values + pair * max_length * d;
+  float* __restrict__ out = p.out + pair * G * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+
+  // Scores, KB vectors of positions at a time (a contiguous run of each key row) for all G query heads.
+  constexpr int64_t KB = std::max<int64_t>(1, kRegisters / G);
+  for (int64_t b0 = 0; b0 < blocks; b0 += KB) {
+    Vec acc[G][KB];
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = 0; j < KB; ++j) acc[g][j] = Vec{};
+    const bool full = b0 + KB <= blocks && (b0 + KB) * kLanes <= max_length;
+    for (int64_t i = 0; i < d; ++i) {
+      const float* krow = keys + i * max_length + b0 * kLanes;
+      Vec key[KB];
+      for (int64_t j = 0; j < KB; ++j) {
+        const int64_t start = (b0 + j) * kLanes;
+        key[j] = full ? LoadFull(krow + j * kLanes)
+                      : (b0 + j < blocks ? LoadPartial(krow + j * kLanes, std::min(kLanes, max_length - start))
+                                         : Vec{});
+      }
+      for (int g = 0; g < G; ++g) {
+        const float qi = q[g * d + i];
+        for (int64_t j = 0; j < KB; ++j) acc[g][j] += qi * key[j];
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = 0; j < KB && b0 + j < blocks; ++j) scratch[g * row + b0 + j] = acc[g][j] * scale;
+  }
+
+  // Softmax over each query head's visible entries (the last vector's entries past `visible` are masked out).
+  const int64_t tail = visible - (blocks - 1) * kLanes;
+  Vec tail_mask;
+  for (int64_t i = 0; i < kLanes; ++i) tail_mask[i] = i < tail ? 0.0f : -std::numeric_limits<float>::infinity();
+  for (int g = 0; g < G; ++g) {
+    Vec* __restrict__ s = scratch + g * row;
+    s[blocks - 1] += tail_mask;
+    Vec best_lanes = s[0];
+    for (int64_t b = 1; b < blocks; ++b) best_lanes = best_lanes > s[b] ? best_lanes : s[b];
+    float best = best_lanes[0];
+    for (int64_t i = 1; i < kLanes; ++i) best = std::max(best, best_lanes[i]);
+    Vec total_lanes = Vec{};
+    for (int64_t b = 0; b < blocks; ++b) {
+      s[b] = ExpNonPositive(s[b] - best);
+      total_lanes += s[b];
+    }
+    float total = 0.0f;
+    for (int64_t i = 0; i < kLanes; ++i) total += total_lanes[i];
+    const float inverse = 1.0f / total;
+    for (int64_t b = 0; b < blocks; ++b) s[b] *= inverse;
+  }
+
+  // Weighted sums of the values, CB vectors of features at a time, position by position.
+  constexpr int64_t CB = std::min<int64_t>(C, std::max<int64_t>(1, kRegisters / G));
+  for (int64_t c0 = 0; c0 < C; c0 += CB) {
+    Vec acc[G][CB];
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = 0; j < CB; ++j) acc[g][j] = Vec{};
+    const int64_t width = std::min<int64_t>(CB, C - c0);  // vectors in this pass
+    for (int64_t t = 0; t < visible; ++t) {
+      const float* vrow = values + t * d + c0 * kLanes;
+      Vec value[CB];
+      for (int64_t j = 0; j < CB; ++j) value[j] = j < width ? LoadFull(vrow + j * kLanes) : Vec{};
+      for (int g = 0; g < G; ++g) {
+        const float weight = reinterpret_cast<const float*>(scratch + g * row)[t];
+        for (int64_t j = 0; j < CB; ++j) acc[g][j] += weight * value[j];
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int64_t j = 0; j < width; ++j) std::memcpy(out + g * d + (c0 + j) * kLanes, &acc[g][j], sizeof(Vec));
+  }
+}
+
+using PairFunction = void (*)(const Problem&, int64_t, Vec*);
+
+template <int G>
+PairFunction ForHeadDim(int64_t head_dim) {
+  switch (head_dim) {
+    case 16: return AttendPair<G, 1>;
+    case 32: return AttendPair<G, 2>;
+    case 64: return AttendPair<G, 4>;
+    case 128: return AttendPair<G, 8>;
+    case 256: return AttendPair<G, 16>;
+    default: return nullptr;
+  }
+}
+
+// The kernel for a group size and head size (cpu_attention.py's SUPPORTED_* list the same), or nullptr.
+PairFunction PairFunctionFor(int64_t group, int64_t head_dim) {
+  switch (group) {
+    case 1: return ForHeadDim<1>(head_dim);
+    case 2: return ForHeadDim<2>(head_dim);
+    case 3: return ForHeadDim<3>(head_dim);
+    case 4: return ForHeadDim<4>(head_dim);
+    case 5: return ForHeadDim<5>(head_dim);
+    case 6: return ForHeadDim<6>(head_dim);
+    case 7: return ForHeadDim<7>(head_dim);
+    case 8: return ForHeadDim<8>(head_dim);
+    default: return nullptr;
+  }
+}
+
+// The pairs of one call, shared by the calling thread and the pool's helpers: each claims pairs from `next` one
+// at a time, and the call returns once `done` counts them all. A helper that starts after every pair is claimed
+// finds nothing to do; the shared pointer keeps this state alive until the last helper has looked.
+struct SharedWork {
+  Problem problem;
+  PairFunction attend;
+  int64_t num_pairs, scratch_vectors;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void Run() {
+    std::vector<Vec> scratch(scratch_vectors);
+    for (int64_t pair = next.fetch_add(1); pair < num_pairs; pair = next.fetch_add(1)) {
+      attend(problem, pair, scratch.data());
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> lengths,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  const auto q_shape = q.dimensions();
+  const auto key_shape = keys.dimensions();
+  const auto value_shape = values.dimensions();
+  if (q_shape.size() != 4 || key_shape.size() != 4 || value_shape.size() != 4 || lengths.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument("decode attention: expected 4-D q, keys and values, and 1-D lengths");
+  }
+  const int64_t slots = q_shape[0], kv_heads = q_shape[1], group = q_shape[2], head_dim = q_shape[3];
+  const int64_t max_length = key_shape[3];
+  if (key_shape[0] != slots || key_shape[1] != kv_heads || key_shape[2] != head_dim || value_shape[0] != slots ||
+      value_shape[1] != kv_heads || value_shape[2] != max_length || value_shape[3] != head_dim ||
+      lengths.dimensions()[0] != slots || max_length < 1) {
+    return ffi::Error::InvalidArgument("decode attention: q, keys, values and lengths disagree in shape");
+  }
+  const PairFunction attend = PairFunctionFor(group, head_dim);
+  if (attend == nullptr) {
+    return ffi::Error::InvalidArgument(
+        "decode attention: needs 1 to 8 query heads per KV head and a head size of 16, 32, 64, 128 or 256");
+  }
+  auto work = std::make_shared<SharedWork>();
+  work->problem = Problem{q.typed_data(), keys.typed_data(), values.typed_data(), lengths.typed_data(),
+                          out->typed_data(), kv_heads, max_length};
+  work->attend = attend;
+  work->num_pairs = slots * kv_heads;
+  work->scratch_vectors = group * ((max_length + kLanes - 1) / kLanes);
+  const int64_t helpers = std::min<int64_t>(thread_pool.num_threads(), work->num_pairs) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    thread_pool.Schedule([work] { work->Run(); });
+  }
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->num_pairs) {
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DapoDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // keys
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // values
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // lengths
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
