@@ -28,8 +28,9 @@ layer's cache in and out of the loop on every step. The price is a second copy o
 an untied LM head in greedy runs). The caches are laid out so that both attention contractions are batched matrix
 products over (slot, KV head): values [slots, kv_heads, length, head_dim], and keys on CPU [slots, kv_heads,
 head_dim, length] (several times faster there than attention over the model's [slots, length, kv_heads, head_dim]
-layout), elsewhere like the values (`keys_transposed_on`). The prefill applies the LM head to each prompt's last
-token only.
+layout), elsewhere like the values (`keys_transposed_on`). On one CPU device attention runs in a C++ kernel
+that reads only the entries each slot can see (`cpu_attention.py`, `attention_kernel_on`). The prefill applies
+the LM head to each prompt's last token only.
 """
 from collections.abc import Callable
 import functools
