@@ -67,7 +67,7 @@ def keys_transposed_on(platform: str) -> bool:
 
 def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) -> bool:
   """Whether decode steps of `config` on `num_devices` devices of `platform` run attention with the CPU kernel
-  (`cpu_attention.py`, 10% off a 64-slot decode step of a ~60M model) rather than XLA's batched products.
+  (`cpu_attention.py`, 10-17% off a 64-slot decode step of a ~60M model) rather than XLA's batched products.
 
   The kernel needs one CPU device (it does not split across a mesh), float32 compute and caches, the transposed
   key cache of `keys_transposed_on("cpu")`, a supported shape, and a C++ compiler to build it (checked here, so
