@@ -146,7 +146,7 @@ def _first_argmax(logits: jax.Array, vocab_axis: int) -> tuple[jax.Array, jax.Ar
   head's matrix product, which then runs several times slower.)
   """
   vocab = logits.shape[vocab_axis]
-  block = next((size for size in range(256, 15, -1) if vocab % size == 0), vocab)
+  block = _block_size(vocab)
   # [batch, blocks, block] or [blocks, block, batch]: the blocks at `vocab_axis`, their entries just after.
   blocks = logits.reshape(logits.shape[:vocab_axis] + (vocab // block, block) + logits.shape[vocab_axis + 1:])
   # [batch, blocks] or [blocks, batch]. The barrier keeps XLA from turning the maximum of the block maxima below
@@ -173,11 +173,31 @@ def _invert_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
 
   A zero-probability entry never leaves the cumulative sum above the threshold for the first time, so it is
   never chosen; the threshold is kept strictly below the total so the last positive entry is always reachable.
+
+  The cumulative sum runs over blocks (`_block_size`): each block's total, a cumulative sum of those, and a
+  cumulative sum within the one block the threshold falls in. Over the whole vocabulary, XLA:CPU computes the
+  cumulative sum as an associative scan (many passes): sampling 64 rows of 32000 logits took 11.9 ms on an AVX2
+  machine, 3.6 ms by blocks. The block's own cumulative sum may round differently from its total, so the index is
+  kept at or before the block's last positive entry (the chosen block has one: its total is positive).
   """
-  cumulative = jnp.cumsum(probs, axis=-1)
-  total = cumulative[:, -1]
+  num_rows, n = probs.shape
+  block = _block_size(n)
+  blocks = probs.reshape(num_rows, n // block, block)
+  cumulative_blocks = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [rows, n / block]
+  total = cumulative_blocks[:, -1]
   threshold = jnp.minimum(uniforms * total, jnp.nextafter(total, 0.0))
-  return jnp.sum(cumulative <= threshold[:, None], axis=-1).astype(jnp.int32)
+  chosen = jnp.sum(cumulative_blocks <= threshold[:, None], axis=-1)  # < n / block, as threshold < total
+  before = jnp.where(chosen > 0, _take(cumulative_blocks, jnp.maximum(chosen - 1, 0)), 0.0)
+  entries = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [rows, block]
+  inner = jnp.sum(before[:, None] + jnp.cumsum(entries, axis=-1) <= threshold[:, None], axis=-1)
+  last_positive = jnp.max(jnp.where(entries > 0, jnp.arange(block), 0), axis=-1)
+  return (chosen * block + jnp.minimum(inner, last_positive)).astype(jnp.int32)
+
+
+def _block_size(n: int) -> int:
+  """The largest size between 16 and 256 that divides `n` (n itself where none does): the blocks into which
+  `_first_argmax` and `_invert_cdf` cut the vocabulary."""
+  return next((size for size in range(256, 15, -1) if n % size == 0), n)
 
 
 def _take(values: jax.Array, indices: jax.Array) -> jax.Array:

@@ -96,6 +96,32 @@ def test_truncated_sampling_stays_in_transformers_kept_set_and_matches_it(logits
   np.testing.assert_allclose(out.logp_sampled, np.log(truncated[out.tokens]), rtol=1e-4, atol=1e-5)
 
 
+def test_inverse_cdf_across_vocabulary_blocks_by_hand():
+  # 512 entries are two blocks of 256. Mass 1 at 3, 1 at 255 (the first block's last entry), 2 at 256 (the
+  # second block's first) and 2 at 300; total 6. A threshold u * 6 picks the first entry whose cumulative sum
+  # exceeds it (at 3, 255, 256, 300: 1, 2, 4, 6); the zeros are never picked, not even at u -> 1, where every
+  # cumulative sum from 300 on equals the total.
+  probs = np.zeros(512, np.float32)
+  probs[[3, 255, 256, 300]] = [1.0, 1.0, 2.0, 2.0]
+  uniforms = jnp.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.9999999])
+  rows = jnp.broadcast_to(jnp.asarray(probs), (uniforms.size, 512))
+  np.testing.assert_array_equal(sampling._invert_cdf(rows, uniforms), [3, 3, 255, 255, 256, 256, 300, 300])
+
+
+@pytest.mark.parametrize("vocab", [4096, 151936])  # blocks of 256 and 128 (Qwen2.5's vocabulary)
+def test_untruncated_sampling_over_many_blocks_matches_the_softmax(vocab):
+  # 40 possible tokens spread over the vocabulary's blocks (block edges included), the rest impossible.
+  rng = np.random.default_rng(vocab)
+  possible = np.unique(np.concatenate([rng.choice(vocab, 34, replace=False), [0, 255, 256, 511, vocab - 1]]))
+  logits_row = np.full(vocab, -np.inf, np.float32)
+  logits_row[possible] = rng.normal(size=possible.size) * 1.5
+  out = _sample_many(logits_row, SamplingParams(temperature=1.0), 6000, seed=2)
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits_row)))
+  assert np.isin(out.tokens, possible).all(), "sampled an impossible token"
+  assert chi_square_p_value(out.tokens, probs) > 1e-3
+  np.testing.assert_allclose(out.logp_full, np.log(probs[out.tokens]), rtol=1e-4, atol=1e-5)
+
+
 def test_top_p_nucleus_is_the_smallest_prefix_reaching_p():
   # Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.8 needs the first two, 0.81 the first three.
   logits = np.log(np.array([0.15, 0.5, 0.05, 0.3], np.float32))
