@@ -9,11 +9,15 @@ eos). For each batch size (prompts decoded together; one response each) and mode
 temperature 1 with top_p 1 and no top-k) the two are timed alternately, after a warm-up that compiles ours, and
 the best of `repeats` runs is kept. Throughput is new tokens per second over the whole call (prefill included).
 
-It prints one JSON document: per setting, both figures and `ratio` (ours / transformers), and our figure as a
-fraction of the machine's limits: at batch b, every decode step streams all weights once (b tokens per weight
-read) and each token costs about 2 flops per weight, so tokens/s <= min(b * bandwidth / weight bytes,
-peak flops / flops per token). Bandwidth and peak are measured here (a streaming reduction over a large array and
-a large matrix product in XLA) unless given.
+It prints one JSON document: per setting, both figures and `ratio` (ours / transformers), and the machine's
+limit: the tokens/s of a run that does nothing but the unavoidable work at the machine's speed. Each decode step
+streams all weights once and costs about 2 flops per weight per slot, so a step takes at least
+max(weight bytes / bandwidth, batch * flops per token / peak); the prefill adds its own flops (2 per layer
+weight per prompt token, the LM head on each prompt's last token only). Bandwidth and peak are measured here (a
+streaming reduction over a large array and a large matrix product in XLA) unless given. `fraction_of_limit` is our
+figure over that limit, and `ratio_ceiling` the ratio to transformers that a run at the limit would reach: where
+it is below 2, being twice as fast as transformers in that setting would take matrix products faster than the
+measured peak.
 
 The machine may be shared: the load average before and after is recorded; compare figures from one run only.
 """
@@ -83,16 +87,25 @@ def measure_machine() -> dict:
   return {"bandwidth_gbs": round(bandwidth, 1), "peak_gflops": round(peak, 1)}
 
 
-def cost_per_token(hf_config: dict, context: float) -> tuple[float, float]:
-  """(bytes of weights streamed per decode step, flops per generated token) of a config at a mean context."""
+def seconds_at_the_limit(hf_config: dict, batch: int, prompt_length: int, new_tokens: int, bandwidth_gbs: float,
+                         peak_gflops: float) -> float:
+  """The least time a run of `batch` prompts of `prompt_length` tokens and `new_tokens` decode steps can take:
+  the prefill's flops, then per step the larger of streaming the weights and the step's flops."""
   e, i, v, layers = (hf_config["hidden_size"], hf_config["intermediate_size"], hf_config["vocab_size"],
                      hf_config["num_hidden_layers"])
   heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
   d = e // heads
-  per_layer = e * heads * d * 2 + e * kv_heads * d * 2 + 3 * e * i  # q, o, k, v, gate, up, down
-  matmul_weights = layers * per_layer + v * e  # the LM head is read every step, tied or not
-  attention_flops = 4 * layers * heads * d * context
-  return 4.0 * matmul_weights, 2.0 * matmul_weights + attention_flops
+  layer_weights = layers * (e * heads * d * 2 + e * kv_heads * d * 2 + 3 * e * i)  # q, o, k, v, gate, up, down
+  head_weights = v * e  # the LM head is read every decode step, tied or not
+
+  def attention_flops(context: float) -> float:  # scores and weighted values, per token
+    return 4.0 * layers * heads * d * context
+
+  prefill_flops = batch * (prompt_length * (2.0 * layer_weights + attention_flops(prompt_length / 2))
+                           + 2.0 * head_weights)
+  step_flops = batch * (2.0 * (layer_weights + head_weights) + attention_flops(prompt_length + new_tokens / 2))
+  step_seconds = max(4.0 * (layer_weights + head_weights) / (bandwidth_gbs * 1e9), step_flops / (peak_gflops * 1e9))
+  return prefill_flops / (peak_gflops * 1e9) + new_tokens * step_seconds
 
 
 def make_models(name: str, directory: str):
@@ -141,13 +154,13 @@ def main(argv):
   for name in _CONFIGS.value:
     with tempfile.TemporaryDirectory() as directory:
       hf_model, config, params = make_models(name, directory)
-    weight_bytes, flops = cost_per_token(CONFIGS[name], context=prompt_length + new_tokens / 2)
     for batch in (int(b) for b in _BATCHES.value):
       prompts = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_length))
       sampler = sampler_lib.GroupSampler(config, num_slots=batch, max_prompt_length=prompt_length,
                                          max_response_length=new_tokens,
                                          steps_per_call=min(_STEPS_PER_CALL.value, new_tokens))
-      limit = min(batch * bandwidth * 1e9 / weight_bytes, peak * 1e9 / flops)
+      limit = batch * new_tokens / seconds_at_the_limit(CONFIGS[name], batch, prompt_length, new_tokens, bandwidth,
+                                                        peak)
       for mode in _MODES.value:
         run_ours(sampler, params, prompts, mode, seed=0)  # compiles
         run_transformers(hf_model, prompts[:, :8], mode, 4)  # warms up
@@ -159,7 +172,8 @@ def main(argv):
         theirs_rate = batch * new_tokens / min(theirs)
         result = {"config": name, "batch": batch, "mode": mode, "ours_tokens_per_s": round(ours_rate, 1),
                   "transformers_tokens_per_s": round(theirs_rate, 1), "ratio": round(ours_rate / theirs_rate, 2),
-                  "machine_limit_tokens_per_s": round(limit, 1), "fraction_of_limit": round(ours_rate / limit, 3)}
+                  "machine_limit_tokens_per_s": round(limit, 1), "fraction_of_limit": round(ours_rate / limit, 3),
+                  "ratio_ceiling": round(limit / theirs_rate, 2)}
         print(json.dumps(result), flush=True)
         results.append(result)
   report = {

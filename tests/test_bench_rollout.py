@@ -1,0 +1,47 @@
+"""scripts/bench_rollout.py: the machine's limit by hand, and one tiny side-by-side run printing its JSON."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import bench_rollout  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_seconds_at_the_limit_by_hand():
+  # hidden 8, intermediate 16, vocab 32, 1 layer, 2 heads of 4, 1 KV head. Layer weights: q and o 8*8 each, k and
+  # v 8*4 each, gate, up and down 8*16 each: 576; LM head 256. At 1 GB/s and 1 GFLOP/s, batch 2, 4-token prompts
+  # and 2 new tokens:
+  #   prefill: 2 prompts * (4 tokens * (2 * 576 + attention 4 * 2 heads * 4 * 2 mean context) + 2 * 256 head)
+  #            = 2 * (4 * (1152 + 64) + 512) = 10752 flops;
+  #   a step: flops 2 * (2 * 832 + 4 * 2 * 4 * 5 context) = 3648, more than streaming 4 * 832 = 3328 bytes.
+  config = dict(hidden_size=8, intermediate_size=16, vocab_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1)
+  seconds = bench_rollout.seconds_at_the_limit(config, batch=2, prompt_length=4, new_tokens=2, bandwidth_gbs=1.0,
+                                               peak_gflops=1.0)
+  assert seconds == pytest.approx((10752 + 2 * 3648) * 1e-9)
+  # With a slow memory, a step is bound by streaming the weights instead.
+  slow = bench_rollout.seconds_at_the_limit(config, batch=2, prompt_length=4, new_tokens=2, bandwidth_gbs=0.5,
+                                            peak_gflops=1.0)
+  assert slow == pytest.approx((10752 + 2 * 6656) * 1e-9)
+
+
+def test_a_tiny_run_prints_both_figures_their_ratio_and_the_ceiling(tmp_path):
+  output = tmp_path / "bench.json"
+  subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_rollout.py"), "--configs", "tiny",
+                  "--batches", "2", "--modes", "greedy,sample", "--prompt_length", "8", "--new_tokens", "4",
+                  "--repeats", "1", "--bandwidth_gbs", "10", "--peak_gflops", "50", "--output", str(output)],
+                 check=True, capture_output=True, text=True, timeout=600)
+  report = json.loads(output.read_text())
+  assert report["bandwidth_gbs"] == 10 and report["peak_gflops"] == 50
+  assert [(r["config"], r["batch"], r["mode"]) for r in report["results"]] == [("tiny", 2, "greedy"),
+                                                                               ("tiny", 2, "sample")]
+  for result in report["results"]:
+    assert result["ours_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours_tokens_per_s"] / result["transformers_tokens_per_s"],
+                                            abs=0.01)
+    assert result["ratio_ceiling"] == pytest.approx(
+        result["machine_limit_tokens_per_s"] / result["transformers_tokens_per_s"], abs=0.01)
