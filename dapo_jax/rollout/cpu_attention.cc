@@ -71,13 +71,6 @@ inline Vec ExpNonPositive(Vec x) {
   return x > low ? result : Vec{};
 }
 
-// The first `width` (<= kLanes) floats at `data`, zeros after them.
-inline Vec LoadPartial(const float* data, int64_t width) {
-  Vec v = Vec{};
-  for (int64_t i = 0; i < width; ++i) v[i] = data[i];
-  return v;
-}
-
 inline Vec LoadFull(const float* data) { return *reinterpret_cast<const UnalignedVec*>(data); }
 
 struct Problem {
@@ -88,6 +81,37 @@ struct Problem {
   float* out;
   int64_t kv_heads, max_length;
 };
+
+// Scores of N vectors of positions, from vector `first` on, for all G query heads of one (slot, KV head) pair:
+// scratch[g * row + first + j] = scale * (q[g] . keys[:, positions]). Every vector lies within the key rows.
+template <int G, int D, int64_t N>
+inline void ScoreVectors(const float* __restrict__ q, const float* __restrict__ keys, int64_t max_length,
+                         int64_t first, float scale, Vec* __restrict__ scratch, int64_t row) {
+  Vec acc[G][N];
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < N; ++j) acc[g][j] = Vec{};
+  for (int64_t i = 0; i < D; ++i) {
+    const float* krow = keys + i * max_length + first * kLanes;
+    Vec key[N];
+    for (int64_t j = 0; j < N; ++j) key[j] = LoadFull(krow + j * kLanes);
+    for (int g = 0; g < G; ++g) {
+      const float qi = q[g * D + i];
+      for (int64_t j = 0; j < N; ++j) acc[g][j] += qi * key[j];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int64_t j = 0; j < N; ++j) scratch[g * row + first + j] = acc[g][j] * scale;
+}
+
+// ScoreVectors for a count n of vectors known only at run time (1 <= n <= N).
+template <int G, int D, int64_t N>
+inline void ScoreVectorsUpTo(int64_t n, const float* q, const float* keys, int64_t max_length, int64_t first,
+                             float scale, Vec* scratch, int64_t row) {
+  if constexpr (N >= 1) {
+    if (n == N) return ScoreVectors<G, D, N>(q, keys, max_length, first, scale, scratch, row);
+    ScoreVectorsUpTo<G, D, N - 1>(n, q, keys, max_length, first, scale, scratch, row);
+  }
+}
 
 // One (slot, KV head) pair: G query heads of size D (a multiple of kLanes: C vectors). `scratch` holds G rows of
 // scores, each ceil(max_length / kLanes) vectors.
@@ -107,29 +131,24 @@ void AttendPair(const Problem& p, int64_t pair, Vec* __restrict__ scratch) {
   float* __restrict__ out = p.out + pair * G * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
-  // Scores, KB vectors of positions at a time (a contiguous run of each key row) for all G query heads.
+  // Scores, KB vectors of positions at a time (a contiguous run of each key row) for all G query heads; the
+  // last pass takes the vectors left over. A vector that would run past the end of a key row (only where
+  // max_length is not a multiple of kLanes) is computed entry by entry.
   constexpr int64_t KB = std::max<int64_t>(1, kRegisters / G);
-  for (int64_t b0 = 0; b0 < blocks; b0 += KB) {
-    Vec acc[G][KB];
-    for (int g = 0; g < G; ++g)
-      for (int64_t j = 0; j < KB; ++j) acc[g][j] = Vec{};
-    const bool full = b0 + KB <= blocks && (b0 + KB) * kLanes <= max_length;
-    for (int64_t i = 0; i < d; ++i) {
-      const float* krow = keys + i * max_length + b0 * kLanes;
-      Vec key[KB];
-      for (int64_t j = 0; j < KB; ++j) {
-        const int64_t start = (b0 + j) * kLanes;
-        key[j] = full ? LoadFull(krow + j * kLanes)
-                      : (b0 + j < blocks ? LoadPartial(krow + j * kLanes, std::min(kLanes, max_length - start))
-                                         : Vec{});
-      }
-      for (int g = 0; g < G; ++g) {
-        const float qi = q[g * d + i];
-        for (int64_t j = 0; j < KB; ++j) acc[g][j] += qi * key[j];
+  const int64_t whole = blocks * kLanes <= max_length ? blocks : blocks - 1;
+  int64_t b0 = 0;
+  for (; b0 + KB <= whole; b0 += KB) ScoreVectors<G, D, KB>(q, keys, max_length, b0, scale, scratch, row);
+  if (b0 < whole) ScoreVectorsUpTo<G, D, KB - 1>(whole - b0, q, keys, max_length, b0, scale, scratch, row);
+  if (whole < blocks) {
+    for (int g = 0; g < G; ++g) {
+      float* s = reinterpret_cast<float*>(scratch + g * row + whole);
+      for (int64_t t = whole * kLanes; t < whole * kLanes + kLanes; ++t) {
+        float score = 0.0f;
+        if (t < max_length)
+          for (int64_t i = 0; i < d; ++i) score += q[g * d + i] * keys[i * max_length + t];
+        s[t - whole * kLanes] = score * scale;
       }
     }
-    for (int g = 0; g < G; ++g)
-      for (int64_t j = 0; j < KB && b0 + j < blocks; ++j) scratch[g * row + b0 + j] = acc[g][j] * scale;
   }
 
   // Softmax over each query head's visible entries (the last vector's entries past `visible` are masked out).

@@ -30,6 +30,23 @@ def test_kernel_matches_xla_attention(group, head_dim, max_length):
   np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
 
 
+
+@needs_kernel
+@pytest.mark.parametrize("group,max_length", [(4, 200), (1, 400), (8, 96)])
+def test_kernel_matches_xla_attention_at_every_length(group, max_length):
+  # One slot per cache length: every count of score vectors, whole passes and the pass of leftover vectors, and
+  # (max_length 200, not a multiple of the vector width) the last vector computed entry by entry.
+  head_dim, slots = 64, max_length
+  rng = np.random.default_rng(group)
+  q = jnp.asarray(rng.standard_normal((slots, 1, group, head_dim)), jnp.float32)
+  keys = jnp.asarray(rng.standard_normal((slots, 1, head_dim, max_length)), jnp.float32)
+  values = jnp.asarray(rng.standard_normal((slots, 1, max_length, head_dim)), jnp.float32)
+  lengths = np.arange(slots, dtype=np.int32)
+  visible = jnp.arange(max_length)[None, :] <= lengths[:, None]
+  expected = decoding._slot_attention(q, keys, values, visible).reshape(q.shape)
+  got = jax.jit(cpu_attention.decode_attention)(q, keys, values, jnp.asarray(lengths))
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
+
 def test_decoding_uses_the_kernel_only_where_it_applies():
   config = get_preset("tiny")  # 2 query heads per KV head, head size 16, float32
   assert cpu_attention.supports(2, 16) and cpu_attention.supports(7, 128)
