@@ -1,16 +1,22 @@
 // Decode-step attention for XLA:CPU, called through XLA's FFI (`cpu_attention.py` builds and registers it).
 //
-// One query token per decode slot attends to that slot's cached keys and values. XLA:CPU runs the same
-// arithmetic as two batched matrix products over (slot, KV head) of a few rows each, which its YNNPACK backend
-// executes on one core, reading every cache entry, visible or not. This kernel reads only the entries a slot can
-// see, keeps the accumulators of all the group's query heads in vector registers (so each key and value is read
-// once), and shares the (slot, KV head) pairs between the calling thread and XLA's intra-op thread pool.
+// One token per decode slot: its query heads and key are rotated by position (RoPE), its key and value are
+// written into the slot's cache in place, and its queries attend to the slot's cached keys and values. XLA:CPU
+// runs that attention as two batched matrix products over (slot, KV head) of a few rows each, which its YNNPACK
+// backend executes on one core, reading every cache entry, visible or not. This kernel reads only the entries a
+// slot can see, keeps the accumulators of all the group's query heads in vector registers (so each key and value
+// is read once), and shares the (slot, KV head) pairs between the calling thread and XLA's intra-op thread pool.
+// The rotation and the cache writes, done here, were five small XLA operations per layer and step.
 //
-// Layouts (decoding.py's CPU decode state): q [slots, kv_heads, group, head_dim], keys [slots, kv_heads,
-// head_dim, max_length] (transposed), values [slots, kv_heads, max_length, head_dim], lengths [slots] int32
-// (the cache index of the token being fed: entries 0 .. lengths[slot] are visible). The output is laid out
-// like q. The arithmetic is decoding._slot_attention's: float32 scores q . k / sqrt(head_dim), a softmax over the
-// visible entries (maximum subtracted, normalised), then the probability-weighted sum of the values.
+// Layouts (decoding.py's CPU decode state): qkv [slots, kv_heads, group + 2, head_dim] (per KV head its group
+// of query heads, then its key, then its value, before RoPE), cos and sin [slots, head_dim] (the rotate-half
+// tables of each slot's position), keys [slots, kv_heads, head_dim, max_length] (transposed), values [slots,
+// kv_heads, max_length, head_dim], lengths [slots] int32 (the cache index of the token being fed: entries
+// 0 .. lengths[slot] are visible once it is written; a write at or past max_length is dropped). The results are
+// the attention output [slots, kv_heads, group, head_dim] and the keys and values, updated in place (XLA aliases
+// them to the inputs). The arithmetic is qwen2.apply_rotary's and decoding._slot_attention's: x cos +
+// rotate_half(x) sin, then float32 scores q . k / sqrt(head_dim), a softmax over the visible entries (maximum
+// subtracted, normalised), then the probability-weighted sum of the values.
 
 #include <algorithm>
 #include <atomic>
@@ -74,9 +80,11 @@ inline Vec ExpNonPositive(Vec x) {
 inline Vec LoadFull(const float* data) { return *reinterpret_cast<const UnalignedVec*>(data); }
 
 struct Problem {
-  const float* q;
-  const float* keys;
-  const float* values;
+  const float* qkv;
+  const float* cos;
+  const float* sin;
+  float* keys;
+  float* values;
   const int32_t* lengths;
   float* out;
   int64_t kv_heads, max_length;
@@ -122,14 +130,33 @@ void AttendPair(const Problem& p, int64_t pair, Vec* __restrict__ scratch) {
   constexpr int64_t C = D / kLanes;
   const int64_t max_length = p.max_length;
   const int64_t slot = pair / p.kv_heads;
-  const int64_t visible = std::clamp<int64_t>(static_cast<int64_t>(p.lengths[slot]) + 1, 1, max_length);
+  const int64_t length = p.lengths[slot];
+  const int64_t visible = std::clamp<int64_t>(length + 1, 1, max_length);
   const int64_t blocks = (visible + kLanes - 1) / kLanes;  // vectors of scores per query head
   const int64_t row = (max_length + kLanes - 1) / kLanes;
-  const float* __restrict__ q = p.q + pair * G * d;
-  const float* __restrict__ keys = p.keys + pair * d * max_length;
-  const float* __restrict__ values = p.values + pair * max_length * d;
+  float* __restrict__ keys = p.keys + pair * d * max_length;
+  float* __restrict__ values = p.values + pair * max_length * d;
   float* __restrict__ out = p.out + pair * G * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+
+  // RoPE on the G query heads and the key: x cos + rotate_half(x) sin, rotate_half(x) = [-x2, x1].
+  const float* __restrict__ qkv = p.qkv + pair * (G + 2) * d;
+  const float* __restrict__ cos = p.cos + slot * d;
+  const float* __restrict__ sin = p.sin + slot * d;
+  alignas(64) float rotated[(G + 1) * D];
+  for (int g = 0; g <= G; ++g) {
+    const float* x = qkv + g * d;
+    float* r = rotated + g * d;
+    for (int64_t i = 0; i < d / 2; ++i) r[i] = x[i] * cos[i] + (-x[i + d / 2]) * sin[i];
+    for (int64_t i = d / 2; i < d; ++i) r[i] = x[i] * cos[i] + x[i - d / 2] * sin[i];
+  }
+  const float* __restrict__ q = rotated;
+  if (length >= 0 && length < max_length) {
+    const float* key = rotated + G * d;
+    const float* value = qkv + (G + 1) * d;
+    for (int64_t i = 0; i < d; ++i) keys[i * max_length + length] = key[i];
+    std::memcpy(values + length * d, value, d * sizeof(float));
+  }
 
   // Scores, KB vectors of positions at a time (a contiguous run of each key row) for all G query heads; the
   // last pass takes the vectors left over. A vector that would run past the end of a key row (only where
@@ -242,30 +269,41 @@ struct SharedWork {
   }
 };
 
-ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
-                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> lengths,
-                           ffi::ResultBuffer<ffi::F32> out) {
-  const auto q_shape = q.dimensions();
+ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
+                           ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
+                           ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> keys_out, ffi::ResultBuffer<ffi::F32> values_out) {
+  const auto qkv_shape = qkv.dimensions();
   const auto key_shape = keys.dimensions();
   const auto value_shape = values.dimensions();
-  if (q_shape.size() != 4 || key_shape.size() != 4 || value_shape.size() != 4 || lengths.dimensions().size() != 1) {
-    return ffi::Error::InvalidArgument("decode attention: expected 4-D q, keys and values, and 1-D lengths");
+  if (qkv_shape.size() != 4 || key_shape.size() != 4 || value_shape.size() != 4 || cos.dimensions().size() != 2 ||
+      sin.dimensions().size() != 2 || lengths.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "decode attention: expected 4-D qkv, keys and values, 2-D cos and sin, and 1-D lengths");
   }
-  const int64_t slots = q_shape[0], kv_heads = q_shape[1], group = q_shape[2], head_dim = q_shape[3];
+  const int64_t slots = qkv_shape[0], kv_heads = qkv_shape[1], group = qkv_shape[2] - 2, head_dim = qkv_shape[3];
   const int64_t max_length = key_shape[3];
   if (key_shape[0] != slots || key_shape[1] != kv_heads || key_shape[2] != head_dim || value_shape[0] != slots ||
       value_shape[1] != kv_heads || value_shape[2] != max_length || value_shape[3] != head_dim ||
-      lengths.dimensions()[0] != slots || max_length < 1) {
-    return ffi::Error::InvalidArgument("decode attention: q, keys, values and lengths disagree in shape");
+      cos.dimensions()[0] != slots || cos.dimensions()[1] != head_dim || sin.dimensions()[0] != slots ||
+      sin.dimensions()[1] != head_dim || lengths.dimensions()[0] != slots || max_length < 1) {
+    return ffi::Error::InvalidArgument("decode attention: qkv, cos, sin, keys, values and lengths disagree in shape");
   }
   const PairFunction attend = PairFunctionFor(group, head_dim);
   if (attend == nullptr) {
     return ffi::Error::InvalidArgument(
         "decode attention: needs 1 to 8 query heads per KV head and a head size of 16, 32, 64, 128 or 256");
   }
+  // The caches are updated in place: XLA gives the results the inputs' buffers (input_output_aliases). Should
+  // it ever not, the results start as copies of the inputs.
+  if (keys_out->typed_data() != keys.typed_data())
+    std::memcpy(keys_out->typed_data(), keys.typed_data(), keys.size_bytes());
+  if (values_out->typed_data() != values.typed_data())
+    std::memcpy(values_out->typed_data(), values.typed_data(), values.size_bytes());
   auto work = std::make_shared<SharedWork>();
-  work->problem = Problem{q.typed_data(), keys.typed_data(), values.typed_data(), lengths.typed_data(),
-                          out->typed_data(), kv_heads, max_length};
+  work->problem = Problem{qkv.typed_data(),      cos.typed_data(),        sin.typed_data(),
+                          keys_out->typed_data(), values_out->typed_data(), lengths.typed_data(),
+                          out->typed_data(),      kv_heads,                max_length};
   work->attend = attend;
   work->num_pairs = slots * kv_heads;
   work->scratch_vectors = group * ((max_length + kLanes - 1) / kLanes);
@@ -284,8 +322,12 @@ ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> q,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DapoDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // cos
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // sin
                                   .Arg<ffi::Buffer<ffi::F32>>()   // keys
                                   .Arg<ffi::Buffer<ffi::F32>>()   // values
                                   .Arg<ffi::Buffer<ffi::S32>>()   // lengths
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // keys, updated (aliases the input)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // values, updated (aliases the input)

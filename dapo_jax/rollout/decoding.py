@@ -29,8 +29,8 @@ an untied LM head in greedy runs). The caches are laid out so that both attentio
 products over (slot, KV head): values [slots, kv_heads, length, head_dim], and keys on CPU [slots, kv_heads,
 head_dim, length] (several times faster there than attention over the model's [slots, length, kv_heads, head_dim]
 layout), elsewhere like the values (`keys_transposed_on`). On one CPU device attention runs in a C++ kernel
-that reads only the entries each slot can see (`cpu_attention.py`, `attention_kernel_on`). The prefill applies
-the LM head to each prompt's last token only.
+that also applies RoPE and writes the caches in place (`cpu_attention.py`, `attention_kernel_on`). The prefill
+applies the LM head to each prompt's last token only.
 """
 from collections.abc import Callable
 import functools
@@ -67,7 +67,8 @@ def keys_transposed_on(platform: str) -> bool:
 
 def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) -> bool:
   """Whether decode steps of `config` on `num_devices` devices of `platform` run attention with the CPU kernel
-  (`cpu_attention.py`, 10-17% off a 64-slot decode step of a ~60M model) rather than XLA's batched products.
+  (`cpu_attention.py`: RoPE, the cache writes and attention in one call; 10-20% off a 64-slot decode step of a
+  ~60M model) rather than XLA's ops.
 
   The kernel needs one CPU device (it does not split across a mesh), float32 compute and caches, the transposed
   key cache of `keys_transposed_on("cpu")`, a supported shape, and a C++ compiler to build it (checked here, so
@@ -324,18 +325,20 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeSt
   for layer, k_cache, v_cache in zip(weights.layers, state.k, state.v):
     x = qwen2.rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
     qkv = jnp.einsum("be,ekhd->bkhd", x, layer["qkv_kernel"]) + layer["qkv_bias"]
-    # RoPE on the queries and the key at once: [slots, 1 position, kv_heads * (group + 1) heads, head_dim].
-    qk = qwen2.apply_rotary(qkv[:, :, :group + 1].reshape(num_slots, 1, -1, head_dim), cos, sin)
-    qk = qk.reshape(num_slots, -1, group + 1, head_dim)
-    q, k, v = qk[:, :, :group], qk[:, :, group], qkv[:, :, group + 1]  # [slots, kv, group, d], [slots, kv, d] x2
-    if keys_transposed:
-      k_cache = k_cache.at[slots, :, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
+    if attention_kernel:  # RoPE, the cache writes and attention in one call
+      attn, k_cache, v_cache = cpu_attention.decode_attention_step(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache,
+                                                                   state.lengths)
+      attn = attn.reshape(num_slots, -1)
     else:
-      k_cache = k_cache.at[slots, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[slots, :, state.lengths].set(v.astype(v_cache.dtype), mode="drop")
-    if attention_kernel:
-      attn = cpu_attention.decode_attention(q, k_cache, v_cache, state.lengths).reshape(num_slots, -1)
-    else:
+      # RoPE on the queries and the key at once: [slots, 1 position, kv_heads * (group + 1) heads, head_dim].
+      qk = qwen2.apply_rotary(qkv[:, :, :group + 1].reshape(num_slots, 1, -1, head_dim), cos, sin)
+      qk = qk.reshape(num_slots, -1, group + 1, head_dim)
+      q, k, v = qk[:, :, :group], qk[:, :, group], qkv[:, :, group + 1]  # [slots, kv, group, d], [slots, kv, d] x2
+      if keys_transposed:
+        k_cache = k_cache.at[slots, :, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
+      else:
+        k_cache = k_cache.at[slots, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
+      v_cache = v_cache.at[slots, :, state.lengths].set(v.astype(v_cache.dtype), mode="drop")
       keys = k_cache[..., :attend_length] if keys_transposed else k_cache[:, :, :attend_length]
       attn = _slot_attention(q, keys.astype(dtype), v_cache[:, :, :attend_length].astype(dtype), visible,
                              keys_transposed)
