@@ -67,8 +67,8 @@ def keys_transposed_on(platform: str) -> bool:
 
 def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) -> bool:
   """Whether decode steps of `config` on `num_devices` devices of `platform` run attention with the CPU kernel
-  (`cpu_attention.py`: RoPE, the cache writes and attention in one call; 10-20% off a 64-slot decode step of a
-  ~60M model) rather than XLA's ops.
+  (`cpu_attention.py`: RoPE, the cache writes and attention in one call; 10-17% off a 64-slot decode step of a
+  ~60M model on the three CPUs measured) rather than XLA's ops.
 
   The kernel needs one CPU device (it does not split across a mesh), float32 compute and caches, the transposed
   key cache of `keys_transposed_on("cpu")`, a supported shape, and a C++ compiler to build it (checked here, so
