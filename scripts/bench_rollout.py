@@ -17,7 +17,10 @@ weight per prompt token, the LM head on each prompt's last token only). Bandwidt
 streaming reduction over a large array and a large matrix product in XLA) unless given. `fraction_of_limit` is our
 figure over that limit, and `ratio_ceiling` the ratio to transformers that a run at the limit would reach: where
 it is below 2, being twice as fast as transformers in that setting would take matrix products faster than the
-measured peak.
+measured peak. `matmuls_only_tokens_per_s` is measured rather than computed: a program doing nothing but the
+run's matrix products in XLA (`matmuls_only_seconds`), and `ratio_ceiling_matmuls_only` the ratio such a run would
+reach: what XLA's own matrix products allow on this machine, if attention, norms and the choice of tokens were
+free.
 
 The machine may be shared: the load average before and after is recorded; compare figures from one run only.
 """
@@ -108,6 +111,55 @@ def seconds_at_the_limit(hf_config: dict, batch: int, prompt_length: int, new_to
   return prefill_flops / (peak_gflops * 1e9) + new_tokens * step_seconds
 
 
+def matmuls_only_seconds(hf_config: dict, batch: int, prompt_length: int, new_tokens: int, repeats: int) -> float:
+  """The best of `repeats` runs, after a compile, of a program that does only a rollout's matrix products, in XLA
+  here: the prefill's (every prompt token through the layers' projections, the LM head on each prompt's last
+  token) and `new_tokens` decode steps' (`batch` rows through the layers and the LM head), on random weights of
+  the model's shapes laid out as our decode steps lay them (q, k and v fused; gate and up fused; the LM head as
+  [vocab, embed] @ [embed, rows], as greedy steps apply it). Attention, norms, RoPE and the choice of tokens are
+  left out (a maximum over each step's logits stands for the choice, so that no product is optimised away): what a
+  run whose every other part cost nothing would take, bound by XLA's matrix products on this machine."""
+  e, i, v, layers = (hf_config["hidden_size"], hf_config["intermediate_size"], hf_config["vocab_size"],
+                     hf_config["num_hidden_layers"])
+  heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+  q_width = heads * (e // heads)
+  rng = np.random.default_rng(0)
+
+  def weight(*shape):
+    return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
+
+  weights = {"layers": [{"qkv": weight(e, q_width + 2 * kv_heads * (e // heads)), "o": weight(q_width, e),
+                         "gate_up": weight(e, 2 * i), "down": weight(i, e)} for _ in range(layers)],
+             "unembed": weight(v, e)}
+
+  def through_layers(layer_weights, h):
+    for layer in layer_weights:
+      qkv = h @ layer["qkv"]
+      # The sum of k and v keeps XLA from slicing their columns out of the product.
+      h = h + qkv[:, :q_width] @ layer["o"] + 1e-6 * jnp.sum(qkv[:, q_width:], axis=1, keepdims=True)
+      gate_up = h @ layer["gate_up"]
+      h = h + (gate_up[:, :i] * gate_up[:, i:]) @ layer["down"]
+    return h
+
+  def with_logits(unembed, h):
+    return h + 1e-6 * jnp.max(unembed @ h.T, axis=0)[:, None]
+
+  @jax.jit
+  def run(weights, prompt_hidden):  # [batch * prompt_length, embed]
+    last = through_layers(weights["layers"], prompt_hidden)[prompt_length - 1::prompt_length]
+    step = lambda h, _: (with_logits(weights["unembed"], through_layers(weights["layers"], h)), None)
+    return jax.lax.scan(step, with_logits(weights["unembed"], last), None, length=new_tokens)[0]
+
+  prompt_hidden = weight(batch * prompt_length, e)
+  run(weights, prompt_hidden).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run(weights, prompt_hidden).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
 def make_models(name: str, directory: str):
   torch.manual_seed(0)
   hf_config = transformers.Qwen2Config(max_position_embeddings=4096, **CONFIGS[name])
@@ -161,6 +213,8 @@ def main(argv):
                                          steps_per_call=min(_STEPS_PER_CALL.value, new_tokens))
       limit = batch * new_tokens / seconds_at_the_limit(CONFIGS[name], batch, prompt_length, new_tokens, bandwidth,
                                                         peak)
+      matmuls_only = batch * new_tokens / matmuls_only_seconds(CONFIGS[name], batch, prompt_length, new_tokens,
+                                                               _REPEATS.value)
       for mode in _MODES.value:
         run_ours(sampler, params, prompts, mode, seed=0)  # compiles
         run_transformers(hf_model, prompts[:, :8], mode, 4)  # warms up
@@ -173,7 +227,9 @@ def main(argv):
         result = {"config": name, "batch": batch, "mode": mode, "ours_tokens_per_s": round(ours_rate, 1),
                   "transformers_tokens_per_s": round(theirs_rate, 1), "ratio": round(ours_rate / theirs_rate, 2),
                   "machine_limit_tokens_per_s": round(limit, 1), "fraction_of_limit": round(ours_rate / limit, 3),
-                  "ratio_ceiling": round(limit / theirs_rate, 2)}
+                  "ratio_ceiling": round(limit / theirs_rate, 2),
+                  "matmuls_only_tokens_per_s": round(matmuls_only, 1),
+                  "ratio_ceiling_matmuls_only": round(matmuls_only / theirs_rate, 2)}
         print(json.dumps(result), flush=True)
         results.append(result)
   report = {
