@@ -80,18 +80,20 @@ def measure_machine() -> dict:
   left = jnp.ones((2048, 2048), jnp.float32)
   matmul = jax.jit(lambda a: a @ a)
 
-  def best_seconds(fn, arg):
-    fn(arg).block_until_ready()
-    best = float("inf")
-    for _ in range(20):
-      start = time.perf_counter()
-      fn(arg).block_until_ready()
-      best = min(best, time.perf_counter() - start)
-    return best
-
-  bandwidth = big.nbytes / best_seconds(reduce, big) / 1e9
-  peak = 2 * 2048**3 / best_seconds(matmul, left) / 1e9
+  bandwidth = big.nbytes / best_seconds(reduce, (big,), repeats=20) / 1e9
+  peak = 2 * 2048**3 / best_seconds(matmul, (left,), repeats=20) / 1e9
   return {"bandwidth_gbs": round(bandwidth, 1), "peak_gflops": round(peak, 1)}
+
+
+def best_seconds(fn, args: tuple, repeats: int) -> float:
+  """The best of `repeats` timed calls `fn(*args)`, after one untimed call (which compiles a jitted `fn`)."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 def seconds_at_the_limit(hf_config: dict, batch: int, prompt_length: int, new_tokens: int, bandwidth_gbs: float,
@@ -154,14 +156,7 @@ def matmuls_only_seconds(hf_config: dict, batch: int, prompt_length: int, new_to
     step = lambda h, _: (with_logits(weights["unembed"], through_layers(weights["layers"], h)), None)
     return jax.lax.scan(step, with_logits(weights["unembed"], last), None, length=new_tokens)[0]
 
-  prompt_hidden = weight(batch * prompt_length, e)
-  run(weights, prompt_hidden).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run(weights, prompt_hidden).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return best
+  return best_seconds(run, (weights, weight(batch * prompt_length, e)), repeats)
 
 
 def make_models(name: str, directory: str):
