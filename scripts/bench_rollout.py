@@ -128,13 +128,14 @@ def matmuls_only_seconds(hf_config: dict, batch: int, prompt_length: int, new_to
   e, i, v, layers = (hf_config["hidden_size"], hf_config["intermediate_size"], hf_config["vocab_size"],
                      hf_config["num_hidden_layers"])
   heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-  q_width = heads * (e // heads)
+  d = e // heads
+  q_width = heads * d
   rng = np.random.default_rng(0)
 
   def weight(*shape):
     return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
 
-  weights = {"layers": [{"qkv": weight(e, q_width + 2 * kv_heads * (e // heads)), "o": weight(q_width, e),
+  weights = {"layers": [{"qkv": weight(e, q_width + 2 * kv_heads * d), "o": weight(q_width, e),
                          "gate_up": weight(e, 2 * i), "down": weight(i, e)} for _ in range(layers)],
              "unembed": weight(v, e)}
 
