@@ -1,5 +1,6 @@
 """Full DAPO on Qwen2.5-1.5B base on one host (a TPU VM or a GPU box): the 32B recipe's algorithm, with the
-batch and response length sized for one host. Needs --config.model.hf_checkpoint=DIR (the base model)."""
+batch and response length sized for one host. Needs --config.model.hf_checkpoint=DIR (the base model),
+--config.data.train_files=FILE[,FILE...] and --config.data.val_files=FILE[,FILE...]."""
 import os
 
 from dapo_jax import config as config_lib

@@ -1,16 +1,17 @@
 """Full DAPO on Qwen2.5-32B base (AIME 2024 avg@32 = 50): every hyperparameter of DAPO_SPEC.md section 9.
 
     python -m dapo_jax.train --config configs/dapo_qwen2_5_32b.py --workdir /mnt/shared/runs/dapo32b \
-        --config.model.hf_checkpoint=/path/to/Qwen2.5-32B
-Pass an ablation rung as the config argument (`configs/dapo_qwen2_5_32b.py:grpo`) for the Table 1 ladder.
+        --config.model.hf_checkpoint=/path/to/Qwen2.5-32B \
+        --config.data.train_files=/path/to/dapo-math-17k.parquet --config.data.val_files=/path/to/aime-2024.parquet
+The model and the data files are required (no default: they live wherever your machine keeps them); several
+files are comma-separated. Pass an ablation rung as the config argument (`configs/dapo_qwen2_5_32b.py:grpo`)
+for the Table 1 ladder.
 """
 from dapo_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = config_lib.base_config()
-  c.data.train_files = ["~/data/dapo-math-17k.parquet"]
-  c.data.val_files = ["~/data/aime-2024.parquet"]
+  c = config_lib.base_config()  # data.train_files, data.val_files and model.hf_checkpoint stay required
   c.data.train_batch_size = 512
   c.data.gen_batch_size = 1536
   c.data.max_prompt_length = 2048

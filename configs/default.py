@@ -16,8 +16,8 @@ from dapo_jax import config as config_lib
 def get_config(arg: str | None = None):
   c = config_lib.base_config()
   # Data: written into the workdir by dapo_jax.data.synthetic when the files are absent.
-  c.data.train_files = ["{workdir}/data/train.parquet"]
-  c.data.val_files = ["{workdir}/data/heldout.parquet"]
+  c.data.train_files = "{workdir}/data/train.parquet"
+  c.data.val_files = "{workdir}/data/heldout.parquet"
   c.data.train_batch_size = 32
   c.data.gen_batch_size = 32
   c.data.max_prompt_length = 32

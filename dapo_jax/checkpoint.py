@@ -82,18 +82,57 @@ def abstract_like(tree: Any) -> Any:
                       tree)
 
 
-def write_policy_files(checkpoint_dir: str, model_config: Qwen2Config, tokenizer: tokenizer_lib.Tokenizer) -> str:
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id")
+
+
+def special_token_ids(tokenizer: tokenizer_lib.Tokenizer | None, *, hf_config: Mapping[str, Any] | None = None,
+                      generation_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """config.json's `bos_token_id` and `eos_token_id`, which transformers reads as None when they are absent.
+
+  Each comes from the source model's config.json (`hf_config`) when it names one (Qwen2.5 names 151643 for both,
+  a token its tokenizer does not call bos), else from the tokenizer (its bos token; its eos token), else from
+  generation_config.json; a key with none of these is left out.
+  """
+  sources = [hf_config or {}]
+  if tokenizer is not None:
+    sources.append({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id})
+  sources.append(generation_config or {})
+  ids = {}
+  for key in TOKEN_ID_KEYS:
+    value = next((source[key] for source in sources if source.get(key) is not None), None)
+    if value is not None:
+      ids[key] = value
+  return ids
+
+
+def read_hf_config(directory: str | None) -> dict | None:
+  """The config.json of a Hugging Face directory (e.g. `model.hf_checkpoint`, for `write_policy_files`'
+  `source_hf_config`); None without a directory or a config.json in it."""
+  if not directory:
+    return None
+  path = os.path.join(os.path.expanduser(directory), hf_io.CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_policy_files(checkpoint_dir: str, model_config: Qwen2Config, tokenizer: tokenizer_lib.Tokenizer, *,
+                       source_hf_config: Mapping[str, Any] | None = None) -> str:
   """Writes `policy/` (config.json, generation_config.json, tokenizer files) beside the steps; returns its path.
 
-  Only process 0 writes (every host sees the same files on a shared file system).
+  `source_hf_config` is the base model's config.json, whose bos / eos token ids config.json keeps
+  (`special_token_ids`). Only process 0 writes (every host sees the same files on a shared file system).
   """
   directory = os.path.join(checkpoint_dir, POLICY_DIR)
   if jax.process_index() != 0:
     return directory
   os.makedirs(directory, exist_ok=True)
   dtype_name = hf_io.dtype_config_name(model_config.param_dtype)
+  hf_config = {**hf_io.config_to_hf(model_config, torch_dtype=dtype_name),
+               **special_token_ids(tokenizer, hf_config=source_hf_config)}
   with open(os.path.join(directory, hf_io.CONFIG_FILE), "w") as f:
-    json.dump(hf_io.config_to_hf(model_config, torch_dtype=dtype_name), f, indent=2)
+    json.dump(hf_config, f, indent=2)
   with open(os.path.join(directory, tokenizer_lib.GENERATION_CONFIG), "w") as f:
     json.dump({"eos_token_id": list(tokenizer.eos_ids)}, f, indent=2)
   tokenizer.save(directory)
@@ -117,7 +156,7 @@ class Policy:
   description: str
 
 
-def _is_hf_directory(path: str) -> bool:
+def is_hf_directory(path: str) -> bool:
   return os.path.exists(os.path.join(path, hf_io.CONFIG_FILE)) and any(
       name.endswith(".safetensors") or name == hf_io.SAFETENSORS_INDEX for name in os.listdir(path))
 
@@ -151,7 +190,7 @@ def load_policy(path: str, *, dtype=jnp.float32, param_dtype=None, mesh=None,
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such directory")
-  if _is_hf_directory(path):
+  if is_hf_directory(path):
     config, model = hf_io.load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
                                              remat=remat)
     return Policy(config, model.params, path, f"Hugging Face checkpoint {path}")

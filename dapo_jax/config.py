@@ -4,6 +4,7 @@ Config files in `configs/` start from `base_config()` and change what their reci
 `validate(config)` runs when the program starts and names the key of any unknown or inconsistent value. Key
 names follow verl's where verl has one (DAPO_SPEC.md section 11), so a verl user finds them.
 """
+import ast
 from collections.abc import Iterator
 import importlib.util
 import os
@@ -14,14 +15,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from dapo_jax import distributed
-from dapo_jax.data import math as math_data
+from dapo_jax.data import prompts as prompts_lib
 from dapo_jax.rl import filtering
 from dapo_jax.rl import loss as loss_lib
 
 # The accepted values come from the modules that implement them, so the check and the code cannot drift apart.
 AGG_MODES = loss_lib.AGG_MODES
 FILTER_METRICS = filtering.FILTER_METRICS
-TRUNCATION_MODES = math_data.TRUNCATION_MODES
+TRUNCATION_MODES = prompts_lib.TRUNCATION_MODES
 # The names `model.dtype` / `model.param_dtype` (and the entry points' --dtype) accept, and their dtypes.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -31,8 +32,11 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
-  c.data.train_files = ["~/data/dapo-math-17k.parquet"]
-  c.data.val_files = ["~/data/aime-2024.parquet"]
+  # File lists are strings, so that the command line can set them (`file_list` reads them):
+  # --config.data.train_files=a.parquet,b.parquet (or '["a.parquet", "b.parquet"]'); "{workdir}" in a path
+  # names the run's workdir. Required: the data is the user's to name. val_files="" runs no validation.
+  c.data.train_files = config_dict.placeholder(str)
+  c.data.val_files = config_dict.placeholder(str)
   c.data.train_batch_size = 512     # prompts per rollout step
   c.data.gen_batch_size = 1536      # prompts per generation batch (dynamic sampling tops up by these)
   c.data.max_prompt_length = 2048
@@ -101,6 +105,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.trainer.keep_checkpoints = 3
   c.trainer.seed = 0
   c.trainer.log_freq = 1
+  # JAX's persistent compilation cache (`runtime.enable_compilation_cache`): "auto" is
+  # $XDG_CACHE_HOME/dapo_jax/jax_compilation_cache (~/.cache/... by default, or JAX_COMPILATION_CACHE_DIR when
+  # set), "" turns it off, anything else is the directory. A restart skips the minutes a large model's programs
+  # take to compile.
+  c.trainer.compilation_cache_dir = "auto"
 
   c.model = ml_collections.ConfigDict()
   c.model.hf_checkpoint = config_dict.placeholder(str)
@@ -143,14 +152,52 @@ def _check(condition: bool, key: str, message: str) -> None:
     raise ConfigError(f"config.{key}: {message}")
 
 
+FILE_LIST_HELP = ("comma-separated paths (--config.{key}=a.parquet,b.parquet) or a list of quoted paths "
+                  "(--config.{key}='[\"a.parquet\", \"b.parquet\"]')")
+
+
+def file_list(value: str | None, *, key: str = "data.train_files") -> list[str]:
+  """The paths a file-list key (`data.train_files`, `data.val_files`) holds; [] for "" or None.
+
+  A file list is a string so that the command line can set it (ml_collections' config flags cannot override a
+  list): comma-separated paths, `a.parquet,b.parquet`, or a Python/JSON list of quoted paths,
+  `["a.parquet", "b.parquet"]`, for paths with commas. Raises ConfigError naming `key` for anything else.
+  """
+  if value is None:
+    return []
+  if not isinstance(value, str):
+    raise ConfigError(f"config.{key}: must be a string of {FILE_LIST_HELP.format(key=key)}; got the "
+                      f"{type(value).__name__} {value!r}")
+  text = value.strip()
+  if text.startswith(("[", "(")):
+    try:
+      parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      parsed = None
+    if not isinstance(parsed, (list, tuple)) or not all(isinstance(p, str) for p in parsed):
+      raise ConfigError(f"config.{key}: {value!r} is not a list of quoted paths; give "
+                        f"{FILE_LIST_HELP.format(key=key)}")
+    paths = [p.strip() for p in parsed]
+  else:
+    paths = [p.strip() for p in text.split(",")] if text else []
+  if not all(paths):
+    raise ConfigError(f"config.{key}: {value!r} has an empty path; give {FILE_LIST_HELP.format(key=key)}")
+  return paths
+
+
+def resolve_files(value: str | None, workdir: str, *, key: str = "data.train_files") -> list[str]:
+  """`file_list(value)` with "{workdir}" replaced by `workdir` and "~" expanded: the files to read."""
+  return [os.path.expanduser(p.replace("{workdir}", workdir)) for p in file_list(value, key=key)]
+
+
 def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ...] = (),
-             num_processes: int = 1) -> None:
+             num_processes: int = 1, workdir: str | None = None) -> None:
   """Fails on unknown keys and inconsistent values, naming the key and what to do.
 
   `extra_sections` are top-level sections a recipe adds for its own use (e.g. the embedded default's
   `warmup`), whose keys are not checked against the base. `num_processes` is the number of processes of the
   run (`jax.process_count()`): each samples and trains on its share of every batch, so the batch sizes must
-  divide between them.
+  divide between them. With the run's `workdir`, the inputs are checked too (`check_inputs`).
   """
   known = dict(_leaves(base_config()))
   for key, _ in _leaves(config):
@@ -163,7 +210,15 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
 
   d, r, a, al, rw, t, m = (config.data, config.rollout, config.actor, config.algorithm, config.reward,
                            config.trainer, config.model)
-  _check(bool(d.train_files), "data.train_files", "at least one training parquet file is needed")
+  _check(d.train_files is not None, "data.train_files",
+         "required: the training parquet file(s), e.g. --config.data.train_files=/data/dapo-math-17k.parquet "
+         "(several: comma-separated)")
+  _check(bool(file_list(d.train_files, key="data.train_files")), "data.train_files",
+         "at least one training parquet file is needed")
+  _check(d.val_files is not None, "data.val_files",
+         "required: the validation parquet file(s), e.g. --config.data.val_files=/data/aime-2024.parquet "
+         "(several: comma-separated), or --config.data.val_files= (empty) to run no validation")
+  file_list(d.val_files, key="data.val_files")
   _check(d.train_batch_size > 0, "data.train_batch_size", f"must be positive, got {d.train_batch_size}")
   _check(d.gen_batch_size >= d.train_batch_size, "data.gen_batch_size",
          f"({d.gen_batch_size}) must be >= data.train_batch_size ({d.train_batch_size})")
@@ -197,8 +252,11 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
   _check(al.filter_groups.metric in FILTER_METRICS, "algorithm.filter_groups.metric",
          f"must be one of {FILTER_METRICS}")
   ob = rw.overlong_buffer
-  _check(not ob.enable or 0 < ob.len <= d.max_response_length, "reward.overlong_buffer.len",
-         f"({ob.len}) must be in 1..data.max_response_length ({d.max_response_length})")
+  # The buffer is the last `len` tokens of the response budget: as long as the budget, it would penalise
+  # every response from its first token.
+  _check(not ob.enable or 0 < ob.len < d.max_response_length, "reward.overlong_buffer.len",
+         f"({ob.len}) must be shorter than data.max_response_length ({d.max_response_length}) and positive; "
+         "the DAPO recipe uses a fifth of it")
   _check(ob.penalty_factor >= 0, "reward.overlong_buffer.penalty_factor", "must be >= 0")
   _check(rw.function is None or ":" in rw.function, "reward.function",
          f"must be 'module:function', got {rw.function!r}")
@@ -213,8 +271,45 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
     _check(value % num_processes == 0, key,
            f"({value}) must be divisible by the {num_processes} processes, each of which samples and trains on "
            "an equal share of it")
+  _check(isinstance(t.compilation_cache_dir, str), "trainer.compilation_cache_dir",
+         "must be a directory, 'auto' or '' (off)")
+  _check(not os.path.isfile(os.path.expanduser(t.compilation_cache_dir)), "trainer.compilation_cache_dir",
+         f"{t.compilation_cache_dir} is a file; give a directory, 'auto' or '' (off)")
   if "distributed" in config:
     _validate_distributed(config.distributed)
+  if workdir is not None:
+    check_inputs(config, workdir)
+
+
+def check_inputs(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Fails (ConfigError naming the key and the path) on inputs that are not there: data files,
+  model.hf_checkpoint (a Hugging Face directory: config.json and safetensors), trainer.resume_from.
+
+  Data paths with "{workdir}" are skipped in a config with a `synthetic` section: the program writes those
+  files itself (the embedded default's task). So are remote paths (gs://...), which only reading can check.
+  """
+  generated = "synthetic" in config
+  for key, value in (("data.train_files", config.data.train_files), ("data.val_files", config.data.val_files)):
+    for template, path in zip(file_list(value, key=key), resolve_files(value, workdir, key=key)):
+      if (generated and "{workdir}" in template) or "://" in path:  # remote (gs://) files are read as they come
+        continue
+      _check(os.path.isfile(path), key, f"{path}: no such file; give the parquet file(s) as "
+             f"--config.{key}=PATH[,PATH...] (scripts/prepare_data.py checks a file's schema)")
+  hf_checkpoint = config.model.hf_checkpoint
+  if hf_checkpoint:
+    directory = os.path.expanduser(hf_checkpoint)
+    _check(os.path.isdir(directory), "model.hf_checkpoint",
+           f"{directory}: no such directory; give a Hugging Face model directory (config.json, *.safetensors, "
+           "tokenizer files)")
+    names = os.listdir(directory)
+    _check("config.json" in names, "model.hf_checkpoint",
+           f"{directory} has no config.json; give a Hugging Face model directory, not a file or its parent")
+    _check(any(name.endswith(".safetensors") for name in names), "model.hf_checkpoint",
+           f"{directory} has no *.safetensors weights (only safetensors checkpoints are read)")
+  resume_from = config.trainer.resume_from
+  if resume_from and "://" not in resume_from:
+    _check(os.path.exists(os.path.expanduser(resume_from)), "trainer.resume_from",
+           f"{os.path.expanduser(resume_from)}: no such checkpoint, checkpoint directory or workdir")
 
 
 def _unset(value) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import json
 import logging
 import os
+import signal
 
 import jax
 from jax.experimental import multihost_utils
@@ -156,3 +157,20 @@ def allgather_json(value) -> list:
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray([encoded.size], np.int32))).reshape(-1)
   gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
   return [json.loads(bytes(row[:size]).decode()) for row, size in zip(gathered, sizes)]
+
+
+class PreemptionSignal:
+  """Turns SIGTERM (a TPU VM's preemption notice) into a flag the training loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: finishing this step, saving a checkpoint and exiting")
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """Whether any process was sent SIGTERM. A collective (every process asks at the same point of the loop),
+    so that all of them stop after the same step: one alone would leave the others waiting for it."""
+    return bool(global_max([self.requested])[0])

@@ -30,6 +30,7 @@ import sys
 import time
 from typing import Any
 
+from dapo_jax import runtime  # first: it quiets what TensorFlow prints while it loads
 from absl import app
 from absl import flags
 import jax
@@ -38,13 +39,16 @@ import numpy as np
 from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax import config as config_lib
 from dapo_jax import metrics as metrics_lib
+from dapo_jax import scoring
 from dapo_jax import sharding
 from dapo_jax import validation
-from dapo_jax.data import math as math_data
+from dapo_jax.data import math_parquet
+from dapo_jax.data import prompts as prompts_lib
+from dapo_jax.model import checkpoint_generation
 from dapo_jax.model import hf_io
 from dapo_jax.model import tokenizer as tokenizer_lib
+from dapo_jax.rl import reward_pool
 from dapo_jax.rl import rewards
-from dapo_jax.rollout import checkpoint_generation
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
@@ -55,6 +59,52 @@ METRIC_PREFIX = "val-core"
 
 class EvaluationError(ValueError):
   """The checkpoint or the data cannot be evaluated; the message says which file and why."""
+
+
+# The settings a training run validates with: the EvalSettings field each comes from, and the config key.
+RUN_SETTINGS = {"k": "rollout.val_kwargs.n", "temperature": "rollout.val_kwargs.temperature",
+                "top_p": "rollout.val_kwargs.top_p", "top_k": "rollout.top_k",
+                "max_prompt_length": "data.max_prompt_length", "max_response_length": "data.max_response_length",
+                "reward_function": "reward.function", "strict_box": "reward.strict_box",
+                "reward_timeout_s": "reward.timeout_s", "num_slots": "rollout.max_concurrent_decodes",
+                "decode_steps_per_call": "rollout.decode_steps_per_call", "dtype": "model.dtype"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+  """What a training workdir says about how it validated: its config (config.json) and where it lives."""
+  workdir: str
+  config: dict[str, Any]
+
+  def value(self, key: str) -> Any:
+    node = self.config
+    for part in key.split("."):
+      node = node[part]
+    return node
+
+  def validation_settings(self) -> dict[str, Any]:
+    """The EvalSettings values the run's periodic validation used (its seed derived as training derives it)."""
+    settings = {name: self.value(key) for name, key in RUN_SETTINGS.items()}
+    settings["seed"] = validation.validation_seed(self.value("trainer.seed"))
+    return settings
+
+  def validation_files(self) -> list[str]:
+    return config_lib.resolve_files(self.value("data.val_files"), self.workdir, key="data.val_files")
+
+
+def training_run_of(checkpoint: str) -> TrainingRun | None:
+  """The training run whose checkpoint `checkpoint` names (a workdir, its checkpoints/ or one step), or None
+  for a Hugging Face directory or a checkpoint directory without its run's config.json beside it."""
+  path = os.path.abspath(os.path.expanduser(checkpoint))
+  if not os.path.isdir(path) or checkpoint_lib.is_hf_directory(path):
+    return None
+  root, _ = checkpoint_lib.resolve_training_checkpoint(path)
+  workdir = os.path.dirname(root)
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    return None
+  with open(config_path) as f:
+    return TrainingRun(workdir, json.load(f))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +120,8 @@ class EvalSettings:
   reward_function: str | None = None
   strict_box: bool = False
   num_slots: int = 64
-  reward_workers: int = rewards.DEFAULT_NUM_WORKERS
-  reward_timeout_s: float = rewards.DEFAULT_TIMEOUT_S
+  reward_workers: int = reward_pool.DEFAULT_NUM_WORKERS
+  reward_timeout_s: float = reward_pool.DEFAULT_TIMEOUT_S
   dtype: str = "float32"
   decode_steps_per_call: int = 16
   mesh: str | None = None
@@ -118,11 +168,11 @@ class Evaluation:
   result: validation.ValidationResult
 
 
-def problem_record(problem: validation.ProblemResult) -> dict[str, Any]:
+def problem_record(problem: scoring.ScoredGroup) -> dict[str, Any]:
   """One line of problems.jsonl."""
   example = problem.example
   return {
-      "index": problem.index,
+      "index": problem.group_id,
       "data_source": example.data_source,
       "location": example.location,
       "num_duplicates": example.num_duplicates,
@@ -132,13 +182,13 @@ def problem_record(problem: validation.ProblemResult) -> dict[str, Any]:
       "prompt_truncated_tokens": example.num_truncated_tokens,
       "k": len(problem.responses),
       "num_correct": problem.num_correct,
-      "accuracy": problem.accuracy,
+      "accuracy": float(problem.accs.mean()),
       "correct": [bool(a) for a in problem.accs],
       "scores": [float(s) for s in problem.scores],
       "predictions": problem.predictions,
       "majority_prediction": problem.majority_prediction,
-      "finish_reasons": problem.finish_reasons,
-      "response_lengths": problem.response_lengths,
+      "finish_reasons": [r.finish_reason for r in problem.responses],
+      "response_lengths": problem.lengths.tolist(),
       "responses": problem.texts,
   }
 
@@ -155,8 +205,8 @@ def summarize(result: validation.ValidationResult, *, checkpoint: str, descripti
     entry = sources.setdefault(p.example.data_source, {"problems": 0, "rows": 0})
     entry["problems"] += 1
     entry["rows"] += p.example.num_duplicates
-  lengths = np.array([n for p in result.problems for n in p.response_lengths])
-  truncated = np.array([r == sampler_lib.FINISH_LENGTH for p in result.problems for r in p.finish_reasons])
+  lengths = np.concatenate([p.lengths for p in result.problems])
+  truncated = np.concatenate([p.truncated for p in result.problems])
   return {
       "checkpoint": os.path.abspath(checkpoint),
       "checkpoint_description": description,
@@ -179,15 +229,14 @@ def format_table(summary: dict[str, Any]) -> str:
   lines = [f"{summary['checkpoint_description']}: k = {k} samples per problem, temperature "
            f"{summary['settings']['temperature']}, top_p {summary['settings']['top_p']}"]
   for source, counts in summary["data_sources"].items():
-    key = f"{METRIC_PREFIX}/{source}/acc"
     metrics = summary["metrics"]
     lines.append("")
     lines.append(f"{source}: {counts['problems']} problems ({counts['rows']} rows), "
-                 f"avg@{k} = {metrics[f'{key}/mean@{k}']:.4f}")
+                 f"avg@{k} = {metrics[metrics_lib.metric_key(source, f'mean@{k}', k)]:.4f}")
     lines.append(f"{'k':>6}  {'pass@k':>8}  {'best@k':>8}  {'maj@k':>8}")
     for kk in metrics_lib.k_values(k):
-      lines.append(f"{kk:>6}  {metrics[f'{key}/pass@{kk}']:>8.4f}  {metrics[f'{key}/best@{kk}']:>8.4f}  "
-                   f"{metrics[f'{key}/maj@{kk}']:>8.4f}")
+      row = [metrics_lib.at_k(metrics, source, statistic, kk, k) for statistic in ("pass", "best", "maj")]
+      lines.append(f"{kk:>6}  " + "  ".join(f"{value:>8.4f}" for value in row))
   length = summary["response_length"]
   lines.append("")
   lines.append(f"responses: mean {length['mean']:.1f} tokens (max {length['max']}), "
@@ -197,7 +246,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings = EvalSettings(), *,
-             on_problem_done: Callable[[validation.ProblemResult], object] | None = None) -> Evaluation:
+             on_problem_done: Callable[[scoring.ScoredGroup], object] | None = None) -> Evaluation:
   """Loads the checkpoint and the problems, samples k responses per problem and scores them; writes nothing
   (`on_problem_done` sees each problem as soon as it is scored)."""
   settings.check()
@@ -222,8 +271,8 @@ def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings 
   if tokenizer.vocab_size > policy.config.vocab_size:
     raise EvaluationError(f"{policy.files_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                           f"only {policy.config.vocab_size}: they do not belong together")
-  options = math_data.PromptOptions(max_prompt_length=settings.max_prompt_length, truncation="left")
-  prompts = math_data.validation_prompts(list(data_files), tokenizer, options)
+  options = prompts_lib.PromptOptions(max_prompt_length=settings.max_prompt_length, truncation="left")
+  prompts = prompts_lib.validation_prompts(list(data_files), tokenizer, options)
   if not len(prompts):
     raise EvaluationError(f"{', '.join(data_files)}: no rows to evaluate")
   sources = sorted({e.data_source for e in prompts})
@@ -238,11 +287,11 @@ def evaluate(checkpoint: str, data_files: Sequence[str], settings: EvalSettings 
       max_prompt_length=longest_prompt, max_response_length=settings.max_response_length, eos_ids=eos_ids,
       steps_per_call=min(settings.decode_steps_per_call, settings.max_response_length), mesh=mesh)
   sampling = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-  pool = rewards.RewardPool(settings.reward_workers) if settings.reward_workers > 0 else None
+  pool = reward_pool.RewardPool(settings.reward_workers) if settings.reward_workers > 0 else None
   try:
-    result = validation.validate(policy.params, sampler, prompts, tokenizer=tokenizer, n=settings.k,
-                                 sampling=sampling, seed=settings.seed, score_fns=score_fns, pool=pool,
-                                 timeout_s=settings.reward_timeout_s, prefix=METRIC_PREFIX,
+    scorer = scoring.GroupScorer(tokenizer, score_fns, pool=pool, timeout_s=settings.reward_timeout_s)
+    result = validation.validate(policy.params, sampler, prompts, n=settings.k, sampling=sampling,
+                                 seed=settings.seed, scorer=scorer, prefix=METRIC_PREFIX,
                                  on_problem_done=on_problem_done)
   finally:
     if pool is not None:
@@ -261,7 +310,7 @@ class ProblemStream:
     self.path = os.path.join(directory, PROBLEMS_FILE)
     self._started = False
 
-  def __call__(self, problem: validation.ProblemResult) -> None:
+  def __call__(self, problem: scoring.ScoredGroup) -> None:
     if not self._started:
       os.makedirs(os.path.dirname(self.path), exist_ok=True)
     with open(self.path, "a" if self._started else "w") as f:
@@ -286,7 +335,8 @@ def write_outputs(directory: str, evaluation: Evaluation) -> None:
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "A Hugging Face Qwen2 directory, or a training workdir, its checkpoints/ directory or one "
     "step directory in it.", required=True)
-_DATA = flags.DEFINE_list("data", None, "Parquet files in the DAPO-Math schema, comma separated.", required=True)
+_DATA = flags.DEFINE_list("data", None, "Parquet files in the DAPO-Math schema, comma separated; default for a "
+                          "training checkpoint: the run's data.val_files.")
 _K = flags.DEFINE_integer("k", 32, "Samples per unique problem (the k of avg@k).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature; 0 is greedy.")
 _TOP_P = flags.DEFINE_float("top_p", 0.7, "Nucleus sampling mass in (0, 1].")
@@ -301,9 +351,9 @@ _REWARD_FUNCTION = flags.DEFINE_string(
 _STRICT_BOX = flags.DEFINE_bool("strict_box", False, "math_dapo's strict-box mode: read the last \\boxed{}.")
 _NUM_SLOTS = flags.DEFINE_integer("num_slots", 64, "Responses decoded together (memory: their KV caches).")
 _REWARD_WORKERS = flags.DEFINE_integer(
-    "reward_workers", rewards.DEFAULT_NUM_WORKERS, "Reward scoring processes, each response bounded by "
+    "reward_workers", reward_pool.DEFAULT_NUM_WORKERS, "Reward scoring processes, each response bounded by "
     "--reward_timeout_s; 0 scores in this process without a time bound.")
-_REWARD_TIMEOUT_S = flags.DEFINE_float("reward_timeout_s", rewards.DEFAULT_TIMEOUT_S,
+_REWARD_TIMEOUT_S = flags.DEFINE_float("reward_timeout_s", reward_pool.DEFAULT_TIMEOUT_S,
                                        "Seconds to score one response before it counts as wrong.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(config_lib.DTYPES),
                            "Weights and compute dtype (float32: XLA:CPU's bfloat16 matrix products are slow).")
@@ -316,30 +366,40 @@ _OUTPUT = flags.DEFINE_string("output", None, "Directory for summary.json and pr
                               "./eval_<YYYYmmdd_HHMMSS>.")
 
 # What a missing file, a bad checkpoint or bad data raises: reported in one line, without a traceback.
-_USER_ERRORS = (FileNotFoundError, EvaluationError, math_data.DataSchemaError, hf_io.CheckpointError,
+_USER_ERRORS = (FileNotFoundError, EvaluationError, math_parquet.DataSchemaError, hf_io.CheckpointError,
                 tokenizer_lib.TokenizerLoadError)
 
 
-def settings_from_flags() -> EvalSettings:
-  return EvalSettings(k=_K.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value,
-                      max_prompt_length=_MAX_PROMPT_LENGTH.value, max_response_length=_MAX_RESPONSE_LENGTH.value,
-                      seed=_SEED.value, reward_function=_REWARD_FUNCTION.value, strict_box=_STRICT_BOX.value,
-                      num_slots=_NUM_SLOTS.value, reward_workers=_REWARD_WORKERS.value,
-                      reward_timeout_s=_REWARD_TIMEOUT_S.value, dtype=_DTYPE.value,
-                      decode_steps_per_call=_DECODE_STEPS_PER_CALL.value, mesh=_MESH.value)
+def settings_from_flags(run: TrainingRun | None = None) -> EvalSettings:
+  """The flags' settings; for a training run's checkpoint, the run's validation settings where no flag is given
+  on the command line."""
+  defaults = run.validation_settings() if run is not None else {}
+  given = {field.name: flags.FLAGS[field.name].value for field in dataclasses.fields(EvalSettings)
+           if field.name not in defaults or flags.FLAGS[field.name].present}
+  return EvalSettings(**{**defaults, **given})
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  # Orbax reports every detail of a restore at INFO through absl's logger; progress lines are ours (root).
-  logging.getLogger("absl").setLevel(logging.WARNING)
-  settings = settings_from_flags()
+  runtime.quiet_third_party_logs(verbose=flags.FLAGS.verbosity >= 1)
+  runtime.enable_compilation_cache(runtime.AUTO)
+  try:
+    run = training_run_of(_CHECKPOINT.value)
+  except _USER_ERRORS as error:
+    sys.exit(f"dapo_jax.evaluate: error: {error}")
+  settings = settings_from_flags(run)
   output = _OUTPUT.value or os.path.abspath(time.strftime("eval_%Y%m%d_%H%M%S"))
-  data_files = [f for f in _DATA.value if f]
+  data_files = [f for f in (_DATA.value or []) if f]
+  if not data_files and run is not None:
+    data_files = run.validation_files()
   if not data_files:
-    raise app.UsageError("--data names no file")
+    raise app.UsageError("--data names no file (and the checkpoint is not a training run with data.val_files)")
+  if run is not None:
+    logging.info("Evaluating with the validation settings of the run in %s (flags given override them): %s; "
+                 "data %s", run.workdir, ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()),
+                 ", ".join(data_files))
   try:
     settings.check()
     if settings.reward_function is not None:

@@ -23,9 +23,9 @@ from absl import flags
 import jax.numpy as jnp
 
 from dapo_jax import checkpoint as checkpoint_lib
+from dapo_jax.model import checkpoint_generation
 from dapo_jax.model import hf_io
 from dapo_jax.model import tokenizer as tokenizer_lib
-from dapo_jax.rollout import checkpoint_generation
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import SamplingParams
 

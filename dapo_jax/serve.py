@@ -29,7 +29,7 @@ from jetstream.core import config_lib
 from jetstream.core import server_lib
 
 from dapo_jax import checkpoint as checkpoint_lib
-from dapo_jax.rollout import checkpoint_generation
+from dapo_jax.model import checkpoint_generation
 from dapo_jax.rollout.engine import QwenEngine
 from dapo_jax.rollout.sampling import SamplingParams
 

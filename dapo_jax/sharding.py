@@ -1,9 +1,10 @@
 """Device mesh and shardings, declared apart from the model.
 
 The model annotates each weight with logical axis names (`embed`, `heads`, `kv_heads`, `mlp`, `vocab`,
-`layers`, ...). Rules, kept in the config (big_vision style), map each logical name to mesh axes (`data`,
-`fsdp`, `tensor`); the shardings of params and batches are derived from the two. A dimension that a mesh axis
-does not divide (e.g. 2 KV heads on a tensor axis of 4) is replicated over that axis instead.
+`layers`, ...). Rules, the tuples `DEFAULT_RULES` (the trainer's) and `DECODE_RULES` (the sampler's) in this
+module, map each logical name to mesh axes (`data`, `fsdp`, `tensor`); the shardings of params and batches are
+derived from the two. A dimension that a mesh axis does not divide (e.g. 2 KV heads on a tensor axis of 4) is
+replicated over that axis instead.
 
 The whole program's layout:
   * the mesh: `make_mesh` (with several processes, the axes outside the data-parallel ones, i.e. `tensor`,
@@ -11,9 +12,9 @@ The whole program's layout:
   * params: `param_shardings` (trainer: FSDP over `fsdp`, tensor parallel over `tensor`);
   * optimizer state: `optimizer_state_shardings` (Adam's moments like the params), created in place by
     `init_optimizer_state`;
-  * batches: `put_batch` / `put_micro_batches` (rows over `data` x `fsdp`, padded with rows that change no
+  * batches: `batch_placement.put_micro_batches` (rows over `data` x `fsdp`, padded with rows that change no
     loss, gradient or metric; on several hosts each process supplies its own rows);
-  * KV caches: `rollout/decoding.decode_state_shardings` (slots over `data` x `fsdp`, KV heads over `tensor`);
+  * KV caches: `rollout/decode_state.decode_state_shardings` (slots over `data` x `fsdp`, KV heads over `tensor`);
   * the sampler's copy of the params: `param_shardings(model, sampler_mesh, DECODE_RULES)`, reached from the
     trainer's layout by `reshard` (a `jax.device_put` on the devices, never a copy through the host); with
     several hosts the sampler may run on each process's own devices (`process_local_mesh`).
@@ -28,8 +29,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from flax import nnx
 import numpy as np
 import optax
-
-from dapo_jax import distributed
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -201,7 +200,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Sequence[tuple[st
   spec = []
   for dim, name in enumerate(logical_axes):
     if name is not None and name not in rule_map:
-      raise ValueError(f"No sharding rule for logical axis {name!r}; add it to the config's mesh rules "
+      raise ValueError(f"No sharding rule for logical axis {name!r}; add it to sharding.DEFAULT_RULES "
                        f"(known: {sorted(rule_map)})")
     chosen = []
     for axis in _as_tuple(rule_map.get(name)):
@@ -236,11 +235,6 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> dict[
 
   shardings = jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)
-
-
-def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
-  """Sharding of a [batch, ...] array: batch over the data-parallel axes, the rest replicated."""
-  return logical_sharding(("batch",) + (None,) * (ndim - 1), rules, mesh)
 
 
 def shard_params(params, shardings):
@@ -341,7 +335,7 @@ def reshard(tree, shardings):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Batches
+# Batch rows on the mesh (placing batches there: `batch_placement.py`)
 
 
 def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
@@ -361,104 +355,3 @@ def rows_split_between_processes(mesh: Mesh, rules=DEFAULT_RULES) -> bool:
   for device, index in row_sharding.devices_indices_map((size,)).items():
     blocks.setdefault(device.process_index, set()).add(index[0].start)
   return all(len(held) * len(blocks) == size for held in blocks.values())
-
-
-def _local_row_shards(mesh: Mesh, rules) -> int:
-  """How many distinct row blocks of a batch this process's devices hold; checks that the processes split the
-  rows between them (rather than each holding all rows, which per-process data cannot fill)."""
-  size = data_parallel_size(mesh, rules)
-  sharding = logical_sharding(("batch",), rules, mesh, (size,))
-  blocks = {index[0].start for index in sharding.addressable_devices_indices_map((size,)).values()}
-  if not rows_split_between_processes(mesh, rules) or len(blocks) * jax.process_count() != size:
-    raise ValueError(
-        f"put_batch: the mesh {dict(mesh.shape)} splits batch rows into {size} blocks, of which each of the "
-        f"{jax.process_count()} processes holds {len(blocks)}: the processes do not divide the rows between them. "
-        "Make the data-parallel axes (data x fsdp) span the processes (e.g. fsdp = -1, tensor within a host) and "
-        "build the mesh with sharding.make_mesh, which keeps the other axes within a process")
-  return len(blocks)
-
-
-def _pad_to(batch: Mapping[str, np.ndarray], rows: int, prompt_width: int, response_width: int
-            ) -> dict[str, np.ndarray]:
-  """The batch grown to `rows` rows and these widths, without changing what it contributes to a loss.
-
-  Added rows repeat row 0 (finite inputs, so no NaN can reach a gradient through them) with `response_mask`
-  0, so they hold no response token: token and sequence counts, losses, gradients and metrics are unchanged.
-  Prompt columns are added on the left with mask 0 (positions count from the first real token, so the model
-  sees the same sequence), response columns on the right with mask 0.
-  """
-  if "response_mask" not in batch:
-    raise ValueError("put_batch: the batch has no response_mask, which padding rows must zero")
-  out = {}
-  count = None
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if value.ndim == 0:
-      raise ValueError(f"put_batch: {key!r} is a scalar; every batch entry needs a leading batch dimension")
-    count = value.shape[0] if count is None else count
-    if value.shape[0] != count:
-      raise ValueError(f"put_batch: {key!r} has {value.shape[0]} rows, other entries {count}")
-    if count == 0:
-      raise ValueError("put_batch: an empty batch cannot be padded")
-    if count < rows:
-      value = np.concatenate([value, np.repeat(value[:1], rows - count, axis=0)])
-    if value.ndim >= 2:
-      width = prompt_width if key.startswith("prompt_") else response_width
-      extra = width - value.shape[1]
-      if extra < 0:
-        raise ValueError(f"put_batch: {key!r} is wider ({value.shape[1]}) than its target width {width}")
-      pad = [(0, 0)] * value.ndim
-      pad[1] = (extra, 0) if key.startswith("prompt_") else (0, extra)
-      value = np.pad(value, pad)  # zeros: a mask of 0 on every added column
-    out[key] = value
-  out["response_mask"] = out["response_mask"].copy()
-  out["response_mask"][count:] = 0
-  return out
-
-
-def _local_shape(batch: Mapping[str, Any]) -> tuple[int, int, int]:
-  return (int(np.shape(batch["response_mask"])[0]), int(np.shape(batch["prompt_ids"])[1]),
-          int(np.shape(batch["response_mask"])[1]))
-
-
-def _place(batch: Mapping[str, np.ndarray], mesh: Mesh, rules, local_rows: int, prompt_width: int,
-           response_width: int) -> dict[str, jax.Array]:
-  padded = _pad_to(batch, local_rows, prompt_width, response_width)
-  global_rows = local_rows * jax.process_count()
-  out = {}
-  for key, value in padded.items():
-    global_shape = (global_rows,) + value.shape[1:]
-    target = logical_sharding(("batch",) + (None,) * (value.ndim - 1), rules, mesh, global_shape)
-    out[key] = jax.make_array_from_process_local_data(target, value, global_shape)
-  return out
-
-
-def put_micro_batches(micro_batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh, rules=DEFAULT_RULES
-                      ) -> list[dict[str, jax.Array]]:
-  """Places a mini-batch's micro-batches (dicts of numpy arrays, `rl/step.py`'s layout) on the mesh: rows over
-  the data-parallel axes (`batch` rule), the rest replicated.
-
-  Each micro-batch's rows are padded to a multiple of the data-parallel size (see `_pad_to`: padded rows hold
-  no response token, so the update is unchanged). With several processes, each passes its own rows (its share
-  of the data) and the arrays are global: the processes first agree (one small all-gather) on the number of
-  micro-batches (a process with fewer adds fully masked ones) and on every micro-batch's row count and widths
-  (the largest), so every process runs the same computations on the same shapes.
-  """
-  if not micro_batches:
-    raise ValueError("put_micro_batches: no micro-batches")
-  shards = _local_row_shards(mesh, rules)
-  micro_batches = list(micro_batches)
-  count = int(distributed.global_max([len(micro_batches)])[0])
-  while len(micro_batches) < count:
-    empty = dict(micro_batches[-1])
-    empty["response_mask"] = np.zeros_like(np.asarray(empty["response_mask"]))
-    micro_batches.append(empty)
-  shapes = distributed.global_max(np.concatenate([_local_shape(mb) for mb in micro_batches])).reshape(count, 3)
-  return [_place(mb, mesh, rules, -(-int(rows) // shards) * shards, int(prompt_width), int(response_width))
-          for mb, (rows, prompt_width, response_width) in zip(micro_batches, shapes)]
-
-
-def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, jax.Array]:
-  """One batch placed like `put_micro_batches` places each micro-batch (with several processes, every process
-  must call it, with its own rows)."""
-  return put_micro_batches([batch], mesh, rules)[0]

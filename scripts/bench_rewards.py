@@ -18,7 +18,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dapo_jax.rl.rewards import RewardPool, math_dapo_score, score_batch  # pylint: disable=wrong-import-position
+from dapo_jax.rl.math_answers import math_dapo_score  # pylint: disable=wrong-import-position
+from dapo_jax.rl.reward_pool import RewardPool, score_batch  # pylint: disable=wrong-import-position
 
 _WORDS = ("the", "sum", "of", "roots", "is", "therefore", "we", "get", "$x^2$", "\\frac{1}{2}", "and", "so",
           "=", "3", "let", "consider", "modulo", "triangle", "area", "\\sqrt{5}")

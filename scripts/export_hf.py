@@ -8,7 +8,9 @@
 its checkpoints/ directory, whose newest complete step is taken, or one step directory checkpoints/<step>) or
 a Hugging Face directory (to change its dtype or sharding). The output directory gets the weights as safetensors
 (`model.safetensors`, or numbered shards of at most `--max_shard_size` with `model.safetensors.index.json`),
-config.json, generation_config.json and the tokenizer files (with the chat template) of the checkpoint.
+config.json (with the bos / eos token ids of the source's config.json, else of its tokenizer:
+`checkpoint.special_token_ids`), generation_config.json and the tokenizer files (with the chat template) of the
+checkpoint.
 
 The weights pass through host memory once, in the output dtype: a 32B model needs about 64 GB in bfloat16.
 `--output` must be a new or empty directory, so that no shard of an earlier export is left beside the new ones.
@@ -26,11 +28,12 @@ from absl import flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # pylint: disable=wrong-import-position
+from dapo_jax import runtime  # first: it quiets what importing TensorFlow prints, should anything import it
 from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax import config as config_lib
+from dapo_jax.model import checkpoint_generation
 from dapo_jax.model import hf_io
 from dapo_jax.model import tokenizer as tokenizer_lib
-from dapo_jax.rollout import checkpoint_generation
 # pylint: enable=wrong-import-position
 
 # transformers' convention (`max_shard_size="5GB"`): GB is 10^9 bytes, GiB 2^30.
@@ -56,6 +59,13 @@ def parse_size(text: str) -> int:
   return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+def _read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def export(checkpoint: str, output: str, *, dtype: str = "bfloat16", max_shard_bytes: int = 5 * 10**9) -> str:
   """Writes `checkpoint` as a Hugging Face directory at `output`; returns a one-line description."""
   output = os.path.abspath(os.path.expanduser(output))
@@ -69,13 +79,17 @@ def export(checkpoint: str, output: str, *, dtype: str = "bfloat16", max_shard_b
     tokenizer.save(output)
   else:
     logging.warning("%s has no tokenizer files: the export holds only weights and configs", policy.files_dir)
-  generation_config = None
-  generation_config_path = os.path.join(policy.files_dir, tokenizer_lib.GENERATION_CONFIG)
-  if os.path.exists(generation_config_path):
-    with open(generation_config_path) as f:
-      generation_config = json.load(f)
+  generation_config = _read_json(os.path.join(policy.files_dir, tokenizer_lib.GENERATION_CONFIG))
   hf_io.save_hf_checkpoint(policy.params, policy.config, output, dtype=config_lib.DTYPES[dtype],
                            max_shard_bytes=max_shard_bytes, generation_config=generation_config)
+  # save_hf_checkpoint writes the model's shape only; the special token ids come from the source's files.
+  token_ids = checkpoint_lib.special_token_ids(
+      tokenizer, hf_config=checkpoint_lib.read_hf_config(policy.files_dir), generation_config=generation_config)
+  config_path = os.path.join(output, hf_io.CONFIG_FILE)
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  with open(config_path, "w") as f:
+    json.dump({**hf_config, **token_ids}, f, indent=2)
   shards = sorted(name for name in os.listdir(output) if name.endswith(".safetensors"))
   return f"Wrote {output}: {len(shards)} safetensors file(s) in {dtype} from {policy.description}"
 
@@ -84,7 +98,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
-  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-restore details
+  runtime.quiet_third_party_logs(verbose=flags.FLAGS.verbosity >= 1)  # orbax's per-restore details
   try:
     max_shard_bytes = parse_size(_MAX_SHARD_SIZE.value)
   except ValueError as error:

@@ -8,7 +8,7 @@ Compiles the rollout step's device functions (decode weights, prefill, decode st
 micro-batch gradients, optimizer update) for each topology with the config's mesh, shapes and shardings, and
 reports per-chip params, optimizer state, gradients, decode weights, KV cache, each program's arguments /
 outputs / temporaries, the peak of each phase of a rollout step and whether it fits the chip's HBM
-(`dapo_jax/memory_plan.py`). Topologies are named as jax names them: `v5p:4x4x4` is a v5p-128 (64 chips),
+(`dapo_jax/planner/`). Topologies are named as jax names them: `v5p:4x4x4` is a v5p-128 (64 chips),
 `v5e:4x4` a v5litepod-16, `v6e:4x4` a v6e-16. Override config values with `--config.KEY=VALUE` (e.g.
 `--config.mesh.tensor=2 --config.actor.micro_batch_tokens=45056`). The model shape is the config's
 `model.preset` or `model.hf_checkpoint` config.json, else `--model`, else the Qwen2.5 size in the config's
@@ -33,7 +33,9 @@ from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=wrong-import-position
-from dapo_jax import memory_plan
+from dapo_jax.planner import inputs as plan_inputs
+from dapo_jax.planner import programs as plan_programs
+from dapo_jax.planner import report as plan_report
 # pylint: enable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:arg]).", lock_config=False)
@@ -49,27 +51,27 @@ def main(argv):
   model = _MODEL.value
   if model is None:
     try:
-      memory_plan.model_config(config)
+      plan_inputs.model_config(config)
     except ValueError as error:
       config_path = flags.FLAGS["config"].config_filename
-      model = memory_plan.model_from_file_name(config_path)
+      model = plan_inputs.model_from_file_name(config_path)
       if model is None:
         raise app.UsageError(f"{error} (--model)") from None
       print(f"Model shape: {model}, from the config file's name (--model overrides)", file=sys.stderr)
   plans, failures = [], []
   for topology in _TOPOLOGIES.value:
     try:
-      plans.append(memory_plan.plan(config, topology, model=model))
+      plans.append(plan_programs.plan(config, topology, model=model))
     except ValueError as error:  # e.g. a mesh that cannot be laid out on this slice
       failures.append({"topology": topology, "error": str(error)})
       print(f"{topology}: {error}", file=sys.stderr, flush=True)
       continue
     if not _JSON.value:
-      print(memory_plan.format_plan(plans[-1]), flush=True)
+      print(plan_report.format_plan(plans[-1]), flush=True)
   if _JSON.value:
     print(json.dumps([p.to_json() for p in plans] + failures, indent=1))
   elif len(plans) > 1:
-    print("\n" + memory_plan.format_summary(plans))
+    print("\n" + plan_report.format_summary(plans))
   return 1 if failures else 0
 
 

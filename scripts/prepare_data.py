@@ -4,9 +4,9 @@
   .venv/bin/python scripts/prepare_data.py aime-2024.parquet --deduplicate --output aime-2024-unique.parquet
   .venv/bin/python scripts/prepare_data.py train.parquet --tokenizer CHECKPOINT_DIR --max-prompt-length 2048 --json
 
-Every input goes through the schema check of `dapo_jax.data.math.read_math_parquet`: a file that is not parquet, a
-missing column, a column of the wrong type, an empty prompt or a missing ground truth stops the script with a
-message naming the file, the row and the column (exit status 1).
+Every input goes through the schema check of `dapo_jax.data.math_parquet.read_math_parquet`: a file that is not
+parquet, a missing column, a column of the wrong type, an empty prompt or a missing ground truth stops the script
+with a message naming the file, the row and the column (exit status 1).
 
 Then it prints, per file and for all files together: rows, unique problems (distinct data_source + prompt +
 ground truth), rows and problems per data_source, and how many problems have an integer answer; with
@@ -29,10 +29,14 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dapo_jax.data import math as math_data  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from dapo_jax.data import math_parquet
+from dapo_jax.data import prompts as prompts_lib
+from dapo_jax.data.math_rows import MathRows, concatenate_rows
+# pylint: enable=wrong-import-position
 
 
-def integer_answer_problems(rows: math_data.MathRows) -> int:
+def integer_answer_problems(rows: MathRows) -> int:
   """How many distinct problems have a ground truth that is an integer (AIME's answers all are)."""
   deduplicated = rows.deduplicated()
   return sum(_is_integer(deduplicated.ground_truth(row)) for row in range(len(deduplicated)))
@@ -43,13 +47,13 @@ def _is_integer(text: str) -> bool:
   return text.lstrip("+-").isdigit()
 
 
-def prompt_length_report(rows: math_data.MathRows, tokenizer_dir: str, max_prompt_length: int) -> dict:
+def prompt_length_report(rows: MathRows, tokenizer_dir: str, max_prompt_length: int) -> dict:
   """Token counts of the rows' prompts (chat template + generation prompt), per row."""
   from dapo_jax.model import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_dir)
-  options = math_data.PromptOptions(max_prompt_length=max_prompt_length)
-  lengths = np.array([len(math_data.prompt_token_ids(
+  options = prompts_lib.PromptOptions(max_prompt_length=max_prompt_length)
+  lengths = np.array([len(prompts_lib.prompt_token_ids(
       [{"role": role, "content": content} for role, content in prompt], tokenizer, options))
                       for prompt in rows.prompts], np.int64)
   per_row = lengths[rows.prompt_id]
@@ -61,17 +65,17 @@ def prompt_length_report(rows: math_data.MathRows, tokenizer_dir: str, max_promp
   }
 
 
-def file_report(rows: math_data.MathRows) -> dict:
+def file_report(rows: MathRows) -> dict:
   report = rows.summary()
   report["integer_answer_problems"] = integer_answer_problems(rows)
   return report
 
 
-def write_copy(paths: list[str], per_file_rows: list[math_data.MathRows], output: str, deduplicate: bool) -> int:
+def write_copy(paths: list[str], per_file_rows: list[MathRows], output: str, deduplicate: bool) -> int:
   """Writes the inputs' rows (all columns, first row of each problem with `deduplicate`); returns the row count."""
   tables = []
   if deduplicate:
-    kept = math_data.concatenate_rows(per_file_rows).deduplicated()
+    kept = concatenate_rows(per_file_rows).deduplicated()
   for file_index, path in enumerate(paths):
     table = pq.read_table(path)
     if deduplicate:
@@ -118,15 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.error("--deduplicate needs --output")
 
   try:
-    per_file_rows = [math_data.read_math_parquet(path) for path in args.inputs]
-  except (math_data.DataSchemaError, FileNotFoundError) as error:
+    per_file_rows = [math_parquet.read_math_parquet(path) for path in args.inputs]
+  except (math_parquet.DataSchemaError, FileNotFoundError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
 
   report: dict = {"files": [{"file": path, **file_report(rows)} for path, rows in zip(args.inputs, per_file_rows)]}
   for entry in report["files"]:
     del entry["files"]
-  all_rows = math_data.concatenate_rows(per_file_rows)
+  all_rows = concatenate_rows(per_file_rows)
   if len(per_file_rows) > 1:
     report["total"] = file_report(all_rows)
     del report["total"]["files"]

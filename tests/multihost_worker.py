@@ -23,6 +23,7 @@ def main(process_id: int, num_processes: int, coordinator_address: str, workdir:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from dapo_jax import batch_placement  # pylint: disable=g-import-not-at-top
   from dapo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from dapo_jax import sharding  # pylint: disable=g-import-not-at-top
   from dapo_jax.model import hf_io  # pylint: disable=g-import-not-at-top
@@ -49,9 +50,13 @@ def main(process_id: int, num_processes: int, coordinator_address: str, workdir:
     if int(process) == process_id:
       mine.setdefault(int(micro), {})[key] = inputs[name]
   local_micro_batches = [mine[i] for i in sorted(mine)]
-  placed = sharding.put_micro_batches(local_micro_batches, mesh)
-  old_logps = [step.old_log_probs(params, mb, model_config=config, temperature=settings["temperature"])
-               for mb in placed]
+  placed = batch_placement.put_micro_batches(local_micro_batches, mesh)
+  loss_config = step.LossConfig(agg_mode=settings["agg_mode"], temperature=settings["temperature"])
+  optimizer = step.make_optimizer(learning_rate=settings["learning_rate"])
+  opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
+  updater = step.Updater.for_state(params, opt_state, optimizer=optimizer, model_config=config,
+                                   loss_config=loss_config)
+  old_logps = [updater.old_log_probs(params, mb) for mb in placed]
 
   # Devices listed so that jax's own layout would give every tensor pair one device of each process (as jax lays
   # a tensor axis of 4 across two v5p hosts): make_mesh lays the mesh out process-major instead, each process
@@ -63,20 +68,18 @@ def main(process_id: int, num_processes: int, coordinator_address: str, workdir:
   assert layout.startswith("process-major") and sharding.rows_split_between_processes(crossed), layout
   assert all(len({d.process_index for d in pair}) == 1 for pair in crossed.devices.reshape(-1, 2))
   crossed_params = jax.device_put(params, sharding.param_shardings(qwen2.abstract_model(config), crossed))
-  crossed_logps = [step.old_log_probs(crossed_params, mb, model_config=config, temperature=settings["temperature"])
-                   for mb in sharding.put_micro_batches(local_micro_batches, crossed)]
+  crossed_updater = step.Updater(optimizer=optimizer, model_config=config, loss_config=loss_config,
+                                 params_shardings=step.mesh_shardings(crossed_params))
+  crossed_logps = [crossed_updater.old_log_probs(crossed_params, mb)
+                   for mb in batch_placement.put_micro_batches(local_micro_batches, crossed)]
   for ours, theirs in zip(multihost_utils.process_allgather(old_logps, tiled=True),
                           multihost_utils.process_allgather(crossed_logps, tiled=True)):
     np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-6)
   del crossed_params, crossed_logps
 
-  loss_config = step.LossConfig(agg_mode=settings["agg_mode"], temperature=settings["temperature"])
-  optimizer = step.make_optimizer(learning_rate=settings["learning_rate"])
-  opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
-  grads, _ = step.mini_batch_gradients(params, placed, model_config=config, loss_config=loss_config)
+  grads, _ = updater.gradients(params, placed)
   gathered_before = multihost_utils.process_allgather((params, opt_state, grads), tiled=True)
-  params, opt_state, metrics = step.update_step(params, opt_state, placed, learning_rate=settings["learning_rate"],
-                                                optimizer=optimizer, model_config=config, loss_config=loss_config)
+  params, opt_state, metrics = updater(params, opt_state, placed, learning_rate=settings["learning_rate"])
   for leaf, target in zip(jax.tree.leaves(params), jax.tree.leaves(params_shardings)):
     assert leaf.sharding.is_equivalent_to(target, leaf.ndim), (leaf.sharding, target)
 

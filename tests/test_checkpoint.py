@@ -8,12 +8,12 @@ import pytest
 from flax import nnx
 
 from dapo_jax import checkpoint
-from dapo_jax.data import synthetic
 from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
 from dapo_jax.model import tokenizer as tokenizer_lib
 from dapo_jax.model.config import get_preset
 from dapo_jax.rl import step
+from tests import tokenizer_fixtures
 
 
 def test_round_trip_of_params_optimizer_state_and_metadata(tmp_path):
@@ -68,7 +68,7 @@ def test_restoring_only_the_params_item(tmp_path):
 
 def _save_training_checkpoint(workdir, config, params, steps):
   root = str(workdir / "checkpoints")
-  checkpoint.write_policy_files(root, config, synthetic.char_tokenizer())
+  checkpoint.write_policy_files(root, config, tokenizer_fixtures.char_tokenizer())
   ckpt = checkpoint.Checkpointer(root)
   for s in steps:
     ckpt.save(s, {"params": jax.tree.map(lambda x: x * s, params), "opt_state": {"count": np.int32(s)}},
@@ -89,7 +89,7 @@ def test_load_policy_from_a_workdir_its_checkpoints_or_one_step(tmp_path):
     for a, b in zip(jax.tree.leaves(policy.params), jax.tree.leaves(params)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b) * step_scale, rtol=1e-6)
   tokenizer = tokenizer_lib.load_tokenizer(policy.files_dir)
-  assert tokenizer.eos_ids == synthetic.char_tokenizer().eos_ids
+  assert tokenizer.eos_ids == tokenizer_fixtures.char_tokenizer().eos_ids
   # Stored in float32, loaded into bfloat16 storage on request.
   policy = checkpoint.load_policy(root, dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(policy.params))

@@ -114,17 +114,20 @@ def _assert_close(actual_tree, expected_tree, rtol, what):
                                err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
+def _single_device_updater():
+  return step.Updater(optimizer=step.make_optimizer(learning_rate=SETTINGS["learning_rate"]), model_config=CONFIG,
+                      loss_config=step.LossConfig(agg_mode=SETTINGS["agg_mode"], temperature=SETTINGS["temperature"]))
+
+
 def test_two_processes_train_like_one(run):
-  loss_config = step.LossConfig(agg_mode=SETTINGS["agg_mode"], temperature=SETTINGS["temperature"])
-  optimizer = step.make_optimizer(learning_rate=SETTINGS["learning_rate"])
+  updater = _single_device_updater()
   device = jax.devices()[0]
   params = jax.device_put(run["params"], device)
   every_row = [mb for share in run["shares"] for mb in share]
-  grads, _ = step.mini_batch_gradients(params, every_row, model_config=CONFIG, loss_config=loss_config)
-  opt_state = optimizer.init(params)
-  _, _, metrics = step.update_step(jax.device_put(run["params"], device), optimizer.init(params), every_row,
-                                   learning_rate=SETTINGS["learning_rate"], optimizer=optimizer,
-                                   model_config=CONFIG, loss_config=loss_config)
+  grads, _ = updater.gradients(params, every_row)
+  opt_state = updater.optimizer.init(params)
+  _, _, metrics = updater(jax.device_put(run["params"], device), updater.optimizer.init(params), every_row,
+                          learning_rate=SETTINGS["learning_rate"])
   outputs = run["outputs"]
 
   # The HF import placed the same weights; the gradients computed together equal the whole mini-batch's.
@@ -132,8 +135,8 @@ def test_two_processes_train_like_one(run):
   _assert_close(before_params, run["params"], 0.0, "imported params")
   _assert_close(before_grads, jax.device_get(grads), 1e-5, "gradients")
   # One optimizer step on one device from the processes' gradients gives their updated params and state.
-  expected = step._apply(jax.device_put(before_params, device), jax.device_put(before_state, device),
-                         jax.device_put(before_grads, device), SETTINGS["learning_rate"], optimizer=optimizer)
+  expected = updater.apply_fn(jax.device_put(before_params, device), jax.device_put(before_state, device),
+                              jax.device_put(before_grads, device), SETTINGS["learning_rate"])
   after_params, after_state, after_metrics = _output(outputs, "after", (run["params"], opt_state, metrics))
   _assert_close(after_params, jax.device_get(expected[0]), 1e-6, "updated params")
   _assert_close(after_state, jax.device_get(expected[1]), 1e-6, "optimizer state")
@@ -156,8 +159,7 @@ def test_old_log_probs_of_each_process_rows(run):
         np.testing.assert_array_equal(block, 0.0)
         continue
       mb = share[micro]
-      expected = np.asarray(step.old_log_probs(params, mb, model_config=CONFIG,
-                                               temperature=SETTINGS["temperature"]))
+      expected = np.asarray(_single_device_updater().old_log_probs(params, mb))
       rows, width = expected.shape
       np.testing.assert_allclose(block[:rows, :width], expected, rtol=1e-5, atol=1e-6)
       np.testing.assert_array_equal(block[rows:], 0.0)

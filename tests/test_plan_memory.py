@@ -10,7 +10,8 @@ import warnings
 import pytest
 
 from dapo_jax import config as config_lib
-from dapo_jax import memory_plan
+from dapo_jax.planner import inputs as plan_inputs
+from dapo_jax.planner import programs as plan_programs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30
@@ -21,17 +22,17 @@ def _program(plan, name):
 
 
 def test_sizes_and_out_of_memory_messages_parse():
-  assert memory_plan.parse_size("95.74G") == int(95.74 * GIB)
-  assert memory_plan.parse_size("512.00M") == 512 << 20
-  assert memory_plan.parse_size("1.00T") == 1 << 40
-  assert memory_plan.parse_size("17B") == 17
-  assert memory_plan.parse_size("lots") is None
+  assert plan_programs.parse_size("95.74G") == int(95.74 * GIB)
+  assert plan_programs.parse_size("512.00M") == 512 << 20
+  assert plan_programs.parse_size("1.00T") == 1 << 40
+  assert plan_programs.parse_size("17B") == 17
+  assert plan_programs.parse_size("lots") is None
   message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
              "(96.63G) exceeds available HBM (95.74G).")
-  assert memory_plan.parse_out_of_memory(message) == (int(96.63 * GIB), int(95.74 * GIB))
+  assert plan_programs.parse_out_of_memory(message) == (int(96.63 * GIB), int(95.74 * GIB))
   message = "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.50G of 15.75G hbm."
-  assert memory_plan.parse_out_of_memory(message) == (int(20.5 * GIB), int(15.75 * GIB))
-  assert memory_plan.parse_out_of_memory("RESOURCE_EXHAUSTED: something else") == (None, None)
+  assert plan_programs.parse_out_of_memory(message) == (int(20.5 * GIB), int(15.75 * GIB))
+  assert plan_programs.parse_out_of_memory("RESOURCE_EXHAUSTED: something else") == (None, None)
 
 
 def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_data_parallel_size():
@@ -39,14 +40,14 @@ def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_da
   # Buckets 32 and 64 capped at the longest lengths, as train.py collates: 20 + 40 = 60 tokens a row.
   c.data.max_prompt_length, c.data.max_response_length = 20, 40
   c.actor.micro_batch_tokens = 60 * 5
-  batch = memory_plan.worst_case_micro_batch(c)
+  batch = plan_inputs.worst_case_micro_batch(c)
   assert batch["prompt_ids"].shape == (5, 20) and batch["response_ids"].shape == (5, 40)
   assert batch["response_mask"].sum() == 5 * 40 and batch["prompt_mask"].sum() == 5 * 20
   assert batch["advantages"].shape == (5,) and batch["old_logp"].shape == batch["sampler_logp"].shape == (5, 40)
-  assert memory_plan.worst_case_micro_batch(c, data_parallel=4)["prompt_ids"].shape == (8, 20)
-  assert memory_plan.micro_batch_rows(c) == 5
+  assert plan_inputs.worst_case_micro_batch(c, data_parallel=4)["prompt_ids"].shape == (8, 20)
+  assert plan_inputs.micro_batch_rows(c) == 5
   c.actor.micro_batch_tokens = 59  # less than one row: a row still gets a micro-batch of its own
-  assert memory_plan.micro_batch_rows(c) == 1
+  assert plan_inputs.micro_batch_rows(c) == 1
 
 
 def test_worst_case_micro_batch_stacks_every_hosts_rows():
@@ -56,37 +57,37 @@ def test_worst_case_micro_batch_stacks_every_hosts_rows():
   c.data.max_prompt_length, c.data.max_response_length = 20, 40
   c.actor.ppo_mini_batch_size, c.rollout.n = 16, 8  # a mini-batch of 128 rows: 64 on each of 2 hosts
   c.actor.micro_batch_tokens = 60 * 5
-  assert memory_plan.micro_batch_rows(c, num_processes=2) == 5
+  assert plan_inputs.micro_batch_rows(c, num_processes=2) == 5
   # 4 row blocks, 2 on each host: each host's 5 rows padded to 6, stacked over the 2 hosts.
-  assert memory_plan.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 12
-  assert memory_plan.worst_case_micro_batch(c, data_parallel=4, num_processes=2)["response_ids"].shape == (12, 40)
+  assert plan_inputs.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 12
+  assert plan_inputs.worst_case_micro_batch(c, data_parallel=4, num_processes=2)["response_ids"].shape == (12, 40)
   # A budget larger than a host's share: each host's whole share (64 rows) is one micro-batch.
   c.actor.micro_batch_tokens = 60 * 100
-  assert memory_plan.micro_batch_rows(c) == 100 and memory_plan.micro_batch_rows(c, num_processes=2) == 64
-  assert memory_plan.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 128
+  assert plan_inputs.micro_batch_rows(c) == 100 and plan_inputs.micro_batch_rows(c, num_processes=2) == 64
+  assert plan_inputs.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 128
   # The 32B recipe on v5p:4x4x4: 16 hosts, 2 groups (32 rows) each; its budget of one full-length row makes
   # micro-batches of one row per host, one per data-parallel shard (fsdp 16).
   big = config_lib.load_config_file(str(REPO / "configs" / "dapo_qwen2_5_32b.py"))
   assert big.actor.micro_batch_tokens == 2048 + 20480
-  assert memory_plan.micro_batch_rows(big, num_processes=16) == 1
-  assert memory_plan.global_micro_batch_rows(big, data_parallel=16, num_processes=16) == 16
+  assert plan_inputs.micro_batch_rows(big, num_processes=16) == 1
+  assert plan_inputs.global_micro_batch_rows(big, data_parallel=16, num_processes=16) == 16
   with pytest.raises(ValueError, match="cannot split 6 blocks of batch rows"):
-    memory_plan.global_micro_batch_rows(c, data_parallel=6, num_processes=4)
+    plan_inputs.global_micro_batch_rows(c, data_parallel=6, num_processes=4)
 
 
 def test_config_errors_for_a_number_of_hosts():
   c = config_lib.load_config_file(str(REPO / "configs" / "dapo_qwen2_5_32b.py"))
-  assert memory_plan.config_error(c, "qwen2.5-32b", 32) is None  # v5p-256: 32 hosts share 32-prompt mini-batches
-  error = memory_plan.config_error(c, "qwen2.5-32b", 64)  # v5p-512: 64 hosts cannot
+  assert plan_inputs.config_error(c, "qwen2.5-32b", 32) is None  # v5p-256: 32 hosts share 32-prompt mini-batches
+  error = plan_inputs.config_error(c, "qwen2.5-32b", 64)  # v5p-512: 64 hosts cannot
   assert error.startswith("config.actor.ppo_mini_batch_size")
   assert c.model.preset is None  # the check works on a copy
 
 
 def test_model_shape_from_config_file_names():
-  assert memory_plan.model_from_file_name("configs/dapo_qwen2_5_32b.py") == "qwen2.5-32b"
-  assert memory_plan.model_from_file_name("configs/dapo_early_qwen2_5_32b.py") == "qwen2.5-32b"
-  assert memory_plan.model_from_file_name("configs/dapo_qwen2_5_0_5b.py") == "qwen2.5-0.5b"
-  assert memory_plan.model_from_file_name("configs/default.py") is None
+  assert plan_inputs.model_from_file_name("configs/dapo_qwen2_5_32b.py") == "qwen2.5-32b"
+  assert plan_inputs.model_from_file_name("configs/dapo_early_qwen2_5_32b.py") == "qwen2.5-32b"
+  assert plan_inputs.model_from_file_name("configs/dapo_qwen2_5_0_5b.py") == "qwen2.5-0.5b"
+  assert plan_inputs.model_from_file_name("configs/default.py") is None
 
 
 def test_forward_flops_by_hand():
@@ -95,7 +96,7 @@ def test_forward_flops_by_hand():
   layer = 128 * (2 * 128 + 2 * 64) + 3 * 128 * 384
   # 2 rows of 10 tokens, the head on 3 positions each, attention over the full 10 x 10 rectangle.
   expected = 2 * (2 * 4 * layer * 10 + 2 * 128 * 32 * 3 + 4 * 4 * 4 * 32 * 10 * 10)
-  assert memory_plan.forward_flops(mc, 2, 10, 3) == expected
+  assert plan_inputs.forward_flops(mc, 2, 10, 3) == expected
 
 
 def _libtpu_missing_reason() -> str | None:
@@ -204,16 +205,17 @@ import os
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
 from jax.experimental import topologies
-from dapo_jax import memory_plan, sharding
+from dapo_jax import sharding
+from dapo_jax.planner import inputs as plan_inputs
 for topology, shape in (("v5p:4x4x8", (1, 32, 4)), ("v5p:4x4x8", (1, 128, 1)), ("v5p:2x2x2", (1, 2, 4)),
                         ("v5p:4x4x8", (1, 16, 8))):
   devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
   try:
-    mesh, layout = memory_plan.mesh_for(devices, dict(zip(sharding.MESH_AXES, shape)))
+    mesh, layout = plan_inputs.mesh_for(devices, dict(zip(sharding.MESH_AXES, shape)))
   except ValueError as error:
     print("refused:", str(error).split(":")[1].strip())
     continue
-  print(memory_plan.num_processes_of(devices), sharding.rows_split_between_processes(mesh), layout.split(",")[0])
+  print(plan_inputs.num_processes_of(devices), sharding.rows_split_between_processes(mesh), layout.split(",")[0])
 """
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -17,6 +17,6 @@ def test_warmup_lowers_the_loss_and_teaches_the_responses():
                                          pad_id=0, log_every=50)
   assert np.mean(losses[-10:]) < 0.25 * np.mean(losses[:10])
   batch = batching.collate([p for p, _ in examples], [r for _, r in examples], pad_id=0)
-  logp = np.asarray(step.old_log_probs(params, batch, model_config=config, temperature=1.0))
+  logp = np.asarray(step.response_logprobs(params, config, batch, temperature=1.0))
   # Most response tokens are now likely under the model.
   assert np.exp(logp[batch["response_mask"] > 0]).mean() > 0.7

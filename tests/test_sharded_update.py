@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dapo_jax import batch_placement
 from dapo_jax import sharding
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import get_preset
@@ -47,21 +48,19 @@ def case():
   micro_batches = [_micro_batch(rng, 5, 6, 7), _micro_batch(rng, 3, 9, 4)]
   device = jax.devices()[0]
   on_one = jax.device_put(params, device)
+  single_device = _updater("token-mean")
   for mb in micro_batches:
-    old = np.asarray(step.old_log_probs(on_one, mb, model_config=CONFIG, temperature=0.9))
+    old = np.asarray(single_device.old_log_probs(on_one, mb))
     # Ratios away from 1 so that the clipped branches take part.
     mb["old_logp"] = (old + rng.normal(0, 0.3, old.shape).astype(np.float32)) * mb["response_mask"]
   references = {}
   for agg_mode in ("token-mean", "seq-mean-token-mean"):
-    loss_config = step.LossConfig(agg_mode=agg_mode, temperature=0.9, entropy_coeff=0.01)
-    optimizer = OPTIMIZER
-    grads, _ = step.mini_batch_gradients(on_one, micro_batches, model_config=CONFIG, loss_config=loss_config)
+    updater = _updater(agg_mode)
+    grads, _ = updater.gradients(on_one, micro_batches)
     p = jax.device_put(params, device)
-    _, _, metrics = step.update_step(p, optimizer.init(p), micro_batches, learning_rate=LEARNING_RATE,
-                                     optimizer=optimizer, model_config=CONFIG, loss_config=loss_config)
+    _, _, metrics = updater(p, OPTIMIZER.init(p), micro_batches, learning_rate=LEARNING_RATE)
     references[agg_mode] = dict(grads=jax.device_get(grads), metrics=jax.device_get(metrics))
-  old_logps = [np.asarray(step.old_log_probs(on_one, mb, model_config=CONFIG, temperature=0.9))
-               for mb in micro_batches]
+  old_logps = [np.asarray(single_device.old_log_probs(on_one, mb)) for mb in micro_batches]
   return dict(params=params, micro_batches=micro_batches, references=references, old_logps=old_logps)
 
 
@@ -73,11 +72,17 @@ def _assert_trees_close(actual, expected, rtol, what):
                                err_msg=f"{what} {jax.tree_util.keystr(path)}")
 
 
-def _apply_on_one_device(params, opt_state, grads, optimizer):
-  """DAPO's optimizer step (step._apply: clipping, AdamW, skip on non-finite) on device 0, from host copies."""
+def _updater(agg_mode, **shardings):
+  return step.Updater(optimizer=OPTIMIZER, model_config=CONFIG,
+                      loss_config=step.LossConfig(agg_mode=agg_mode, temperature=0.9, entropy_coeff=0.01),
+                      **shardings)
+
+
+def _apply_on_one_device(params, opt_state, grads):
+  """DAPO's optimizer step (clipping, AdamW, skip on non-finite) on device 0, from host copies."""
   device = jax.devices()[0]
   params, opt_state, grads = jax.device_put(jax.device_get((params, opt_state, grads)), device)
-  params, opt_state, _, _ = step._apply(params, opt_state, grads, LEARNING_RATE, optimizer=optimizer)
+  params, opt_state, _, _ = _updater("token-mean").apply_fn(params, opt_state, grads, LEARNING_RATE)
   return jax.device_get(params), jax.device_get(opt_state)
 
 
@@ -94,33 +99,31 @@ def test_update_on_a_mesh_equals_the_single_device_update(case, mesh_shape):
   mesh = sharding.make_mesh(mesh_shape)
   params_shardings = sharding.param_shardings(qwen2.abstract_model(CONFIG), mesh)
   assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(params_shardings))
-  placed = sharding.put_micro_batches(case["micro_batches"], mesh)
+  placed = batch_placement.put_micro_batches(case["micro_batches"], mesh)
   for mb, host, expected_old in zip(placed, case["micro_batches"], case["old_logps"]):
     rows = host["response_mask"].shape[0]
     assert mb["response_mask"].shape[0] % sharding.data_parallel_size(mesh) == 0
     assert mb["response_mask"].sharding.spec[0] is not None or sharding.data_parallel_size(mesh) == 1
-    old = step.old_log_probs(sharding.shard_params(case["params"], params_shardings), mb, model_config=CONFIG,
-                             temperature=0.9)
+    old = _updater("token-mean", params_shardings=params_shardings).old_log_probs(
+        sharding.shard_params(case["params"], params_shardings), mb)
     assert old.sharding.is_equivalent_to(mb["response_mask"].sharding, 2)
     np.testing.assert_allclose(np.asarray(old)[:rows], expected_old, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(old)[rows:], 0.0)
 
   for agg_mode, reference in case["references"].items():
-    loss_config = step.LossConfig(agg_mode=agg_mode, temperature=0.9, entropy_coeff=0.01)
     optimizer = OPTIMIZER
     params = sharding.shard_params(case["params"], params_shardings)
-    grads, _ = step.mini_batch_gradients(params, placed, model_config=CONFIG, loss_config=loss_config)
+    opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
+    state_shardings = sharding.optimizer_state_shardings(optimizer, opt_state, params_shardings, mesh)
+    updater = _updater(agg_mode, params_shardings=params_shardings, opt_state_shardings=state_shardings)
+    grads, _ = updater.gradients(params, placed)
     _assert_in_shardings(grads, params_shardings, "gradients")
     _assert_trees_close(grads, reference["grads"], 1e-5, f"{agg_mode} gradient")
 
-    opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
-    state_shardings = sharding.optimizer_state_shardings(optimizer, opt_state, params_shardings, mesh)
     for update in (1, 2):
-      grads, _ = step.mini_batch_gradients(params, placed, model_config=CONFIG, loss_config=loss_config)
-      expected_params, expected_state = _apply_on_one_device(params, opt_state, grads, optimizer)
-      params, opt_state, metrics = step.update_step(params, opt_state, placed, learning_rate=LEARNING_RATE,
-                                                    optimizer=optimizer, model_config=CONFIG,
-                                                    loss_config=loss_config)
+      grads, _ = updater.gradients(params, placed)
+      expected_params, expected_state = _apply_on_one_device(params, opt_state, grads)
+      params, opt_state, metrics = updater(params, opt_state, placed, learning_rate=LEARNING_RATE)
       _assert_in_shardings(params, params_shardings, f"params after update {update}")
       _assert_in_shardings(opt_state, state_shardings, f"optimizer state after update {update}")
       _assert_trees_close(params, expected_params, 1e-6, f"{agg_mode} params after update {update}")
@@ -135,7 +138,7 @@ def test_update_on_a_mesh_equals_the_single_device_update(case, mesh_shape):
 def test_host_and_device_totals_and_mismatch_agree(case):
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   micro_batches = [dict(mb, sampler_logp=mb["old_logp"] * 0.9) for mb in case["micro_batches"]]
-  placed = sharding.put_micro_batches(micro_batches, mesh)
+  placed = batch_placement.put_micro_batches(micro_batches, mesh)
   host = step.mini_batch_totals(micro_batches)
   device = step.mini_batch_totals(placed)
   assert {k: float(v) for k, v in device.items()} == {k: float(v) for k, v in host.items()}

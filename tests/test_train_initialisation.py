@@ -12,6 +12,7 @@ import transformers
 
 from dapo_jax import checkpoint
 from dapo_jax import config as config_lib
+from dapo_jax import policy
 from dapo_jax import sharding
 from dapo_jax import train
 from dapo_jax.data import synthetic
@@ -27,7 +28,7 @@ def _short_config(**overrides):
   """The default recipe cut to one or two rollout steps of a few groups, no validation."""
   c = config_lib.load_config_file(os.path.join(CONFIG_DIR, "default.py"))
   c.synthetic.num_heldout = 8
-  c.data.val_files = []
+  c.data.val_files = ""
   c.data.train_batch_size = c.data.gen_batch_size = 4
   c.rollout.n = 4
   c.actor.ppo_mini_batch_size = 4
@@ -94,7 +95,7 @@ def test_the_samplers_compute_dtype_copy_samples_what_the_master_weights_sample(
   params = qwen2.Qwen2(model_config, rngs=nnx.Rngs(3)).params
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2])
   shardings = sharding.param_shardings(qwen2.abstract_model(model_config), mesh, sharding.DECODE_RULES)
-  copy = train._sampler_params(params, shardings, model_config.dtype)  # pylint: disable=protected-access
+  copy = policy.sampler_params(params, shardings, model_config.dtype)
   assert {leaf.dtype for leaf in jax.tree.leaves(copy)} == {jnp.dtype(jnp.bfloat16)}
   assert all(leaf.sharding == target for leaf, target in zip(jax.tree.leaves(copy), jax.tree.leaves(shardings)))
   sampler = sampler_lib.GroupSampler(model_config, num_slots=4, max_prompt_length=8, max_response_length=12,

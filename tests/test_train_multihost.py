@@ -136,35 +136,3 @@ def test_processes_end_each_step_with_the_checkpointed_params(runs):
       np.testing.assert_array_equal(np.asarray(leaf), first[key], err_msg=f"step {step} {key}")
   assert any(not np.array_equal(_recorded(records, 0, 1)[k], _recorded(records, 0, 2)[k]) for k in first)
 
-
-def _process_share(scores, response_lengths, prompt_lengths, truncated, selection, overlong_masked=0, timeouts=0):
-  return {"scores": scores, "rewards": scores, "advantages": [0.0] * len(scores),
-          "response_lengths": response_lengths, "prompt_lengths": prompt_lengths, "truncated": truncated,
-          "overlong_masked": overlong_masked, "timeouts": timeouts, "selection": selection}
-
-
-def _selection(gen_batches, kept, dropped, unfinished, raw_acc):
-  return {"train/num_gen_batches": gen_batches, "train/kept_groups": kept, "train/dropped_groups": dropped,
-          "train/surplus_groups": 0.0, "train/carried_groups": 0.0, "train/unfinished_groups": unfinished,
-          "train/raw_acc": raw_acc}
-
-
-def test_step_metrics_of_two_processes_by_hand():
-  first = _process_share([1.0, -1.0], [3, 5], [4, 4], [False, True], _selection(1.0, 2.0, 0.0, 1.0, 0.25),
-                         overlong_masked=1)
-  second = _process_share([1.0, 1.0], [7, 9], [6, 6], [True, True], _selection(2.0, 3.0, 3.0, 0.0, 0.5),
-                          timeouts=2)
-  out, response_lengths, num_tokens = train._step_statistics([first, second])
-  np.testing.assert_array_equal(response_lengths, [3, 5, 7, 9])
-  assert num_tokens == 24 + 20
-  assert (out["response_length/mean"], out["response_length/max"], out["response_length/min"]) == (6.0, 9.0, 3.0)
-  assert out["response_length/clip_ratio"] == 0.75 and out["prompt_length/mean"] == 5.0
-  assert out["critic/score/mean"] == 0.5 and out["critic/score/min"] == -1.0
-  assert (out["train/kept_groups"], out["train/dropped_groups"], out["train/unfinished_groups"]) == (5.0, 3.0, 1.0)
-  assert out["train/num_gen_batches"] == 1.5  # prompts drawn / data.gen_batch_size
-  assert out["train/raw_acc"] == (0.25 * 2 + 0.5 * 6) / 8  # over the 8 finished groups
-  assert (out["train/overlong_masked"], out["reward/timeouts"]) == (1.0, 2.0)
-  # One process: its own values, exactly.
-  alone, _, _ = train._step_statistics([second])
-  assert alone["train/raw_acc"] == 0.5 and alone["train/num_gen_batches"] == 2.0
-

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 import random
-import tempfile
 
 from etils import epath
 import tokenizers
@@ -34,7 +33,7 @@ from tokenizers import decoders
 from tokenizers import models
 from tokenizers import pre_tokenizers
 
-from dapo_jax.data import math as math_data
+from dapo_jax.data import math_parquet
 from dapo_jax.model import tokenizer as tokenizer_lib
 
 DATA_SOURCE = "synthetic_arith"
@@ -112,8 +111,8 @@ def problem_rows(problems: Sequence[ArithmeticProblem], repeats: int = 1) -> lis
   position in `problems`."""
   if repeats < 1:
     raise ValueError(f"repeats should be at least 1; got {repeats}")
-  rows = [math_data.make_math_row(problem.prompt, problem.answer, index=index, data_source=DATA_SOURCE,
-                                  prompt_template="{problem}")
+  rows = [math_parquet.make_math_row(problem.prompt, problem.answer, index=index, data_source=DATA_SOURCE,
+                                     prompt_template="{problem}")
           for index, problem in enumerate(problems)]
   return rows * repeats
 
@@ -156,8 +155,8 @@ def write_synthetic_task(directory: str | os.PathLike[str], seed: int, *, num_he
   files = SyntheticTaskFiles(train_file=os.fspath(directory / "train.parquet"),
                              heldout_file=os.fspath(directory / "heldout.parquet"),
                              tokenizer_dir=os.fspath(directory / "tokenizer"))
-  math_data.write_math_parquet(problem_rows(train, train_repeats), files.train_file)
-  math_data.write_math_parquet(problem_rows(heldout), files.heldout_file)
+  math_parquet.write_math_parquet(problem_rows(train, train_repeats), files.train_file)
+  math_parquet.write_math_parquet(problem_rows(heldout), files.heldout_file)
   write_char_tokenizer(files.tokenizer_dir)
   return files
 
@@ -189,9 +188,3 @@ def write_char_tokenizer(directory: str | os.PathLike[str]) -> tokenizer_lib.Tok
             "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}
   (directory / tokenizer_lib.TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
   return tokenizer_lib.load_tokenizer(os.fspath(directory))
-
-
-def char_tokenizer() -> tokenizer_lib.Tokenizer:
-  """The character tokenizer, loaded from a temporary copy (save it with `Tokenizer.save(directory)`)."""
-  with tempfile.TemporaryDirectory() as directory:
-    return write_char_tokenizer(directory)

@@ -14,7 +14,7 @@ or, with the default "manual" config, from the parquet files in the manual direc
 (`~/tensorflow_datasets/downloads/manual/` unless `download_config` says otherwise), each file's split being its
 name up to the first "-" or "." (train.parquet, train-00000-of-00004.parquet -> "train";
 validation.parquet -> "validation"). Every file goes through the parquet schema check first
-(`dapo_jax.data.math.read_math_parquet`), so bad data fails the build with the file, row and column named.
+(`dapo_jax.data.math_parquet.read_math_parquet`), so bad data fails the build with the file, row and column named.
 
 Read a split back into the pipeline with `read_math_rows_from_tfds(builder, "validation")`, which returns the
 `MathRows` that `training_prompts` / `validation_prompts` accept.
@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
 
-from dapo_jax.data import math as math_data
+from dapo_jax.data import math_parquet
+from dapo_jax.data.math_rows import MathRows
 
 # Rows read from a parquet file at a time while generating examples, so that big files stream.
 _READ_BATCH_ROWS = 8192
@@ -110,7 +111,7 @@ class DapoMath(tfds.core.GeneratorBasedBuilder):
     for file_index, path in enumerate(files):
       # The schema check reads only the columns the pipeline needs; it fails here, naming the row, rather than
       # storing a dataset that the pipeline would reject later.
-      math_data.read_math_parquet(path)
+      math_parquet.read_math_parquet(path)
       parquet_file = pq.ParquetFile(path)
       row = 0
       for batch in parquet_file.iter_batches(batch_size=_READ_BATCH_ROWS):
@@ -148,7 +149,7 @@ def _example_from_record(record: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
-def read_math_rows_from_tfds(builder: tfds.core.DatasetBuilder, split: str) -> math_data.MathRows:
+def read_math_rows_from_tfds(builder: tfds.core.DatasetBuilder, split: str) -> MathRows:
   """The rows of one prepared split, checked as parquet rows are, for `training_prompts` / `validation_prompts`.
 
   Examples are read in the stored order (no shuffling); each row's location reads "tfds NAME/CONFIG:SPLIT, row N".
@@ -171,7 +172,7 @@ def read_math_rows_from_tfds(builder: tfds.core.DatasetBuilder, split: str) -> m
       ("prompt", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
       ("reward_model", pa.struct([("ground_truth", pa.string())])),
   ]))
-  return math_data.math_rows_from_table(table, f"tfds {builder.name}/{builder.builder_config.name}:{split}")
+  return math_parquet.math_rows_from_table(table, f"tfds {builder.name}/{builder.builder_config.name}:{split}")
 
 
 def _decode(value: bytes | str) -> str:

@@ -102,11 +102,6 @@ def dtype_config_name(dtype) -> str:
   return names[np.dtype(dtype)]
 
 
-def stored_dtype_name(hf_config: dict) -> str | None:
-  """The dtype the checkpoint's weights are stored in, as config.json says (`dtype` or `torch_dtype`)."""
-  return hf_config.get("dtype") or hf_config.get("torch_dtype")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Tensor names and layouts
 
@@ -224,9 +219,6 @@ class _CheckpointTensors:
 
   def names(self) -> set[str]:
     return set(self._where)
-
-  def file_of(self, name: str) -> str:
-    return self._where[name]
 
   def read(self, name: str, expected_shape: tuple[int, ...]) -> np.ndarray:
     file = self._open(self._where[name])

@@ -1,7 +1,7 @@
 """Group-relative (GRPO outcome) advantages, DAPO_SPEC.md section 3.
 
 Each response gets one scalar advantage computed from the rewards of its group (the `n` responses of one
-draw of one prompt); `broadcast_over_tokens` spreads it over the response's valid tokens for the loss.
+draw of one prompt).
 """
 
 from __future__ import annotations
@@ -74,15 +74,3 @@ def group_advantages(
   stds = np.sqrt(squared / np.maximum(counts - 1.0, 1.0))
   stds = np.where(singleton, 1.0, stds)
   return (deviations / (stds[group_index] + eps)).astype(np.float32)
-
-
-def broadcast_over_tokens(per_response: npt.ArrayLike, mask: npt.ArrayLike) -> np.ndarray:
-  """Spreads one scalar per response over its valid tokens: `[B]`, `[B, L]` mask -> `[B, L]` float32.
-
-  Padding positions (mask 0) get 0, as verl's `scores.unsqueeze(-1) * response_mask`.
-  """
-  per_response = np.asarray(per_response, dtype=np.float32)
-  mask = np.asarray(mask)
-  if per_response.ndim != 1 or mask.ndim != 2 or mask.shape[0] != per_response.shape[0]:
-    raise ValueError(f"expected per_response [B] and mask [B, L]; got {per_response.shape} and {mask.shape}")
-  return np.where(mask > 0, per_response[:, None], np.float32(0.0)).astype(np.float32)

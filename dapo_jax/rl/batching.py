@@ -87,3 +87,32 @@ def split_by_token_budget(prompt_lengths: Sequence[int], response_lengths: Seque
   if current:
     groups.append(current)
   return groups
+
+
+def training_batches(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                     sampler_logps: Sequence[np.ndarray], advantages: np.ndarray, loss_masked: np.ndarray, *,
+                     rows_per_update: int, micro_batch_tokens: int, pad_id: int, max_prompt_width: int,
+                     max_response_width: int) -> list[list[dict[str, np.ndarray]]]:
+  """A rollout step's trajectories as mini-batches of `rows_per_update` consecutive trajectories, each a list of
+  micro-batches (`collate`d, split by `micro_batch_tokens`) with `advantages` [B], `sampler_logp` [B, R], and
+  the response mask zeroed on the rows of `loss_masked` (overlong filtering).
+
+  Widths stop at `max_prompt_width` / `max_response_width`, the longest lengths the config allows.
+  """
+  widths = dict(max_prompt_width=max_prompt_width, max_response_width=max_response_width)
+  mini_batches = []
+  for start in range(0, len(responses), rows_per_update):
+    rows = list(range(start, min(start + rows_per_update, len(responses))))
+    micro_rows = split_by_token_budget([len(prompts[i]) for i in rows], [len(responses[i]) for i in rows],
+                                       micro_batch_tokens, **widths)
+    micro_batches = []
+    for micro in micro_rows:
+      picked = [rows[i] for i in micro]
+      mb = collate([prompts[i] for i in picked], [responses[i] for i in picked], pad_id=pad_id, **widths)
+      width = mb["response_ids"].shape[1]
+      mb["response_mask"] = mb["response_mask"] * (~loss_masked[picked])[:, None].astype(np.int32)
+      mb["advantages"] = advantages[picked]
+      mb["sampler_logp"] = np.stack([np.pad(sampler_logps[i], (0, width - len(sampler_logps[i]))) for i in picked])
+      micro_batches.append(mb)
+    mini_batches.append(micro_batches)
+  return mini_batches

@@ -1,4 +1,4 @@
-"""Dynamic sampling: keep only groups whose responses disagree, until a training batch is full (DAPO_SPEC.md 4).
+"""Dynamic sampling: keep only groups whose responses disagree, until a training batch is full (docs/algorithm.md 4).
 
 A group is one draw of one prompt: its `n` responses. A group whose filter metric has zero spread (all right,
 or all wrong) gets zero advantage everywhere and teaches nothing, so DAPO drops it and samples more prompts
@@ -8,21 +8,9 @@ until `train_batch_size` groups are kept.
 training loop drives while groups finish in any order: prompts are admitted progressively, sampling stops as
 soon as the batch is decided, and the selection is by prompt (draw) order, never by completion order.
 
-The protocol, one rollout step (`DynamicSampler` docstring for the details):
-
-```
-sampler = DynamicSampler(train_batch_size=512, n=16, gen_batch_size=1536, max_num_gen_batches=10)
-while not sampler.is_decided():
-  if sampler.needs_more_prompts():                 # the groups opened so far cannot fill the batch
-    group_ids = sampler.open_gen_batch()           # raises DynamicSamplingExhausted past the budget
-    queue.extend(zip(group_ids, draw_prompts(len(group_ids))))
-  while queue and engine.has_room() and sampler.wants_group(queue[0][0]):
-    engine.submit(*queue.popleft())                # admit prompts in draw order
-  for group in engine.finished_groups():           # any order
-    sampler.add_group(group.id, {"acc": ..., "score": ..., "reward": ...}, payload=group)
-batch = sampler.take_batch()                       # prompt-order groups + ids to cancel + metrics
-engine.cancel(batch.discarded_group_ids); queue.clear()
-```
+The training loop's side of the protocol (drawing prompts, admitting them to the sampler, scoring finished
+groups, cancelling `SelectedBatch.discarded_group_ids`) is `dapo_jax/rollout_collection.py`, which drives this
+state machine.
 """
 
 from __future__ import annotations
@@ -63,7 +51,7 @@ def filter_groups(metric_values_per_group: Sequence[npt.ArrayLike] | npt.ArrayLi
   """`[num_groups]` bool: which groups the DAPO rule keeps (`keeps_group` for each group's metric values).
 
   For whole generation batches: pass `[num_groups, n]` values (or one sequence per group), then take the first
-  `train_batch_size` kept groups in prompt order (DAPO_SPEC.md section 4).
+  `train_batch_size` kept groups in prompt order (docs/algorithm.md section 4).
   """
   return np.array([keeps_group(values) for values in metric_values_per_group], dtype=bool).reshape(-1)
 
@@ -102,7 +90,7 @@ class _FinishedGroup:
 
 
 class DynamicSampler:
-  """Streaming dynamic sampling, DAPO_SPEC.md section 4: a state machine the training loop drives.
+  """Streaming dynamic sampling, docs/algorithm.md section 4: a state machine the training loop drives.
 
   Group ids. `open_gen_batch` hands out consecutive integer ids, continuing one counter over the whole run, so
   a group id is its draw's position in the stream of drawn prompts; it is also the prompt order. Each draw is

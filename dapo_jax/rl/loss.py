@@ -195,13 +195,3 @@ def entropy_from_logits(logits: Any) -> jax.Array:
   # p * log p is 0 * -inf = NaN at p == 0; replace log p there before the product (and so in the gradient).
   safe_log_probs = jnp.where(probs > 0, log_probs, jnp.zeros_like(log_probs))
   return -jnp.sum(probs * safe_log_probs, axis=-1)
-
-
-def masked_entropy(logits: Any, mask: Any, agg_mode: str, *, num_tokens: Any = None,
-                   num_seqs: Any = None) -> jax.Array:
-  """Policy entropy over the valid response tokens, aggregated like the loss (DAPO_SPEC.md sections 6, 10).
-
-  `logits` is `[B, L, V]`, `mask` `[B, L]`; returns `aggregate(entropy_from_logits(logits), mask, agg_mode, ...)`,
-  additive over micro-batches in the same way as the loss.
-  """
-  return aggregate(entropy_from_logits(logits), mask, agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)

@@ -115,46 +115,21 @@ def response_logprobs(params: qwen2.Params, model_config: Qwen2Config, batch: Ba
   return out if with_entropy else out[0]
 
 
-def _mesh_sharding(x) -> NamedSharding | None:
-  sharding = getattr(x, "sharding", None)
-  return sharding if isinstance(sharding, NamedSharding) else None
-
-
-def _declared_shardings(tree) -> tuple[Any, tuple[NamedSharding, ...]] | None:
-  """(treedef, shardings) of a tree whose arrays all sit on one mesh, else None (e.g. plain single-device
-  arrays, which need no declaration). Hashable, so the jitted functions take it as a static argument."""
+def mesh_shardings(tree) -> Any | None:
+  """The NamedShardings of a tree whose arrays all sit on one mesh (a tree of the same structure), else None
+  (plain single-device arrays need no declaration)."""
   leaves, treedef = jax.tree.flatten(tree)
-  shardings = tuple(_mesh_sharding(x) for x in leaves)
-  if not leaves or any(s is None for s in shardings) or len({s.mesh for s in shardings}) != 1:
+  shardings = [getattr(x, "sharding", None) for x in leaves]
+  if (not leaves or not all(isinstance(s, NamedSharding) for s in shardings)
+      or len({s.mesh for s in shardings}) != 1):
     return None
-  return treedef, shardings
+  return treedef.unflatten(shardings)
 
 
-def _constrain(tree, declared):
-  """`tree` in its declared shardings: the jitted functions hand back params, gradients and optimizer state
-  exactly where they came from, so a long run never drifts to a layout the compiler happened to choose."""
-  if declared is None:
-    return tree
-  treedef, shardings = declared
-  return jax.lax.with_sharding_constraint(tree, treedef.unflatten(shardings))
-
-
-@functools.partial(jax.jit, static_argnames=("model_config", "temperature", "chunk_size", "out_sharding"))
-def _old_log_probs(params, batch, *, model_config, temperature, chunk_size, out_sharding):
-  logp = response_logprobs(params, model_config, batch, temperature=temperature, chunk_size=chunk_size)
-  logp = jnp.where(batch["response_mask"] > 0, logp, 0.0)
-  return logp if out_sharding is None else jax.lax.with_sharding_constraint(logp, out_sharding)
-
-
-def old_log_probs(params: qwen2.Params, batch: Batch, *, model_config: Qwen2Config, temperature: float,
-                  chunk_size: int = 0) -> jax.Array:
-  """The policy's log-probs of the sampled responses before this step's updates (`old_logp`), [B, R].
-
-  For a batch placed on a mesh (`sharding.put_micro_batches`) the result is sharded like its rows, ready to be
-  added to the batch as `old_logp` without leaving the devices.
-  """
-  return _old_log_probs(params, batch, model_config=model_config, temperature=temperature, chunk_size=chunk_size,
-                        out_sharding=_mesh_sharding(batch["response_mask"]))
+def _replicated_on(shardings) -> NamedSharding | None:
+  if shardings is None:
+    return None
+  return NamedSharding(jax.tree.leaves(shardings)[0].mesh, PartitionSpec())
 
 
 def micro_batch_loss(params: qwen2.Params, batch: Batch, totals: dict[str, jax.Array], *,
@@ -175,47 +150,6 @@ def micro_batch_loss(params: qwen2.Params, batch: Batch, totals: dict[str, jax.A
   metrics["actor/entropy"] = jax.lax.stop_gradient(entropy)
   total = pg_loss - loss_config.entropy_coeff * entropy if loss_config.entropy_coeff else pg_loss
   return total, metrics
-
-
-@functools.partial(jax.jit, static_argnames=("model_config", "loss_config", "declared"))
-def _micro_batch_gradients(params, batch, totals, *, model_config, loss_config, declared=None):
-  """Gradients of one micro-batch's share of the mini-batch loss (float32, in the params' shardings) and its
-  metrics (replicated)."""
-  grads, metrics = jax.grad(micro_batch_loss, has_aux=True)(params, batch, totals, model_config=model_config,
-                                                            loss_config=loss_config)
-  grads = _constrain(jax.tree.map(lambda g: g.astype(jnp.float32), grads), declared)
-  return grads, _replicated(metrics, declared)
-
-
-def _replicated(tree, declared):
-  if declared is None:
-    return tree
-  mesh = declared[1][0].mesh
-  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _add(accumulated, new):
-  return jax.tree.map(jnp.add, accumulated, new)
-
-
-@functools.partial(jax.jit, static_argnames=("optimizer", "params_declared", "state_declared"),
-                   donate_argnums=(0, 1))
-def _apply(params, opt_state, grads, learning_rate, *, optimizer, params_declared=None, state_declared=None):
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(grad_norm)
-
-  def update(operands):
-    params, opt_state = operands
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  # A non-finite gradient leaves params and optimizer state (moments, count) untouched: the update is skipped.
-  params, opt_state = jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
-  grad_norm, skipped = _replicated((grad_norm, jnp.logical_not(finite)), params_declared)
-  return _constrain(params, params_declared), _constrain(opt_state, state_declared), grad_norm, skipped
 
 
 @jax.jit
@@ -242,63 +176,114 @@ def mini_batch_totals(micro_batches: Sequence[Batch]) -> dict[str, Any]:
 def _check_placement(micro_batches: Sequence[Batch]) -> None:
   if jax.process_count() > 1 and any(not isinstance(v, jax.Array) for mb in micro_batches for v in mb.values()):
     raise ValueError("With several processes, micro-batches must be global arrays: place each process's rows "
-                     "with sharding.put_micro_batches first")
+                     "with batch_placement.put_micro_batches first")
 
 
-def mini_batch_gradients(params: qwen2.Params, micro_batches: Sequence[Batch], *, model_config: Qwen2Config,
-                         loss_config: LossConfig):
-  """(gradients, metrics) of a mini-batch given as micro-batches: the sum of each micro-batch's share, which is
-  the gradient of the whole mini-batch's loss (module docstring). Gradients are float32, in the params'
-  shardings; metrics are the summed, additive loss metrics."""
-  if not micro_batches:
-    raise ValueError("a mini-batch needs at least one micro-batch")
-  _check_placement(micro_batches)
-  totals = {k: jnp.asarray(v) for k, v in mini_batch_totals(micro_batches).items()}
-  declared = _declared_shardings(params)
-  grad_sum = metric_sum = None
-  for micro in micro_batches:
-    grads, metrics = _micro_batch_gradients(params, micro, totals, model_config=model_config,
-                                            loss_config=loss_config, declared=declared)
-    if grad_sum is None:
-      grad_sum, metric_sum = grads, metrics
-    else:
-      grad_sum, metric_sum = _add((grad_sum, metric_sum), (grads, metrics))
-  return grad_sum, metric_sum
+def _apply_gradients(params, opt_state, grads, learning_rate, *, optimizer):
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(grad_norm)
+
+  def update(operands):
+    params, opt_state = operands
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A non-finite gradient leaves params and optimizer state (moments, count) untouched: the update is skipped.
+  params, opt_state = jax.lax.cond(finite, update, lambda operands: operands, (params, opt_state))
+  return params, opt_state, grad_norm, jnp.logical_not(finite)
 
 
-def _optimizer_state_declared(optimizer, opt_state, params_declared):
-  if params_declared is None:
-    return None
-  treedef, shardings = params_declared
-  state_shardings = sharding_lib.optimizer_state_shardings(optimizer, opt_state, treedef.unflatten(shardings),
-                                                           shardings[0].mesh)
-  leaves, state_treedef = jax.tree.flatten(state_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-  return state_treedef, tuple(leaves)
+class Updater:
+  """The jitted programs of a run's DAPO update, built once for its model, loss, optimizer and layout.
 
-
-def update_step(params: qwen2.Params, opt_state, micro_batches: Sequence[Batch], *, learning_rate: float,
-                optimizer: optax.GradientTransformation, model_config: Qwen2Config, loss_config: LossConfig):
-  """One optimizer update over a mini-batch given as micro-batches; returns (params, opt_state, metrics).
-
-  `params` and `opt_state` are donated. Params on a mesh come back in their own shardings and the optimizer
-  state in `sharding.optimizer_state_shardings` of them, update after update. Micro-batches are dicts of host
-  arrays or, on a mesh (and always with several processes), of `sharding.put_micro_batches` arrays.
-
-  Metrics (DAPO_SPEC.md section 10): actor/pg_loss, pg_clipfrac, pg_clipfrac_lower, ppo_kl, entropy, grad_norm
-  (before clipping), lr, skipped_updates (1 when the gradient norm was not finite and the update was skipped).
+  With `params_shardings` (and `opt_state_shardings`, e.g. `mesh_shardings` of the arrays a run holds) every
+  program declares them: params, gradients and optimizer state come back exactly where they came from, update
+  after update, so a long run never drifts to a layout the compiler happened to choose, and the update's
+  params and optimizer state are donated. Without them (plain single-device arrays) nothing is declared.
+  Micro-batches are dicts of host arrays or, on a mesh (and always with several processes),
+  `batch_placement.put_micro_batches` arrays; each micro-batch shape compiles once.
   """
-  if not micro_batches:
-    raise ValueError("update_step needs at least one micro-batch")
-  grads, metric_sum = mini_batch_gradients(params, micro_batches, model_config=model_config,
-                                           loss_config=loss_config)
-  params_declared = _declared_shardings(params)
-  params, opt_state, grad_norm, skipped = _apply(
-      params, opt_state, grads, learning_rate, optimizer=optimizer, params_declared=params_declared,
-      state_declared=_optimizer_state_declared(optimizer, opt_state, params_declared))
-  metrics = dict(metric_sum)
-  metrics.update({"actor/grad_norm": grad_norm, "actor/lr": jnp.asarray(learning_rate, jnp.float32),
-                  "actor/skipped_updates": skipped.astype(jnp.int32)})
-  return params, opt_state, metrics
+
+  def __init__(self, *, optimizer: optax.GradientTransformation, model_config: Qwen2Config,
+               loss_config: LossConfig, params_shardings=None, opt_state_shardings=None,
+               rules=sharding_lib.DEFAULT_RULES):
+    self.optimizer = optimizer
+    self.model_config = model_config
+    self.loss_config = loss_config
+    replicated = _replicated_on(params_shardings)
+
+    def old_log_probs(params, batch):
+      logp = response_logprobs(params, model_config, batch, temperature=loss_config.temperature,
+                               chunk_size=loss_config.logits_chunk_size)
+      return jnp.where(batch["response_mask"] > 0, logp, 0.0)
+
+    def gradients(params, batch, totals):
+      grads, metrics = jax.grad(micro_batch_loss, has_aux=True)(params, batch, totals, model_config=model_config,
+                                                                loss_config=loss_config)
+      return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
+
+    apply = functools.partial(_apply_gradients, optimizer=optimizer)
+    # The jitted programs (public for the memory planner, which compiles them for a TPU slice).
+    if params_shardings is None:
+      self.old_log_probs_fn = jax.jit(old_log_probs)
+      self.gradients_fn = jax.jit(gradients)
+      self.apply_fn = jax.jit(apply, donate_argnums=(0, 1))
+    else:
+      # Old log-probs stay on the devices, sharded like the rows of the batch (`batch_placement`).
+      rows = sharding_lib.logical_sharding(("batch", None), rules, replicated.mesh)
+      self.old_log_probs_fn = jax.jit(old_log_probs, out_shardings=rows)
+      self.gradients_fn = jax.jit(gradients, out_shardings=(params_shardings, replicated))
+      self.apply_fn = jax.jit(apply, donate_argnums=(0, 1),
+                              in_shardings=(params_shardings, opt_state_shardings, params_shardings, replicated),
+                              out_shardings=(params_shardings, opt_state_shardings, replicated, replicated))
+    self._add = jax.jit(lambda accumulated, new: jax.tree.map(jnp.add, accumulated, new), donate_argnums=0)
+
+  @classmethod
+  def for_state(cls, params, opt_state, **kwargs) -> "Updater":
+    """An updater declaring the shardings `params` and `opt_state` have (none for single-device arrays)."""
+    return cls(params_shardings=mesh_shardings(params), opt_state_shardings=mesh_shardings(opt_state), **kwargs)
+
+  def old_log_probs(self, params: qwen2.Params, batch: Batch) -> jax.Array:
+    """The policy's log-probs of the sampled responses before this step's updates (`old_logp`), [B, R].
+
+    For a batch placed on a mesh the result is sharded like its rows, ready to be added to the batch as
+    `old_logp` without leaving the devices.
+    """
+    return self.old_log_probs_fn(params, batch)
+
+  def gradients(self, params: qwen2.Params, micro_batches: Sequence[Batch]):
+    """(gradients, metrics) of a mini-batch given as micro-batches: the sum of each micro-batch's share, which
+    is the gradient of the whole mini-batch's loss (module docstring). Gradients are float32, in the params'
+    shardings; metrics are the summed, additive loss metrics."""
+    if not micro_batches:
+      raise ValueError("a mini-batch needs at least one micro-batch")
+    _check_placement(micro_batches)
+    totals = {k: jnp.asarray(v) for k, v in mini_batch_totals(micro_batches).items()}
+    grad_sum = metric_sum = None
+    for micro in micro_batches:
+      grads, metrics = self.gradients_fn(params, micro, totals)
+      if grad_sum is None:
+        grad_sum, metric_sum = grads, metrics
+      else:
+        grad_sum, metric_sum = self._add((grad_sum, metric_sum), (grads, metrics))
+    return grad_sum, metric_sum
+
+  def __call__(self, params: qwen2.Params, opt_state, micro_batches: Sequence[Batch], *, learning_rate: float):
+    """One optimizer update over a mini-batch given as micro-batches; returns (params, opt_state, metrics).
+
+    `params` and `opt_state` are donated. Metrics (docs/algorithm.md section 10): actor/pg_loss, pg_clipfrac,
+    pg_clipfrac_lower, ppo_kl, entropy, grad_norm (before clipping), lr, skipped_updates (1 when the gradient
+    norm was not finite and the update was skipped).
+    """
+    grads, metric_sum = self.gradients(params, micro_batches)
+    params, opt_state, grad_norm, skipped = self.apply_fn(params, opt_state, grads,
+                                                          jnp.asarray(learning_rate, jnp.float32))
+    metrics = dict(metric_sum)
+    metrics.update({"actor/grad_norm": grad_norm, "actor/lr": jnp.asarray(learning_rate, jnp.float32),
+                    "actor/skipped_updates": skipped.astype(jnp.int32)})
+    return params, opt_state, metrics
 
 
 @jax.jit

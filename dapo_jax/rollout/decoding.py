@@ -8,9 +8,10 @@ sampler (`sampler.py`) and the JetStream engine (`engine.py`) are two drivers of
     state = insert(prefix, state, prefix_rows, slots, response_keys, sampling)  # into n slots: a group
     state, out = decode_steps(weights, config, state, num_steps, sampling)      # all slots, num_steps tokens
 
-Decode state. Each of `num_slots` rows holds one response in progress: its KV cache, the position of its next
-cache entry, and the *next token*: already sampled (with its two log-probs) but not yet returned or fed to the
-model. A decode step returns the next tokens, feeds them, and samples the following ones; `insert` samples a
+(`decode_weights` is in `weight_layout.py`, the decode state in `decode_state.py`.)
+
+Decode state. Each slot holds the *next token* of its response: already sampled but not yet returned or fed to
+the model. A decode step returns the next tokens, feeds them, and samples the following ones; `insert` samples a
 response's first token from the prefill's logits. So a step's output is exactly the tokens of the responses in
 order, and JetStream's orchestrator, which streams only what `generate` returns, loses no first token.
 
@@ -18,19 +19,13 @@ Randomness. The token at response position t is drawn with `fold_in(response_key
 comes from (seed, prompt index, sample index) (`sampling.response_key`), so a response does not depend on the
 slot it runs in or on what runs beside it.
 
-Speed (decode is most of an RL step). Decode steps read `DecodeWeights`: the decoder layers' weights unstacked into
-one array per layer and weight, in the compute dtype, with the q, k and v projections fused into one matrix and the
-MLP's gate and up into another (fewer, larger matrix products). Slicing a layer out of the stacked weights inside
-the step function would copy it on every call. The layer loop is unrolled in Python (not scanned) so that each
-layer's KV cache is its own buffer, updated in place across steps, where a scan over stacked layers copies every
-layer's cache in and out of the loop on every step. The price is a second copy of the layer weights while decoding
-(made once per run by `decode_weights`; the embedding and LM head are read in place, but for a transposed copy of
-an untied LM head in greedy runs). The caches are laid out so that both attention contractions are batched matrix
-products over (slot, KV head): values [slots, kv_heads, length, head_dim], and keys on CPU [slots, kv_heads,
-head_dim, length] (several times faster there than attention over the model's [slots, length, kv_heads, head_dim]
-layout), elsewhere like the values (`keys_transposed_on`). On one CPU device attention runs in a C++ kernel
-that also applies RoPE and writes the caches in place (`cpu_attention.py`, `attention_kernel_on`). The prefill
-applies the LM head to each prompt's last token only.
+Speed (decode is most of an RL step). Decode steps read `DecodeWeights` (`weight_layout.py`: unstacked layers,
+fused matrices). The layer loop is unrolled in Python (not scanned) so that each layer's KV cache is its own
+buffer, updated in place across steps, where a scan over stacked layers copies every layer's cache in and out of
+the loop on every step. The caches are laid out so that both attention contractions are batched matrix products
+(`decode_state.py`). On one CPU device attention runs in a C++ kernel that also applies RoPE and writes the caches
+in place (`cpu_attention.py`, `attention_kernel_on`). The prefill applies the LM head to each prompt's last token
+only.
 """
 from collections.abc import Callable
 import functools
@@ -39,30 +34,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.rollout import cpu_attention
 from dapo_jax.rollout import sampling as sampling_lib
+from dapo_jax.rollout.decode_state import DecodeOutput, DecodeState, Prefix
 from dapo_jax.rollout.sampling import SamplingParams
+from dapo_jax.rollout.weight_layout import DecodeWeights, assemble_decode_weights, new_decode_arrays
 
-# Logical axes (dapo_jax/sharding.py rules) of the decode state's per-layer key and value caches and per-slot
-# vectors. Keys are stored transposed (head_dim before length) on CPU only: see `keys_transposed_on`.
-TRANSPOSED_KEY_CACHE_AXES = ("cache_batch", "kv_heads", "head_dim", "cache_length")
-VALUE_CACHE_AXES = ("cache_batch", "kv_heads", "cache_length", "head_dim")
-SLOT_AXES = ("cache_batch",)
-
-
-def keys_transposed_on(platform: str) -> bool:
-  """Whether decode caches on `platform` ("cpu", "tpu", "gpu") store keys [slots, kv_heads, head_dim, length]
-  rather than [slots, kv_heads, length, head_dim] like the values.
-
-  On CPU the transposed keys make attention's scores a plain matrix product per (slot, KV head), 1.7x faster at
-  64 slots. On TPU they cost more than they save: writing one position per slot is then a column of the (8, 128)
-  memory tiles, and XLA copies each layer's key cache into another layout and back on every step (seen in
-  AOT-compiled v5p decode steps); keys laid out like the values take a row write and no copy.
-  """
-  return platform == "cpu"
+MIN_PREFILL_BUCKET = 16
+"""The shortest prefill length bucket (`batching.bucket_length`'s minimum for prompts): prompts are padded to a
+power of two of at least this many tokens, which bounds the number of prefill compilations."""
 
 
 def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) -> bool:
@@ -77,137 +59,6 @@ def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) ->
   group = config.num_heads // config.num_kv_heads
   return (platform == "cpu" and num_devices == 1 and config.dtype == jnp.float32
           and cpu_attention.supports(group, config.head_dim) and cpu_attention.available())
-
-
-def key_cache_axes(keys_transposed: bool) -> tuple[str, ...]:
-  return TRANSPOSED_KEY_CACHE_AXES if keys_transposed else VALUE_CACHE_AXES
-
-
-class Prefix(NamedTuple):
-  """The result of prefilling P prompts: their KV caches and the logits of each prompt's next token."""
-  k: jax.Array        # [layers, P, kv_heads, head_dim, bucket_length], or like v (`keys_transposed_on`)
-  v: jax.Array        # [layers, P, kv_heads, bucket_length, head_dim]
-  lengths: jax.Array  # [P] int32: true prompt lengths (cache entries beyond them are padding)
-  logits: jax.Array   # [P, vocab] float32: logits after each prompt's last token
-
-
-class DecodeState(NamedTuple):
-  """Everything a decode step transforms, for `num_slots` rows (decode slots)."""
-  k: tuple[jax.Array, ...]   # per layer [slots, kv_heads, head_dim, max_length], or like v (`keys_transposed_on`)
-  v: tuple[jax.Array, ...]   # per layer [slots, kv_heads, max_length, head_dim]
-  lengths: jax.Array         # [slots] int32: cache entries in use, i.e. the cache index of `tokens` when fed
-  tokens: jax.Array          # [slots] int32: the next token of each response, sampled but not yet returned
-  logp_sampled: jax.Array    # [slots] float32: its log-prob under the distribution it was drawn from
-  logp_full: jax.Array       # [slots] float32: its log-prob under the untruncated temperature-scaled softmax
-  positions: jax.Array       # [slots] int32: its position in the response (0 for the first response token)
-  response_keys: jax.Array   # [slots, 2] uint32: raw key data of each slot's response
-
-  @property
-  def num_slots(self) -> int:
-    return self.tokens.shape[0]
-
-  @property
-  def max_length(self) -> int:
-    return self.v[0].shape[2]
-
-
-class DecodeOutput(NamedTuple):
-  """The tokens a call to `decode_steps` returned, per slot in step order."""
-  tokens: jax.Array        # [slots, num_steps] int32
-  logp_sampled: jax.Array  # [slots, num_steps] float32
-  logp_full: jax.Array     # [slots, num_steps] float32
-
-
-class DecodeWeights(NamedTuple):
-  """The model's weights laid out for decode steps (see the module docstring); build with `decode_weights`."""
-  head: dict[str, jax.Array]               # embed, final_norm and (untied) lm_head: the params' own arrays; for
-                                            # greedy decoding also unembed, the LM head as [vocab, embed] (the
-                                            # embedding itself when tied, else lm_head transposed)
-  layers: tuple[dict[str, jax.Array], ...]  # per layer: attn_norm, qkv_kernel [embed, kv_heads, group + 2,
-                                            # head_dim], qkv_bias [kv_heads, group + 2, head_dim], o_kernel
-                                            # [heads * head_dim, embed], mlp_norm, gate_up_kernel
-                                            # [embed, 2, mlp], down_kernel [mlp, embed]
-
-
-def decode_weights(params: qwen2.Params, config: Qwen2Config, greedy: bool = False) -> DecodeWeights:
-  """`params` (the model's plain dict) as `DecodeWeights` for sampling (`greedy` False) or greedy decoding: the
-  arrays `new_decode_arrays` makes, and the params' own head."""
-  return assemble_decode_weights(params, new_decode_arrays(params, config, greedy))
-
-
-def new_decode_arrays(params: qwen2.Params, config: Qwen2Config, greedy: bool = False
-                      ) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array | None]:
-  """The parts of `DecodeWeights` that are new arrays: the layers (`decode_layers`) and, for greedy decoding with
-  an untied LM head, its [vocab, embed] transpose (None otherwise)."""
-  unembed = params["lm_head"].T.astype(config.dtype) if greedy and not config.tie_word_embeddings else None
-  return decode_layers(params, config), unembed
-
-
-def assemble_decode_weights(params: qwen2.Params, new_arrays, greedy: bool = False) -> DecodeWeights:
-  """`DecodeWeights` from `new_decode_arrays`' output and the params' own head arrays (used in place: passing
-  them through a jitted function would copy them)."""
-  layers, unembed = new_arrays
-  head = {name: params[name] for name in ("embed", "final_norm", "lm_head") if name in params}
-  if greedy:
-    head["unembed"] = params["embed"] if unembed is None else unembed
-  return DecodeWeights(head=head, layers=layers)
-
-
-def decode_layers(params: qwen2.Params, config: Qwen2Config) -> tuple[dict[str, jax.Array], ...]:
-  """Unstacks the decoder layers of `params` into `DecodeWeights.layers`.
-
-  The query, key and value projections become one matrix, grouped by KV head: for each KV head, the `group`
-  query heads that share it, then its key, then its value ([embed, kv_heads, group + 2, head_dim]). One matrix
-  product then gives q, k and v already in the attention's (KV head, group) layout, and a `tensor` sharding of
-  the KV heads keeps each shard's q, k and v together. Gate and up are stacked on a new axis for the same
-  reasons. Matrices are cast to the compute dtype once here rather than on every step.
-  """
-  e, h, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-  group = h // kv
-  dtype = config.dtype
-  layers = []
-  for i in range(config.num_layers):
-    layer = jax.tree.map(lambda weight, i=i: weight[i], params["layers"])
-    qkv_kernel = jnp.concatenate([layer["q_kernel"].reshape(e, kv, group, d), layer["k_kernel"][:, :, None],
-                                  layer["v_kernel"][:, :, None]], axis=2)
-    qkv_bias = jnp.concatenate([layer["q_bias"].reshape(kv, group, d), layer["k_bias"][:, None],
-                                layer["v_bias"][:, None]], axis=1)
-    layers.append({
-        "attn_norm": layer["attn_norm"],
-        "qkv_kernel": qkv_kernel.astype(dtype),
-        "qkv_bias": qkv_bias.astype(dtype),
-        "o_kernel": layer["o_kernel"].reshape(h * d, e).astype(dtype),
-        "mlp_norm": layer["mlp_norm"],
-        "gate_up_kernel": jnp.stack([layer["gate_kernel"], layer["up_kernel"]], axis=1).astype(dtype),
-        "down_kernel": layer["down_kernel"].astype(dtype),
-    })
-  return tuple(layers)
-
-
-def init_decode_state(config: Qwen2Config, num_slots: int, max_length: int, dtype=None,
-                      shardings: DecodeState | None = None, keys_transposed: bool = True) -> DecodeState:
-  """Empty decode state: every slot free (its outputs are junk until something is inserted into it).
-
-  With `shardings` (`decode_state_shardings`) each array is created directly in its sharding.
-  """
-  key_shape, value_shape = _cache_shapes(config, num_slots, max_length, keys_transposed)
-  dtype = dtype or config.dtype
-
-  def zeros() -> DecodeState:
-    return DecodeState(
-        k=tuple(jnp.zeros(key_shape, dtype) for _ in range(config.num_layers)),
-        v=tuple(jnp.zeros(value_shape, dtype) for _ in range(config.num_layers)),
-        lengths=jnp.zeros((num_slots,), jnp.int32), tokens=jnp.zeros((num_slots,), jnp.int32),
-        logp_sampled=jnp.zeros((num_slots,), jnp.float32), logp_full=jnp.zeros((num_slots,), jnp.float32),
-        positions=jnp.zeros((num_slots,), jnp.int32), response_keys=jnp.zeros((num_slots, 2), jnp.uint32))
-
-  return jax.jit(zeros, out_shardings=shardings)() if shardings is not None else zeros()
-
-
-def _cache_shapes(config: Qwen2Config, num_slots: int, max_length: int, keys_transposed: bool):
-  value_shape = (num_slots, config.num_kv_heads, max_length, config.head_dim)
-  key_shape = (num_slots, config.num_kv_heads, config.head_dim, max_length) if keys_transposed else value_shape
-  return key_shape, value_shape
 
 
 def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
@@ -376,13 +227,6 @@ def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array
   return out.reshape(num_slots, num_kv_heads * group * head_dim)
 
 
-def bucket_length(length: int, minimum: int = 16) -> int:
-  """The prefill length bucket of a prompt: the next power of two >= length (at least `minimum`)."""
-  if length < 1:
-    raise ValueError(f"a prompt needs at least one token, got length {length}")
-  return max(minimum, 1 << (length - 1).bit_length())
-
-
 def attention_window(cache_lengths_needed: int, max_length: int, minimum: int = 64) -> int:
   """The `attend_length` for decode steps that will use up to `cache_lengths_needed` cache entries: the next power
   of two (at least `minimum`), so a rollout compiles a handful of window sizes; or the whole cache
@@ -396,22 +240,6 @@ def attention_window(cache_lengths_needed: int, max_length: int, minimum: int = 
   """
   window = max(minimum, 1 << max(cache_lengths_needed - 1, 0).bit_length())
   return window if 3 * window <= max_length else max_length
-
-
-def decode_state_shardings(config: Qwen2Config, mesh: jax.sharding.Mesh, num_slots: int, max_length: int,
-                           rules=None, keys_transposed: bool = True) -> DecodeState:
-  """NamedShardings of a decode state on `mesh`: slots over the data-parallel axes, KV heads over `tensor`.
-
-  An axis that does not divide its dimension is replicated instead (as for the weights, `dapo_jax/sharding.py`).
-  """
-  rules = rules or sharding_lib.DEFAULT_RULES
-  key_shape, value_shape = _cache_shapes(config, num_slots, max_length, keys_transposed)
-  key_cache = sharding_lib.logical_sharding(key_cache_axes(keys_transposed), rules, mesh, key_shape)
-  value_cache = sharding_lib.logical_sharding(VALUE_CACHE_AXES, rules, mesh, value_shape)
-  slot = sharding_lib.logical_sharding(SLOT_AXES, rules, mesh, (num_slots,))
-  keys = sharding_lib.logical_sharding(SLOT_AXES + (None,), rules, mesh, (num_slots, 2))
-  return DecodeState(k=(key_cache,) * config.num_layers, v=(value_cache,) * config.num_layers, lengths=slot,
-                     tokens=slot, logp_sampled=slot, logp_full=slot, positions=slot, response_keys=keys)
 
 
 class JittedFunctions(NamedTuple):

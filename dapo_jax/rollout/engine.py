@@ -49,7 +49,11 @@ from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.model.tokenizer import Tokenizer
+from dapo_jax.rl import batching
+from dapo_jax.rollout import decode_state as decode_state_lib
 from dapo_jax.rollout import decoding
+from dapo_jax.rollout import weight_layout
+from dapo_jax.rollout.decode_state import DecodeState
 from dapo_jax.rollout import sampling as sampling_lib
 from dapo_jax.rollout.sampling import SamplingParams
 
@@ -59,14 +63,14 @@ NO_BOS_ID = -1
 
 class EngineParams(NamedTuple):
   """What `load_params` returns and prefill / generate take: the model's weights (prefill reads their stacked
-  layers) and the same weights laid out for decode steps (`decoding.decode_weights`)."""
+  layers) and the same weights laid out for decode steps (`weight_layout.decode_weights`)."""
   model: qwen2.Params
-  decode: decoding.DecodeWeights
+  decode: weight_layout.DecodeWeights
 
 
 class EnginePrefix(NamedTuple):
   """A prefill result: the prompt's KV cache and next-token logits, and the prompt's number (for its keys)."""
-  prefix: decoding.Prefix
+  prefix: decode_state_lib.Prefix
   prompt_number: jax.Array  # int32 scalar
 
 
@@ -172,9 +176,9 @@ class QwenEngine(engine_api.Engine):
     self._mesh = mesh or sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     self.cache_length = max_prefill_length + max_response_length
     platform = self._mesh.devices.flat[0].platform
-    self._keys_transposed = decoding.keys_transposed_on(platform)
-    self._state_shardings = decoding.decode_state_shardings(config, self._mesh, num_slots, self.cache_length,
-                                                            rules, self._keys_transposed)
+    self._keys_transposed = decode_state_lib.keys_transposed_on(platform)
+    self._state_shardings = decode_state_lib.decode_state_shardings(config, self._mesh, num_slots, self.cache_length,
+                                                                    rules, self._keys_transposed)
     self._functions = decoding.jitted_functions(
         config, self._state_shardings, self._keys_transposed,
         decoding.attention_kernel_on(platform, self._mesh.size, config))
@@ -200,10 +204,10 @@ class QwenEngine(engine_api.Engine):
     decoder-layer weights)."""
     return EngineParams(model=params, decode=self._functions.decode_weights(params, greedy=self.sampling.greedy))
 
-  def init_decode_state(self, *args, **kwargs) -> decoding.DecodeState:
+  def init_decode_state(self, *args, **kwargs) -> DecodeState:
     del args, kwargs
-    return decoding.init_decode_state(self.config, self._num_slots, self.cache_length,
-                                      shardings=self._state_shardings, keys_transposed=self._keys_transposed)
+    return decode_state_lib.init_decode_state(self.config, self._num_slots, self.cache_length,
+                                              shardings=self._state_shardings, keys_transposed=self._keys_transposed)
 
   # -----------------------------------------------------------------------------------------------------------
   # Prefill, insert, generate
@@ -219,7 +223,7 @@ class QwenEngine(engine_api.Engine):
     if not 1 <= tokens.size <= self._max_prefill_length:
       raise ValueError(f"QwenEngine.prefill: the prompt has {tokens.size} tokens; 1 to {self._max_prefill_length} "
                        "are accepted")
-    bucket = decoding.bucket_length(tokens.size)
+    bucket = batching.bucket_length(tokens.size, decoding.MIN_PREFILL_BUCKET)
     padded = np.zeros((1, bucket), np.int32)
     padded[0, :tokens.size] = tokens
     prefix = self._functions.prefill(params.model, padded, np.array([tokens.size], np.int32))
@@ -232,8 +236,8 @@ class QwenEngine(engine_api.Engine):
       raise ValueError(f"num_samples must be in [1, {self._num_slots}] (the engine's slots), got {num_samples}")
     return self.prefill(params=params, padded_tokens=padded_tokens, true_length=true_length)
 
-  def bulk_insert(self, prefix: EnginePrefix, decode_state: decoding.DecodeState,
-                  slots: Sequence[int]) -> decoding.DecodeState:
+  def bulk_insert(self, prefix: EnginePrefix, decode_state: DecodeState,
+                  slots: Sequence[int]) -> DecodeState:
     """Inserts one prefix into several slots in one device call: sample j (its own key) goes to `slots[j]`."""
     slots = [int(slot) for slot in slots]
     if not slots or len(set(slots)) != len(slots) or not all(0 <= s < self._num_slots for s in slots):
@@ -242,12 +246,12 @@ class QwenEngine(engine_api.Engine):
     return self._functions.insert(prefix.prefix, decode_state, np.zeros(len(slots), np.int32),
                                   np.asarray(slots, np.int32), keys, sampling=self.sampling)
 
-  def insert(self, prefix: EnginePrefix, decode_state: decoding.DecodeState, slot: int) -> decoding.DecodeState:
+  def insert(self, prefix: EnginePrefix, decode_state: DecodeState, slot: int) -> DecodeState:
     """Starts the prefix's (first) response in `slot`, sampling its first token."""
     return self.bulk_insert(prefix, decode_state, [slot])
 
   def generate(self, params: EngineParams,
-               decode_state: decoding.DecodeState) -> tuple[decoding.DecodeState, engine_api.ResultTokens]:
+               decode_state: DecodeState) -> tuple[DecodeState, engine_api.ResultTokens]:
     """`steps_per_generate` tokens for every slot."""
     num_steps = self.steps_per_generate
     decode_state, output = self._functions.decode_steps(params.decode, decode_state, num_steps=num_steps,

@@ -7,7 +7,7 @@ import sys
 
 import pyarrow.parquet as pq
 
-from dapo_jax.data import math as math_data
+from dapo_jax.data import math_parquet
 from dapo_jax.data import synthetic
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "prepare_data.py"
@@ -22,9 +22,9 @@ def write_repeated(path, repeats, data_source="math_dapo"):
   """Three problems, each repeated `repeats` times (as AIME's file repeats its problems), with integer answers
   except the last."""
   problems = [("Find x.", "12"), ("Find y.", "-3"), ("Find z.", "\\frac{1}{2}")]
-  rows = [math_data.make_math_row(problem, answer, index=index, data_source=data_source)
+  rows = [math_parquet.make_math_row(problem, answer, index=index, data_source=data_source)
           for _ in range(repeats) for index, (problem, answer) in enumerate(problems)]
-  math_data.write_math_parquet(rows, path)
+  math_parquet.write_math_parquet(rows, path)
   return path
 
 
@@ -45,7 +45,7 @@ def test_json_report_and_deduplicated_copy(tmp_path):
   assert copied.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
   assert [row["reward_model"]["ground_truth"] for row in copied.to_pylist()] == ["12", "-3", "\\frac{1}{2}"] * 2
   assert [row["data_source"] for row in copied.to_pylist()] == ["math_dapo"] * 3 + ["amc"] * 3
-  assert math_data.read_math_parquet(output).num_problems == 6
+  assert math_parquet.read_math_parquet(output).num_problems == 6
 
 
 def test_text_report_with_prompt_lengths(tmp_path):
@@ -58,15 +58,15 @@ def test_text_report_with_prompt_lengths(tmp_path):
   assert "data_source 'math_dapo': 6 rows, 3 problems" in result.stdout
   # Each prompt is DAPO's instruction around a 7-character problem plus the newline of the character
   # tokenizer's template: 248 tokens, all over the limit of 247.
-  length = len(math_data.dapo_prompt("Find x.")) + 1
+  length = len(math_parquet.DAPO_PROMPT_TEMPLATE.format(problem="Find x.")) + 1
   assert f"mean {length:.1f}, min {length}, max {length}; 6 rows over max_prompt_length=247" in result.stdout
 
 
 def test_bad_file_exits_with_the_location(tmp_path):
-  rows = [math_data.make_math_row("Find x.", "1", index=0), math_data.make_math_row("Find y.", "2", index=1)]
+  rows = [math_parquet.make_math_row("Find x.", "1", index=0), math_parquet.make_math_row("Find y.", "2", index=1)]
   rows[1]["prompt"] = []
   bad = tmp_path / "bad.parquet"
-  math_data.write_math_parquet(rows, bad)
+  math_parquet.write_math_parquet(rows, bad)
   result = run_script(bad)
   assert result.returncode == 1
   assert f"error: {bad}, row 1, column 'prompt': has no messages" in result.stderr

@@ -6,10 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from dapo_jax.data import math as math_data
+from dapo_jax.data import math_parquet
+from dapo_jax.data import prompts as prompts_lib
 from dapo_jax.data import synthetic
 from dapo_jax.model import tokenizer as tokenizer_lib
-from dapo_jax.rl.rewards import math_dapo_score
+from dapo_jax.rl.math_answers import math_dapo_score
+from tests import tokenizer_fixtures
 
 
 def test_problem_texts():
@@ -90,7 +92,7 @@ def test_problem_rows_in_the_dapo_math_schema():
 
 
 def test_char_tokenizer_interface():
-  tokenizer = synthetic.char_tokenizer()
+  tokenizer = tokenizer_fixtures.char_tokenizer()
   assert tokenizer.vocab_size == len(synthetic.VOCABULARY) == 31
   assert tokenizer.vocab_size <= 32  # the tiny model preset's vocabulary
   assert tokenizer.pad_id == 0
@@ -113,7 +115,7 @@ def test_char_tokenizer_interface():
 
 
 def test_every_task_character_is_in_the_vocabulary():
-  tokenizer = synthetic.char_tokenizer()
+  tokenizer = tokenizer_fixtures.char_tokenizer()
   unk = tokenizer.token_to_id(synthetic.UNK_TOKEN)
   for problem in synthetic.all_problems():
     for text in (problem.prompt + "\n", problem.reference_solution(), problem.wrong_order_solution()):
@@ -152,8 +154,8 @@ def test_transformers_loads_the_tokenizer_alike(tmp_path):
 
 def test_written_task_reads_back_through_the_pipeline(tmp_path):
   files = synthetic.write_synthetic_task(tmp_path / "task", seed=3, train_repeats=2)
-  train = math_data.read_math_parquet(files.train_file)
-  heldout = math_data.read_math_parquet(files.heldout_file)
+  train = math_parquet.read_math_parquet(files.train_file)
+  heldout = math_parquet.read_math_parquet(files.heldout_file)
   assert len(train) == 2 * (5760 - 200) and train.num_problems == 5760 - 200
   assert len(heldout) == heldout.num_problems == 200
   assert set(train.data_sources) == set(heldout.data_sources) == {"synthetic_arith"}
@@ -167,10 +169,11 @@ def test_written_task_reads_back_through_the_pipeline(tmp_path):
   # The same seed writes the same files.
   again = synthetic.write_synthetic_task(tmp_path / "again", seed=3, train_repeats=2)
   assert [heldout.prompt_text(row) for row in range(200)] == [
-      math_data.read_math_parquet(again.heldout_file).prompt_text(row) for row in range(200)]
+      math_parquet.read_math_parquet(again.heldout_file).prompt_text(row) for row in range(200)]
 
   tokenizer = tokenizer_lib.load_tokenizer(files.tokenizer_dir)
-  prompts = math_data.validation_prompts(files.heldout_file, tokenizer, math_data.PromptOptions(max_prompt_length=16))
+  prompts = prompts_lib.validation_prompts(files.heldout_file, tokenizer,
+                                           prompts_lib.PromptOptions(max_prompt_length=16))
   assert len(prompts) == 200 and prompts.num_truncated_rows == 0
   example = prompts[0]
   assert tokenizer.decode(example.prompt_ids) == example.prompt_text + "\n"

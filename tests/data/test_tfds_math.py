@@ -8,14 +8,14 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from dapo_jax.data import math as math_data  # pylint: disable=wrong-import-position
+from dapo_jax.data import math_parquet  # pylint: disable=wrong-import-position
 from dapo_jax.data import tfds_math  # pylint: disable=wrong-import-position
 
 
 def write_rows(path, count, data_source="math_dapo", start=0):
-  rows = [math_data.make_math_row(f"problem {i}", i * 7, index=i, data_source=data_source)
+  rows = [math_parquet.make_math_row(f"problem {i}", i * 7, index=i, data_source=data_source)
           for i in range(start, start + count)]
-  math_data.write_math_parquet(rows, path)
+  math_parquet.write_math_parquet(rows, path)
   return str(path)
 
 
@@ -39,9 +39,9 @@ def test_build_and_read_back(tmp_path, file_format):
   # A builder made afresh reads the prepared data from the data_dir.
   reopened = tfds_math.DapoMath(config=config, data_dir=str(tmp_path / "tfds"), file_format=file_format)
   train_rows = tfds_math.read_math_rows_from_tfds(reopened, "train")
-  assert same_rows(train_rows, math_data.read_math_parquet(train))  # the files' order is kept
+  assert same_rows(train_rows, math_parquet.read_math_parquet(train))  # the files' order is kept
   validation_rows = tfds_math.read_math_rows_from_tfds(reopened, "validation")
-  assert same_rows(validation_rows, math_data.read_math_files([aime, other, aime]))
+  assert same_rows(validation_rows, math_parquet.read_math_files([aime, other, aime]))
   assert validation_rows.location(4) == "tfds dapo_math/test:validation, row 4"
   deduplicated = validation_rows.deduplicated()
   assert len(deduplicated) == 5
@@ -86,11 +86,11 @@ def test_manual_directory_splits_by_file_name(tmp_path):
 
 
 def test_bad_file_fails_the_build_naming_the_row(tmp_path):
-  rows = [math_data.make_math_row(f"problem {i}", i, index=i) for i in range(4)]
+  rows = [math_parquet.make_math_row(f"problem {i}", i, index=i) for i in range(4)]
   rows[2]["reward_model"]["ground_truth"] = ""
   path = str(tmp_path / "bad.parquet")
-  math_data.write_math_parquet(rows, path)
+  math_parquet.write_math_parquet(rows, path)
   config = tfds_math.DapoMathConfig(name="bad", split_files={"train": (path,)})
   builder = tfds_math.DapoMath(config=config, data_dir=str(tmp_path / "tfds"))
-  with pytest.raises(math_data.DataSchemaError, match=f"{path}, row 2, column 'reward_model.ground_truth'"):
+  with pytest.raises(math_parquet.DataSchemaError, match=f"{path}, row 2, column 'reward_model.ground_truth'"):
     builder.download_and_prepare()

@@ -124,8 +124,8 @@ def test_loading_onto_a_mesh_places_every_tensor_and_matches_single_device(untie
   assert not sharded.params["embed"].sharding.is_fully_replicated
   _, single = hf_io.load_hf_checkpoint(untied_dir[0])
   ids = jnp.asarray(np.tile(PROMPT, (4, 1)))
-  sharded_logits = jax.jit(qwen2.forward, static_argnums=1)(
-      sharded.params, config, jax.device_put(ids, sharding.batch_sharding(mesh)))
+  rows = sharding.logical_sharding(("batch", None), sharding.DEFAULT_RULES, mesh)
+  sharded_logits = jax.jit(qwen2.forward, static_argnums=1)(sharded.params, config, jax.device_put(ids, rows))
   np.testing.assert_allclose(np.asarray(sharded_logits), np.asarray(single(ids)), atol=1e-5, rtol=0)
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapo_jax.rl.advantages import broadcast_over_tokens, group_advantages
+from dapo_jax.rl.advantages import group_advantages
 
 
 def test_one_group_unbiased_std():
@@ -68,14 +68,6 @@ def test_empty_and_malformed_inputs():
     group_advantages([1.0, 2.0], [0])
   with pytest.raises(ValueError, match="num_responses"):
     group_advantages([[1.0, 2.0]], [0])
-
-
-def test_broadcast_over_tokens():
-  mask = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
-  np.testing.assert_array_equal(broadcast_over_tokens([2.0, -1.0, 5.0], mask),
-                                [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-  with pytest.raises(ValueError):
-    broadcast_over_tokens([1.0, 2.0], mask)
 
 
 @settings(max_examples=30, deadline=None)

@@ -45,7 +45,7 @@ def test_response_logprobs_match_an_independent_computation():
       expected[b, t] = row[batch["response_ids"][b, t]]
       expected_entropy[b, t] = -(np.exp(row) * row).sum()
   valid = batch["response_mask"] > 0
-  old = step.old_log_probs(params, batch, model_config=CONFIG, temperature=temperature)
+  old = _updater(temperature=temperature).old_log_probs(params, batch)
   np.testing.assert_allclose(np.asarray(old)[valid], expected[valid], atol=1e-5)
   assert np.all(np.asarray(old)[~valid] == 0)
   for chunk_size in (0, 4, 1):  # 4 does not divide the 6 response tokens
@@ -64,10 +64,15 @@ def test_learning_rate_schedule_counts_rollout_steps():
   assert step.learning_rate_at(0, 3e-4, 0) == pytest.approx(3e-4)
 
 
+def _updater(**loss_settings):
+  return step.Updater(optimizer=step.make_optimizer(learning_rate=1e-3), model_config=CONFIG,
+                      loss_config=step.LossConfig(**loss_settings))
+
+
 def _with_rl_fields(batch, params, advantages):
   batch = dict(batch)
   batch["advantages"] = np.asarray(advantages, np.float32)
-  batch["old_logp"] = np.asarray(step.old_log_probs(params, batch, model_config=CONFIG, temperature=1.0))
+  batch["old_logp"] = np.asarray(_updater().old_log_probs(params, batch))
   return batch
 
 
@@ -93,16 +98,14 @@ def test_update_raises_logprobs_of_positively_advantaged_tokens():
   batch = _with_rl_fields(_batch(1), params, [1.0, 1.0, 1.0, 1.0])
   optimizer = step.make_optimizer(learning_rate=1e-3, weight_decay=0.0)
   opt_state = optimizer.init(params)
-  loss_config = step.LossConfig()
+  updater = step.Updater(optimizer=optimizer, model_config=CONFIG, loss_config=step.LossConfig())
   valid = batch["response_mask"] > 0
   before = np.asarray(batch["old_logp"])[valid].mean()
   losses = []
   for _ in range(3):
-    params, opt_state, metrics = step.update_step(params, opt_state, [batch], learning_rate=1e-3,
-                                                  optimizer=optimizer, model_config=CONFIG,
-                                                  loss_config=loss_config)
+    params, opt_state, metrics = updater(params, opt_state, [batch], learning_rate=1e-3)
     losses.append(float(metrics["actor/pg_loss"]))
-  after = np.asarray(step.old_log_probs(params, batch, model_config=CONFIG, temperature=1.0))[valid].mean()
+  after = np.asarray(updater.old_log_probs(params, batch))[valid].mean()
   assert after > before + 0.01
   # With A = 1 everywhere the loss is -mean(ratio) (clipped at 1.28): -1 at the first update, then lower.
   assert losses[0] == pytest.approx(-1.0, abs=1e-6)
@@ -121,11 +124,11 @@ def test_micro_batch_accumulation_gives_the_same_update(agg_mode):
   # rounding in near-zero gradients into full-size differences.
   optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
   loss_config = step.LossConfig(agg_mode=agg_mode, entropy_coeff=0.01)
+  updater = step.Updater(optimizer=optimizer, model_config=CONFIG, loss_config=loss_config)
   results = []
   for sizes in ([8], [4, 4], [2, 2, 2, 2], [1, 3, 4]):
     params = _copy(base)
-    params, _, metrics = step.update_step(params, optimizer.init(params), _split(batch, sizes), learning_rate=1.0,
-                                          optimizer=optimizer, model_config=CONFIG, loss_config=loss_config)
+    params, _, metrics = updater(params, optimizer.init(params), _split(batch, sizes), learning_rate=1.0)
     results.append((params, metrics))
   reference_params, reference_metrics = results[0]
   assert float(reference_metrics["actor/pg_clipfrac"]) > 0  # the clipped branch is exercised
@@ -143,9 +146,8 @@ def test_non_finite_gradient_skips_the_update():
   optimizer = step.make_optimizer(learning_rate=1e-2)
   opt_state = optimizer.init(params)
   kept = _copy(params)
-  new_params, new_state, metrics = step.update_step(params, opt_state, [batch], learning_rate=1e-2,
-                                                    optimizer=optimizer, model_config=CONFIG,
-                                                    loss_config=step.LossConfig())
+  updater = step.Updater(optimizer=optimizer, model_config=CONFIG, loss_config=step.LossConfig())
+  new_params, new_state, metrics = updater(params, opt_state, [batch], learning_rate=1e-2)
   assert int(metrics["actor/skipped_updates"]) == 1 and not np.isfinite(float(metrics["actor/grad_norm"]))
   for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(kept)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -156,11 +158,11 @@ def test_learning_rate_is_the_one_passed_in():
   base = _params(4)
   batch = _with_rl_fields(_batch(4), base, [1.0, -1.0, 0.5, -0.5])
   optimizer = step.make_optimizer(learning_rate=123.0, weight_decay=0.0, grad_clip=1e9)
+  updater = step.Updater(optimizer=optimizer, model_config=CONFIG, loss_config=step.LossConfig())
   deltas = {}
   for lr in (0.0, 1e-3, 2e-3):
     params = _copy(base)
-    params, _, _ = step.update_step(params, optimizer.init(params), [batch], learning_rate=lr,
-                                    optimizer=optimizer, model_config=CONFIG, loss_config=step.LossConfig())
+    params, _, _ = updater(params, optimizer.init(params), [batch], learning_rate=lr)
     deltas[lr] = np.asarray(params["layers"]["up_kernel"]) - np.asarray(base["layers"]["up_kernel"])
   assert np.all(deltas[0.0] == 0)
   # Adam's first step moves each weight by lr * m / (sqrt(v) + eps) = ~lr * sign(g): twice the lr, twice the step.

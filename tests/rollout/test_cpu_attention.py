@@ -8,8 +8,10 @@ import pytest
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import get_preset
 from dapo_jax.rollout import cpu_attention
+from dapo_jax.rollout import decode_state
 from dapo_jax.rollout import decoding
 from dapo_jax.rollout import sampling as sampling_lib
+from dapo_jax.rollout import weight_layout
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU attention kernel does not build "
                                   "here (no C++ compiler?); decoding uses XLA's attention")
@@ -70,8 +72,8 @@ def test_decode_steps_update_the_caches_in_place():
   num_slots, max_length = 4, 48
   functions = decoding.jitted_functions(config, None, keys_transposed=True, attention_kernel=True)
   params = qwen2.abstract_model(config).params
-  weights = jax.eval_shape(lambda p: decoding.decode_weights(p, config), params)
-  state = jax.eval_shape(lambda: decoding.init_decode_state(config, num_slots, max_length))
+  weights = jax.eval_shape(lambda p: weight_layout.decode_weights(p, config), params)
+  state = jax.eval_shape(lambda: decode_state.init_decode_state(config, num_slots, max_length))
   sampling = sampling_lib.SamplingParams()
   text = functions.decode_steps.lower(weights, state, num_steps=2, sampling=sampling).compile().as_text()
   assert "dapo_decode_attention" in text

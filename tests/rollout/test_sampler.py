@@ -11,9 +11,11 @@ import pytest
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
+from dapo_jax.rollout import decode_state
 from dapo_jax.rollout import decoding
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout import sampling as sampling_lib
+from dapo_jax.rollout.responses import Group
 from dapo_jax.rollout.sampling import GREEDY, SamplingParams
 from tests.rollout.rollout_fixtures import (PARITY_CONFIGS, chi_square_p_value, eos_ids_hit_by, random_prompts,
                                             truncate_at_eos)
@@ -22,7 +24,7 @@ MAX_NEW_TOKENS = 10
 PROMPT_LENGTHS = (5, 11, 20)  # two prefill buckets (16, 32)
 
 
-def _tokens(group: sampler_lib.Group) -> list[list[int]]:
+def _tokens(group: Group) -> list[list[int]]:
   return [response.token_ids.tolist() for response in group.responses]
 
 
@@ -84,7 +86,7 @@ def test_greedy_decode_weights_give_the_same_steps_and_refuse_sampling(checkpoin
     assert ("unembed" in weights.head) == greedy
     if greedy and config.tie_word_embeddings:
       assert weights.head["unembed"] is params["embed"]
-    state = decoding.init_decode_state(config, 3, 32)
+    state = decode_state.init_decode_state(config, 3, 32)
     state = functions.insert(prefix, state, jnp.arange(3), jnp.arange(3), keys, sampling=GREEDY)
     state, out = functions.decode_steps(weights, state, num_steps=6, sampling=GREEDY)
     outputs.append(out)
@@ -98,12 +100,12 @@ def test_greedy_decode_weights_give_the_same_steps_and_refuse_sampling(checkpoin
 @pytest.mark.parametrize("name", ["untied_mqa", "tied_gqa"])
 def test_key_cache_layouts_and_the_cpu_attention_kernel_decode_the_same_tokens(checkpoints, name, sampling):
   # CPU stores keys [slots, kv_heads, head_dim, length]; TPU and GPU store them like the values
-  # (`decoding.keys_transposed_on`). Forced here on CPU, the second layout gives the same responses, and so does
+  # (`decode_state.keys_transposed_on`). Forced here on CPU, the second layout gives the same responses, and so does
   # the CPU attention kernel (`cpu_attention.py`) on the first, where it applies (tied_gqa's head size 16; not
   # untied_mqa's 8) and builds.
   checkpoint = checkpoints[name]
   config, params = checkpoint.config, checkpoint.params
-  assert decoding.keys_transposed_on("cpu") and not decoding.keys_transposed_on("tpu")
+  assert decode_state.keys_transposed_on("cpu") and not decode_state.keys_transposed_on("tpu")
   prompts = random_prompts(config.vocab_size, (5, 11, 16), seed=6)
   tokens = np.zeros((4, 16), np.int32)
   for row, prompt in enumerate(prompts):
@@ -116,7 +118,7 @@ def test_key_cache_layouts_and_the_cpu_attention_kernel_decode_the_same_tokens(c
   for keys_transposed, attention_kernel in variants:
     functions = decoding.jitted_functions(config, None, keys_transposed, attention_kernel)
     weights = functions.decode_weights(params, greedy=sampling.greedy)
-    state = decoding.init_decode_state(config, 4, 48, keys_transposed=keys_transposed)
+    state = decode_state.init_decode_state(config, 4, 48, keys_transposed=keys_transposed)
     prefix = functions.prefill(params, tokens, lengths)
     state = functions.insert(prefix, state, jnp.arange(4), jnp.arange(4), keys, sampling=sampling)
     state, first = functions.decode_steps(weights, state, num_steps=8, sampling=sampling, attend_length=32)

@@ -1,0 +1,30 @@
+"""Per-chip memory of a training config on a TPU slice, planned on any host by ahead-of-time compilation.
+
+With libtpu installed (`requirements-tpu.txt`), XLA's TPU compiler builds programs for a slice that is not
+attached (`jax.experimental.topologies`). Each device function of a rollout step is compiled here exactly as
+the training program calls it, with the config's worst-case shapes and the program's shardings:
+
+  rollout: `decode_weights`, `prefill` (a full prefill batch of the longest prompt bucket) and `decode_steps`
+           (the config's decode slots, each with a KV cache of prompt + response length, attending to all of
+           it), from `dapo_jax/rollout/decoding.py` through a `GroupSampler` on the sampler's mesh (the
+           trainer's on one host; with several hosts each samples on its own chips, tensor parallel, as
+           `train.py` does), reading the sampler's copy of the params (`sharding.decode_rules`, in the compute
+           dtype);
+  update:  the old log-probs, gradients and apply programs of `dapo_jax/rl/step.Updater`, on the
+           micro-batch that `batching.split_by_token_budget` and `batching.collate` make when every trajectory
+           of a mini-batch has the longest prompt and response: on each host its share of the mini-batch
+           (actor.ppo_mini_batch_size / hosts groups) split by actor.micro_batch_tokens, every host's rows
+           stacked into one global micro-batch as `batch_placement.put_micro_batches` does (hosts = the distinct
+           `process_index` of the topology's devices); the mesh is laid out as `sharding.make_mesh` lays it.
+
+`compiled.memory_analysis()` gives each program's per-chip argument, output, temporary and aliased bytes and
+its peak. A program alone can miss what stays on the chip while it runs (the optimizer state during the
+forward passes, the gradient sum between micro-batches), so the plan adds those: a phase's peak is the resident
+buffers that are not the program's arguments plus the program's peak. A program that cannot fit at all fails to
+compile with RESOURCE_EXHAUSTED; the plan keeps the compiler's numbers and marks it as not fitting.
+
+FLOPs are counted analytically: XLA's `cost_analysis()` counts a scanned layer loop's body once.
+
+The modules: `inputs` (the model, the mesh and the worst-case shapes of a config, analytic FLOPs), `programs` (the
+chip's HBM, compiling the programs, the `Plan`) and `report` (the plan as text). `scripts/plan_memory.py` runs them.
+"""

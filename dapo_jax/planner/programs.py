@@ -1,0 +1,338 @@
+"""Each device function of a rollout step compiled for a TPU slice (see the package's docstring): the chip's HBM,
+each program's per-chip memory, and the `Plan` of a config on a topology."""
+import dataclasses
+import functools
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import ml_collections
+
+from dapo_jax import sharding as sharding_lib
+from dapo_jax.model import qwen2
+from dapo_jax.planner.inputs import (config_error, decode_step_flops, forward_flops, mesh_for, micro_batch_rows,
+                                     model_config, num_processes_of, sampler_mesh_for, worst_case_micro_batch)
+from dapo_jax.rl import batching
+from dapo_jax.rl import step
+from dapo_jax.rollout import decode_state
+from dapo_jax.rollout import sampler as sampler_lib
+from dapo_jax.rollout import weight_layout
+from dapo_jax.rollout.sampling import SamplingParams
+
+GIB = 1 << 30
+
+# HBM per chip where the compiler's own figure cannot be read (Cloud TPU system architecture pages). The
+# compiler's figure, from its out-of-memory message, is what a program may really use (e.g. 95.74 GiB on v5p).
+HBM_GIB_BY_DEVICE_KIND = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int | None:
+  """Bytes of an XLA size like "95.74G" or "512.00M" (binary units, as XLA prints them); None if not one."""
+  match = re.fullmatch(r"\s*([\d.]+)\s*([KMGTP]?)i?B?\s*", text)
+  if not match:
+    return None
+  return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def parse_out_of_memory(message: str) -> tuple[int | None, int | None]:
+  """(required, available) bytes from a TPU compiler's RESOURCE_EXHAUSTED message (None where absent).
+
+  XLA words it as "... required for HLO temporaries (1.00T) exceeds available HBM (95.74G)" or as
+  "Used 120.5G of 95.74G hbm".
+  """
+  required = available = None
+  match = re.search(r"required for [^(]*\(([^)]+)\)\s*exceeds available HBM \(([^)]+)\)", message)
+  if match:
+    required, available = parse_size(match.group(1)), parse_size(match.group(2))
+  match = re.search(r"Used (\S+) of (\S+) hbm", message)
+  if match:
+    required = required or parse_size(match.group(1))
+    available = available or parse_size(match.group(2))
+  return required, available
+
+
+def usable_hbm_bytes(device: jax.Device) -> tuple[int, str]:
+  """(bytes a program may use on this device, where the figure comes from).
+
+  jax does not expose the HBM of a compile-only device (`memory_stats()` needs an attached one), but the
+  compiler states it when a program cannot fit, so compiling a program that needs far more than any chip has
+  reads it off; the documented per-chip HBM is the fallback.
+  """
+  too_big = jax.jit(lambda: jnp.zeros((1 << 44,), jnp.int8),
+                    out_shardings=jax.sharding.SingleDeviceSharding(device))
+  try:
+    too_big.lower().compile()
+  except jax.errors.JaxRuntimeError as error:
+    _, available = parse_out_of_memory(str(error))
+    if available:
+      return available, "compiler"
+  if device.device_kind not in HBM_GIB_BY_DEVICE_KIND:
+    raise ValueError(f"HBM of {device.device_kind!r} unknown: the compiler did not state it and it is not in "
+                     f"HBM_GIB_BY_DEVICE_KIND ({sorted(HBM_GIB_BY_DEVICE_KIND)})")
+  return HBM_GIB_BY_DEVICE_KIND[device.device_kind] * GIB, "documented"
+
+
+def _rules(config: ml_collections.ConfigDict):
+  return tuple(config.mesh.rules) if "rules" in config.mesh else sharding_lib.DEFAULT_RULES
+
+
+def _abstract(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
+
+
+def _with_shardings(tree, shardings):
+  return jax.tree.map(lambda leaf, s: _abstract(leaf.shape, leaf.dtype, s), tree, shardings)
+
+
+def per_device_bytes(tree) -> int:
+  """Bytes of one device's shards of a tree of sharded `ShapeDtypeStruct`s."""
+  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+             for leaf in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass
+class ProgramMemory:
+  """Per-chip memory of one compiled device function (or the compiler's reason it does not fit)."""
+  name: str
+  compile_seconds: float
+  flops: int                    # analytic FLOPs of one call, all chips together
+  argument_bytes: int = 0
+  output_bytes: int = 0
+  temp_bytes: int = 0           # activations and temporaries
+  alias_bytes: int = 0          # outputs written in place of donated arguments
+  peak_bytes: int = 0           # the compiler's peak; arguments + outputs + temporaries - aliased if it has none
+  error: str | None = None      # the RESOURCE_EXHAUSTED message when it does not fit
+  required_bytes: int | None = None   # from that message
+  available_bytes: int | None = None  # from that message
+
+  @property
+  def fits(self) -> bool:
+    return self.error is None
+
+
+@dataclasses.dataclass
+class Phase:
+  """A moment of the rollout step: a program running while other buffers stay on the chip."""
+  name: str
+  program: str
+  resident: dict[str, int | None]  # bytes per chip held outside the program's arguments (None: unknown)
+  peak_bytes: int | None        # resident + the program's peak (its required bytes when it does not fit)
+  fits: bool
+
+
+@dataclasses.dataclass
+class Plan:
+  """The memory plan of one config on one topology."""
+  topology: str
+  device_kind: str
+  num_devices: int
+  hbm_bytes: int
+  hbm_source: str               # "compiler" (its out-of-memory message) or "documented"
+  mesh: dict[str, int]
+  mesh_layout: str              # which device layout `sharding.make_mesh` gives the mesh on this slice, and why
+  num_processes: int            # hosts of the slice, one process each
+  rows_split_between_hosts: bool  # `sharding.rows_split_between_processes`: batches can be placed (always on
+                                # one host; `sharding.make_mesh` refuses a mesh that breaks it on several)
+  config_error: str | None      # `config.validate` on this many hosts (None: valid)
+  sampler_mesh: dict[str, int]  # the trainer's mesh on one host; else each host's own devices
+  model: str
+  num_params: int
+  micro_batch: dict[str, Any]   # the global micro-batch: rows, prompt_width, response_width, tokens,
+                                # padding_rows (added to fill the data-parallel shards), rows_per_device,
+                                # data_parallel; and each host's part: rows_per_host (the token budget's rows,
+                                # unpadded), mini_batch_rows_per_host, micro_batches_per_update (per host)
+  decode: dict[str, Any]        # slots, cache_length, steps_per_call, prefill_rows, prefill_width
+  per_chip: dict[str, int | None]  # bytes: params, optimizer_state, gradients, sampler_params, decode_weights,
+                                # kv_cache
+  programs: list[ProgramMemory]
+  phases: list[Phase]
+  peak_bytes: int | None
+  peak_phase: str
+  fits: bool
+  plan_seconds: float
+
+  def to_json(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    for program, record in zip(self.programs, out["programs"]):
+      record["fits"] = program.fits
+    return out
+
+
+def _compile(name: str, flops: int, jitted, *args, **kwargs) -> tuple[ProgramMemory, Any]:
+  start = time.perf_counter()
+  try:
+    compiled = jitted.lower(*args, **kwargs).compile()
+  except jax.errors.JaxRuntimeError as error:
+    message = str(error)
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    required, available = parse_out_of_memory(message)
+    return ProgramMemory(name, time.perf_counter() - start, flops, error=message.strip().splitlines()[0],
+                         required_bytes=required, available_bytes=available), None
+  seconds = time.perf_counter() - start
+  m = compiled.memory_analysis()
+  peak = m.peak_memory_in_bytes or (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                                    - m.alias_size_in_bytes)
+  return ProgramMemory(name, seconds, flops, argument_bytes=m.argument_size_in_bytes,
+                       output_bytes=m.output_size_in_bytes, temp_bytes=m.temp_size_in_bytes,
+                       alias_bytes=m.alias_size_in_bytes, peak_bytes=peak), compiled
+
+
+def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None = None) -> Plan:
+  """Compiles the rollout step's device functions of `config` for a TPU `topology` (e.g. "v5p:4x4x4")."""
+  # Imported here: jax loads libtpu only for this, so the rest of the module imports without it.
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  plan_start = time.perf_counter()
+  devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  hbm, hbm_source = usable_hbm_bytes(devices[0])
+  rules = _rules(config)
+  mesh, mesh_layout = mesh_for(devices, config.mesh, rules)
+  num_processes = num_processes_of(devices)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  model_name, mc = model_config(config, model)
+  d = config.data
+
+  # The trainer's params and optimizer state, and the sampler's copy of the params (tensor parallel only:
+  # `sharding.decode_rules`), which the rollout holds beside them.
+  abstract = qwen2.abstract_model(mc)
+  param_shardings = sharding_lib.param_shardings(abstract, mesh, rules)
+  params = _with_shardings(abstract.params, param_shardings)
+  sampler_mesh = sampler_mesh_for(devices, mesh)
+  # In the compute dtype, as `train.py` makes it (`policy.sampler_params`).
+  sampler_params = _with_shardings(
+      jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(mc.dtype), p), abstract.params),
+      sharding_lib.param_shardings(abstract, sampler_mesh, sharding_lib.decode_rules(rules)))
+  optim = config.actor.optim
+  optimizer = step.make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2,
+                                  weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
+  abstract_opt_state = jax.eval_shape(optimizer.init, params)
+  opt_state_shardings = sharding_lib.optimizer_state_shardings(optimizer, abstract_opt_state, param_shardings,
+                                                               mesh)
+  opt_state = _with_shardings(abstract_opt_state, opt_state_shardings)
+  params_bytes, opt_bytes = per_device_bytes(params), per_device_bytes(opt_state)
+  sampler_params_bytes = per_device_bytes(sampler_params)
+  # The sampler params' embedding, final norm and LM head, which decode steps read in place.
+  head_bytes = per_device_bytes({name: sampler_params[name] for name in ("embed", "final_norm", "lm_head")
+                                 if name in sampler_params})
+
+  # The largest micro-batch, placed as `batch_placement.put_micro_batches` places it: every host's largest one (its
+  # share of a mini-batch split by the token budget), stacked over the hosts.
+  data_parallel = sharding_lib.data_parallel_size(mesh, rules)
+  batch_np = worst_case_micro_batch(config, data_parallel, num_processes)
+  process_rows = micro_batch_rows(config, num_processes)
+  process_share = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
+  rows, prompt_width = batch_np["prompt_ids"].shape
+  response_width = batch_np["response_ids"].shape[1]
+  update_batch = {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
+      ("batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape)) for k, v in batch_np.items()}
+  old_logp_batch = {k: v for k, v in update_batch.items() if k != "old_logp"}
+  rows_per_device = update_batch["prompt_ids"].sharding.shard_shape(update_batch["prompt_ids"].shape)[0]
+  totals = {"num_tokens": _abstract((), jnp.float32, replicated), "num_seqs": _abstract((), jnp.float32, replicated)}
+  loss_config = step.LossConfig(
+      clip_low=config.actor.clip_ratio_low, clip_high=config.actor.clip_ratio_high,
+      clip_c=config.actor.clip_ratio_c, agg_mode=config.actor.loss_agg_mode,
+      entropy_coeff=config.actor.entropy_coeff, temperature=config.rollout.temperature,
+      tis_cap=config.actor.tis_cap, logits_chunk_size=config.actor.logits_chunk_size)
+  # The update's programs as the training program builds them (params and optimizer state come back in place).
+  updater = step.Updater(optimizer=optimizer, model_config=mc, loss_config=loss_config,
+                         params_shardings=param_shardings, opt_state_shardings=opt_state_shardings, rules=rules)
+
+  # The sampler as the training program builds it, on the sampler's mesh.
+  sampler = sampler_lib.GroupSampler(mc, num_slots=config.rollout.max_concurrent_decodes,
+                                     max_prompt_length=d.max_prompt_length,
+                                     max_response_length=d.max_response_length,
+                                     steps_per_call=config.rollout.decode_steps_per_call, mesh=sampler_mesh)
+  sampler_replicated = NamedSharding(sampler_mesh, PartitionSpec())
+  slots = sampler.num_slots
+  state = _with_shardings(
+      jax.eval_shape(lambda: decode_state.init_decode_state(mc, slots, sampler.cache_length,
+                                                            keys_transposed=sampler.keys_transposed)),
+      sampler.state_shardings)
+  kv_bytes = per_device_bytes(state)
+  # A prefill call takes the prompts of one length bucket up to the sampler's token budget, padded to a power
+  # of two rows (`SamplingRun._prefill_next`); the longest bucket is the largest call.
+  prefill_width = batching.bucket_length(d.max_prompt_length, sampler.min_prefill_bucket)
+  prefill_rows = 1 << (max(1, min(slots, sampler.prefill_token_budget // prefill_width)) - 1).bit_length()
+  sampling = SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+                            top_k=config.rollout.top_k)
+
+  programs: dict[str, ProgramMemory] = {}
+  length = prompt_width + response_width
+  fwd = forward_flops(mc, rows, length, response_width)
+  functions = sampler.functions
+  # The decode weights: the arrays `new_decode_arrays` lays out anew, and the sampler params' own head.
+  programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.new_decode_arrays,
+                                                          sampler_params, greedy=sampling.greedy)
+  weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None
+  programs["prefill"], _ = _compile(
+      "prefill", forward_flops(mc, prefill_rows, prefill_width, 1), functions.prefill, sampler_params,
+      _abstract((prefill_rows, prefill_width), jnp.int32, sampler_replicated),
+      _abstract((prefill_rows,), jnp.int32, sampler_replicated))
+  if weights_compiled is not None:
+    new_arrays = jax.eval_shape(functools.partial(functions.new_decode_arrays, greedy=sampling.greedy),
+                                sampler_params)
+    weights = weight_layout.assemble_decode_weights(
+        sampler_params, _with_shardings(new_arrays, weights_compiled.output_shardings), sampling.greedy)
+    programs["decode_steps"], _ = _compile(
+        "decode_steps", sampler.steps_per_call * decode_step_flops(mc, slots, sampler.cache_length),
+        functions.decode_steps, weights, state, num_steps=sampler.steps_per_call, sampling=sampling)
+  programs["old_log_probs"], _ = _compile("old_log_probs", fwd, updater.old_log_probs_fn, params, old_logp_batch)
+  programs["micro_batch_gradients"], _ = _compile("micro_batch_gradients", 3 * fwd, updater.gradients_fn, params,
+                                                  update_batch, totals)
+  grads = _with_shardings(jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params),
+                          param_shardings)
+  grads_bytes = per_device_bytes(grads)
+  programs["apply"], _ = _compile("apply", 0, updater.apply_fn, params, opt_state, grads,
+                                  _abstract((), jnp.float32, replicated))
+
+  # What stays on the chip beside each program. The rollout keeps the trainer's params and optimizer state;
+  # its run holds the decode weights and the decode state from `decode_weights` on, so the prefill phase
+  # covers `insert` too (which writes a prefill's output into that state in place). Summing gradients (sum +
+  # new gradients) holds no more than the gradient phase at its end.
+  trainer = {"params": params_bytes, "optimizer_state": opt_bytes}
+  phase_specs = [
+      ("rollout: decode weights", "decode_weights", dict(trainer)),
+      ("rollout: prefill", "prefill", dict(trainer, decode_weights=weights_bytes, kv_cache=kv_bytes)),
+      # decode_steps reads the sampler params' head among its arguments; the rest of them stays beside it.
+      ("rollout: decode steps", "decode_steps", dict(trainer, sampler_params=sampler_params_bytes - head_bytes)),
+      ("old log-probs", "old_log_probs", {"optimizer_state": opt_bytes}),
+      ("micro-batch gradients", "micro_batch_gradients", {"optimizer_state": opt_bytes,
+                                                          "gradient_sum": grads_bytes}),
+      ("optimizer update", "apply", {}),
+  ]
+  phases = []
+  for name, program_name, resident in phase_specs:
+    # Without a compiled decode_weights, neither the decode weights' size nor their layout (which decode_steps
+    # is compiled for) is known: such a phase has no peak and counts as not fitting.
+    program = programs.get(program_name)
+    program_peak = None if program is None else program.peak_bytes if program.fits else program.required_bytes
+    known = program_peak is not None and None not in resident.values()
+    peak = sum(resident.values()) + program_peak if known else None
+    phases.append(Phase(name, program_name, resident, peak, known and program.fits and peak <= hbm))
+  sized = [p for p in phases if p.peak_bytes is not None]
+  worst = max(sized, key=lambda p: p.peak_bytes) if sized else phases[0]
+  return Plan(
+      topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), hbm_bytes=hbm,
+      hbm_source=hbm_source, mesh=dict(mesh.shape), mesh_layout=mesh_layout, num_processes=num_processes,
+      rows_split_between_hosts=sharding_lib.rows_split_between_processes(mesh, rules),
+      config_error=config_error(config, model_name, num_processes),
+      sampler_mesh=dict(sampler_mesh.shape),
+      model=model_name, num_params=mc.num_params(),
+      micro_batch=dict(rows=rows, prompt_width=prompt_width, response_width=response_width, tokens=rows * length,
+                       padding_rows=rows - num_processes * process_rows, rows_per_device=rows_per_device,
+                       data_parallel=data_parallel, rows_per_host=process_rows,
+                       mini_batch_rows_per_host=process_share,
+                       micro_batches_per_update=-(-process_share // process_rows)),
+      decode=dict(slots=slots, cache_length=sampler.cache_length, steps_per_call=sampler.steps_per_call,
+                  prefill_rows=prefill_rows, prefill_width=prefill_width),
+      per_chip=dict(params=params_bytes, optimizer_state=opt_bytes, gradients=grads_bytes,
+                    sampler_params=sampler_params_bytes, decode_weights=weights_bytes, kv_cache=kv_bytes),
+      programs=list(programs.values()), phases=phases, peak_bytes=worst.peak_bytes, peak_phase=worst.name,
+      fits=all(p.fits for p in phases), plan_seconds=time.perf_counter() - plan_start)

@@ -1,0 +1,77 @@
+"""A memory plan as text: one plan's report (GiB per chip) and the summary table of several."""
+from collections.abc import Sequence
+
+from dapo_jax.planner.programs import GIB, Plan
+
+
+def gib(value: int | None) -> str:
+  """Bytes as GiB with two decimals ("?" for unknown)."""
+  return "?" if value is None else f"{value / GIB:.2f}"
+
+
+def format_plan(p: Plan) -> str:
+  """A human-readable report of one plan (GiB per chip)."""
+  mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
+  mb, dec = p.micro_batch, p.decode
+  sharded = f"{mb['rows_per_device']} per device"
+  if mb["padding_rows"]:
+    sharded += f", {mb['padding_rows']} of them padding (the token budget gives fewer rows than data x fsdp)"
+  share = "a mini-batch" if p.num_processes == 1 else f"each of the {p.num_processes} hosts' share of a mini-batch"
+  count = mb["micro_batches_per_update"]
+  made = (f"  {share} ({mb['mini_batch_rows_per_host']} rows) is split by actor.micro_batch_tokens into "
+          f"{count} micro-batch{'es' if count > 1 else ''} of up to {mb['rows_per_host']} "
+          f"row{'s' if mb['rows_per_host'] > 1 else ''}")
+  where = ""
+  if p.num_processes > 1:
+    sampler_mesh = " ".join(f"{k}={v}" for k, v in p.sampler_mesh.items())
+    where = f" per host (each of the {p.num_processes} hosts samples on its own chips: mesh {sampler_mesh})"
+  lines = [
+      f"{p.topology}: {p.num_devices} x {p.device_kind}, {gib(p.hbm_bytes)} GiB HBM each ({p.hbm_source}); "
+      f"mesh {mesh}; model {p.model} ({p.num_params / 1e9:.2f}B params)",
+      f"  mesh layout: {p.mesh_layout}",
+      f"  micro-batch: {mb['rows']} rows x ({mb['prompt_width']} + {mb['response_width']}) tokens, {sharded};",
+      made,
+      f"  rollout: {dec['slots']} decode slots{where} x {dec['cache_length']} cache entries, "
+      f"{dec['steps_per_call']} decode step{'s' if dec['steps_per_call'] > 1 else ''} per call; "
+      f"prefill {dec['prefill_rows']} x {dec['prefill_width']}",
+      "  per chip (GiB): " + ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in p.per_chip.items()),
+      f"  {'program':<22} {'args':>8} {'out':>8} {'temp':>8} {'alias':>8} {'peak':>8} {'compile s':>10} "
+      f"{'TFLOP/call':>11}",
+  ]
+  for r in p.programs:
+    if r.fits:
+      lines.append(f"  {r.name:<22} {gib(r.argument_bytes):>8} {gib(r.output_bytes):>8} {gib(r.temp_bytes):>8} "
+                   f"{gib(r.alias_bytes):>8} {gib(r.peak_bytes):>8} {r.compile_seconds:>10.1f} "
+                   f"{r.flops / 1e12:>11.1f}")
+    else:
+      lines.append(f"  {r.name:<22} does not fit: needs {gib(r.required_bytes)} of {gib(r.available_bytes)} "
+                   f"GiB ({r.compile_seconds:.1f} s)")
+  lines.append(f"  {'phase':<24} {'resident':>9} {'peak':>8}  fits")
+  for ph in p.phases:
+    resident = None if None in ph.resident.values() else sum(ph.resident.values())
+    lines.append(f"  {ph.name:<24} {gib(resident):>9} {gib(ph.peak_bytes):>8}  "
+                 f"{'yes' if ph.fits else 'NO'}")
+  if not p.rows_split_between_hosts:
+    lines.append(f"  !! batch_placement.put_micro_batches refuses this mesh on {p.num_processes} hosts: blocks of "
+                 "batch rows span several hosts (lay the non-batch mesh axes, e.g. tensor, within a host)")
+  if p.config_error:
+    lines.append(f"  !! the training program refuses the config on {p.num_processes} hosts: {p.config_error}")
+  verdict = "fits in HBM" if p.fits else "DOES NOT FIT in HBM"
+  lines.append(f"  => {verdict}: peak {gib(p.peak_bytes)} of {gib(p.hbm_bytes)} GiB per chip ({p.peak_phase}); "
+               f"planned in {p.plan_seconds:.0f} s")
+  return "\n".join(lines)
+
+
+def format_summary(plans: Sequence[Plan]) -> str:
+  """One line per plan: the table of the README."""
+  lines = ["| topology | chips (hosts) | mesh (data, fsdp, tensor) | micro-batch rows x tokens (per device) | "
+           "decode slots per host | peak GiB (phase) | HBM GiB | fits | rows placeable |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for p in plans:
+    mb = p.micro_batch
+    mesh = ", ".join(str(v) for v in p.mesh.values())
+    lines.append(f"| {p.topology} | {p.num_devices} ({p.num_processes}) | {mesh} | "
+                 f"{mb['rows']} x {mb['tokens'] // mb['rows']} ({mb['rows_per_device']}) | {p.decode['slots']} | "
+                 f"{gib(p.peak_bytes)} ({p.peak_phase}) | {gib(p.hbm_bytes)} | {'yes' if p.fits else 'no'} | "
+                 f"{'yes' if p.rows_split_between_hosts else 'no'} |")
+  return "\n".join(lines)

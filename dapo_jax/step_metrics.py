@@ -1,0 +1,98 @@
+"""A rollout step's batch metrics over every process's groups (docs/algorithm.md section 10).
+
+Each process summarises its own share of the batch (`ProcessStatistics`); `gather` brings every process's share
+to every process (with one process, the share itself); `step_metrics` reduces them.
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from dapo_jax import distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessStatistics:
+  """One process's share of a rollout step's batch: per-response values and counts.
+
+  Attributes:
+    scores, rewards, advantages: float [responses]: unshaped scores, shaped rewards, advantages.
+    response_lengths, prompt_lengths: int [responses].
+    overlong_masked: responses overlong filtering masked out of the loss.
+    timeouts: responses whose scoring timed out this step.
+    selection: dynamic sampling's metrics (`rl.filtering.SelectedBatch.metrics`).
+  """
+  scores: np.ndarray
+  rewards: np.ndarray
+  advantages: np.ndarray
+  response_lengths: np.ndarray
+  prompt_lengths: np.ndarray
+  overlong_masked: int
+  timeouts: int
+  selection: dict[str, float]
+
+  def to_json(self) -> dict[str, Any]:
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_json(cls, value: dict[str, Any]) -> "ProcessStatistics":
+    arrays = {"scores": np.float64, "rewards": np.float64, "advantages": np.float64, "response_lengths": np.int64,
+              "prompt_lengths": np.int64}
+    return cls(**{**value, **{k: np.asarray(value[k], dtype) for k, dtype in arrays.items()}})
+
+
+def gather(statistics: ProcessStatistics) -> list[ProcessStatistics]:
+  """Every process's statistics, in process order (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return [statistics]
+  return [ProcessStatistics.from_json(v) for v in distributed.allgather_json(statistics.to_json())]
+
+
+def _summary(name: str, values) -> dict[str, float]:
+  values = np.asarray(values, np.float64)
+  return {f"{name}/mean": float(values.mean()), f"{name}/max": float(values.max()), f"{name}/min": float(values.min())}
+
+
+def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int, max_response_length: int
+                 ) -> tuple[dict[str, float], np.ndarray, int]:
+  """The step's batch metrics over every process's groups (in process order), every response length, and the
+  number of prompt and response tokens.
+
+  verl's names with verl's meanings: `critic/score` and `critic/rewards` are the shaped sequence scores (score
+  plus overlong penalty); `critic/advantages` are over valid response tokens (a response's advantage counts once
+  per token); `response_length/clip_ratio` and `prompt_length/clip_ratio` are the shares at the configured
+  maximum. Ours: `train/unshaped_score` (the reward function's score alone). Of the dynamic-sampling metrics,
+  group counts add up; `train/num_gen_batches` is the mean over processes (the prompts drawn /
+  data.gen_batch_size); `train/raw_acc` is the mean over every finished group, each process's weighted by its
+  share of them. With one process every value is its own.
+  """
+  def joined(key, dtype=np.float64):
+    return np.concatenate([np.asarray(getattr(p, key), dtype) for p in per_process])
+
+  response_lengths, prompt_lengths = joined("response_lengths", np.int64), joined("prompt_lengths", np.int64)
+  out = {}
+  out.update(_summary("critic/score", joined("rewards")))
+  out.update(_summary("critic/rewards", joined("rewards")))
+  out.update(_summary("train/unshaped_score", joined("scores")))
+  advantages, valid = joined("advantages"), response_lengths > 0
+  out["critic/advantages/mean"] = float((advantages * response_lengths).sum() / response_lengths.sum())
+  out["critic/advantages/max"] = float(advantages[valid].max())
+  out["critic/advantages/min"] = float(advantages[valid].min())
+  out.update(_summary("response_length", response_lengths))
+  out["response_length/clip_ratio"] = float((response_lengths == max_response_length).mean())
+  out.update(_summary("prompt_length", prompt_lengths))
+  out["prompt_length/clip_ratio"] = float((prompt_lengths == max_prompt_length).mean())
+  selections = [p.selection for p in per_process]
+  finished = [s["train/kept_groups"] + s["train/dropped_groups"] for s in selections]
+  for name in selections[0]:
+    if name == "train/raw_acc":
+      out[name] = (float(sum(s[name] * (f / sum(finished)) for s, f in zip(selections, finished) if f))
+                   if sum(finished) else float("nan"))
+    elif name == "train/num_gen_batches":
+      out[name] = float(sum(s[name] for s in selections) / len(selections))
+    else:
+      out[name] = float(sum(s[name] for s in selections))
+  out["train/overlong_masked"] = float(sum(p.overlong_masked for p in per_process))
+  out["reward/timeouts"] = float(sum(p.timeouts for p in per_process))
+  return out, response_lengths, int(response_lengths.sum() + prompt_lengths.sum())

@@ -1,0 +1,45 @@
+"""A rollout step's batch metrics, reduced over the processes' shares, by hand."""
+import numpy as np
+
+from dapo_jax import step_metrics
+
+
+def _process_share(scores, response_lengths, prompt_lengths, advantages, selection, overlong_masked=0, timeouts=0):
+  return step_metrics.ProcessStatistics(
+      scores=np.array(scores), rewards=np.array(scores) - 0.25, advantages=np.array(advantages),
+      response_lengths=np.array(response_lengths), prompt_lengths=np.array(prompt_lengths),
+      overlong_masked=overlong_masked, timeouts=timeouts, selection=selection)
+
+
+def _selection(gen_batches, kept, dropped, unfinished, raw_acc):
+  return {"train/num_gen_batches": gen_batches, "train/kept_groups": kept, "train/dropped_groups": dropped,
+          "train/surplus_groups": 0.0, "train/carried_groups": 0.0, "train/unfinished_groups": unfinished,
+          "train/raw_acc": raw_acc}
+
+
+def test_step_metrics_of_two_processes_by_hand():
+  first = _process_share([1.0, -1.0], [3, 9], [4, 4], [1.0, -1.0], _selection(1.0, 2.0, 0.0, 1.0, 0.25),
+                         overlong_masked=1)
+  second = _process_share([1.0, 1.0], [9, 9], [6, 6], [0.5, 0.5], _selection(2.0, 3.0, 3.0, 0.0, 0.5),
+                          timeouts=2)
+  lengths = dict(max_prompt_length=6, max_response_length=9)
+  out, response_lengths, num_tokens = step_metrics.step_metrics([first, second], **lengths)
+  np.testing.assert_array_equal(response_lengths, [3, 9, 9, 9])
+  assert num_tokens == 30 + 20
+  assert (out["response_length/mean"], out["response_length/max"], out["response_length/min"]) == (7.5, 9.0, 3.0)
+  assert out["response_length/clip_ratio"] == 0.75 and out["prompt_length/mean"] == 5.0
+  assert out["prompt_length/clip_ratio"] == 0.5  # the two prompts of 6 tokens, the maximum
+  # critic/score is the shaped score (verl's meaning); the reward function's own is train/unshaped_score.
+  assert out["critic/score/mean"] == 0.25 and out["critic/score/min"] == -1.25
+  assert out["critic/score/mean"] == out["critic/rewards/mean"]
+  assert out["train/unshaped_score/mean"] == 0.5 and out["train/unshaped_score/min"] == -1.0
+  # Advantages over valid tokens: (1 * 3 - 1 * 9 + 0.5 * 9 + 0.5 * 9) / 30 tokens.
+  assert out["critic/advantages/mean"] == 0.1
+  assert (out["critic/advantages/max"], out["critic/advantages/min"]) == (1.0, -1.0)
+  assert (out["train/kept_groups"], out["train/dropped_groups"], out["train/unfinished_groups"]) == (5.0, 3.0, 1.0)
+  assert out["train/num_gen_batches"] == 1.5  # prompts drawn / data.gen_batch_size
+  assert out["train/raw_acc"] == (0.25 * 2 + 0.5 * 6) / 8  # over the 8 finished groups
+  assert (out["train/overlong_masked"], out["reward/timeouts"]) == (1.0, 2.0)
+  # One process: its own values, exactly.
+  alone, _, _ = step_metrics.step_metrics([second], **lengths)
+  assert alone["train/raw_acc"] == 0.5 and alone["train/num_gen_batches"] == 2.0
