@@ -1,4 +1,4 @@
-"""Full DAPO on Qwen2.5-32B base (AIME 2024 avg@32 = 50): every hyperparameter of DAPO_SPEC.md section 9.
+"""Full DAPO on Qwen2.5-32B base (AIME 2024 avg@32 = 50): every hyperparameter of docs/algorithm.md section 9.
 
     python -m dapo_jax.train --config configs/dapo_qwen2_5_32b.py --workdir /mnt/shared/runs/dapo32b \
         --config.model.hf_checkpoint=/path/to/Qwen2.5-32B \

@@ -2,7 +2,7 @@
 
 Config files in `configs/` start from `base_config()` and change what their recipe needs (big_vision style);
 `validate(config)` runs when the program starts and names the key of any unknown or inconsistent value. Key
-names follow verl's where verl has one (DAPO_SPEC.md section 11), so a verl user finds them.
+names follow verl's where verl has one (docs/algorithm.md section 11), so a verl user finds them.
 """
 import ast
 from collections.abc import Iterator
@@ -28,7 +28,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """All keys with the DAPO recipe's values (DAPO_SPEC.md section 9) where it has one."""
+  """All keys with the DAPO recipe's values (docs/algorithm.md section 9) where it has one."""
   c = ml_collections.ConfigDict()
 
   c.data = ml_collections.ConfigDict()
@@ -97,7 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.reward.timeout_s = 10.0
 
   c.trainer = ml_collections.ConfigDict()
-  c.trainer.total_training_steps = 1000
+  # Passes over the training data (each reshuffled), as verl's trainer.total_epochs; the run ends when they are
+  # used up, or after total_training_steps rollout steps when that is set (None: no cap, as verl's scripts).
+  c.trainer.total_epochs = 1
+  c.trainer.total_training_steps = config_dict.placeholder(int)
   c.trainer.save_freq = 5
   c.trainer.test_freq = 5
   c.trainer.val_before_train = True
@@ -261,7 +264,9 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
   _check(rw.function is None or ":" in rw.function, "reward.function",
          f"must be 'module:function', got {rw.function!r}")
   _check(rw.timeout_s > 0, "reward.timeout_s", "must be positive")
-  _check(t.total_training_steps >= 1, "trainer.total_training_steps", "must be >= 1")
+  _check(t.total_epochs >= 1, "trainer.total_epochs", "must be >= 1")
+  _check(t.total_training_steps is None or t.total_training_steps >= 1, "trainer.total_training_steps",
+         "must be >= 1, or None for no cap (the run ends with the data: trainer.total_epochs)")
   _check(t.save_freq >= 1 and t.test_freq >= 0, "trainer.save_freq", "save_freq must be >= 1, test_freq >= 0")
   _check(m.hf_checkpoint is not None or m.preset is not None, "model.hf_checkpoint",
          "set model.hf_checkpoint (a Hugging Face directory) or model.preset (random initial weights)")
@@ -328,7 +333,7 @@ def _validate_distributed(section: ml_collections.ConfigDict) -> None:
          f"({process}) must be below distributed.num_processes ({count})")
 
 
-# The paper's Table 1 ladder (DAPO_SPEC.md section 9): each rung adds one technique to the rung before.
+# The paper's Table 1 ladder (docs/algorithm.md section 9): each rung adds one technique to the rung before.
 ABLATION_LADDER = ("grpo", "overlong_filter", "clip_higher", "soft_overlong", "token_level", "dapo")
 
 
@@ -347,6 +352,9 @@ def apply_ablation(config: ml_collections.ConfigDict, rung: str) -> ml_collectio
   config.actor.loss_agg_mode = ("token-mean" if level >= ABLATION_LADDER.index("token_level")
                                 else "seq-mean-token-mean")
   config.algorithm.filter_groups.enable = level >= ABLATION_LADDER.index("dapo")
+  if not config.algorithm.filter_groups.enable:
+    # Without dynamic sampling a step trains on every group it draws, so it draws one batch (as verl does).
+    config.data.gen_batch_size = config.data.train_batch_size
   return config
 
 

@@ -1,4 +1,4 @@
-"""Accuracy of a checkpoint on math problems: avg@k, best@k, maj@k and pass@k per data source (DAPO_SPEC.md 8).
+"""Accuracy of a checkpoint on math problems: avg@k, best@k, maj@k and pass@k per data source (docs/algorithm.md 8).
 
     python -m dapo_jax.evaluate --checkpoint DIR --data FILE.parquet[,FILE2.parquet...] [--k 32]
         [--temperature 1.0] [--top_p 0.7] [--top_k 0] [--max_prompt_length 2048] [--max_response_length 20480]

@@ -1,4 +1,4 @@
-"""Metric reductions: validation accuracy over n samples per problem (DAPO_SPEC.md sections 8 and 10).
+"""Metric reductions: validation accuracy over n samples per problem (docs/algorithm.md sections 8 and 10).
 
 For a problem with n samples, values v_1..v_n (the 0/1 accuracies) of which c are correct:
   * mean@n (avg@n): the mean of the values; std@n their (population) standard deviation.

@@ -22,11 +22,13 @@ import collections
 from collections.abc import Iterator
 import dataclasses
 import enum
+import logging
 from typing import Any
 
 import jax
 import numpy as np
 
+from dapo_jax import config as config_lib
 from dapo_jax import distributed
 from dapo_jax import scoring
 from dapo_jax.data import prompts as prompts_lib
@@ -100,7 +102,8 @@ class RolloutCollector:
               ) -> CollectedBatch | None:
     """Samples, scores and filters groups until the batch is decided (the module docstring's steps 1-4).
 
-    Returns None when the data ran out (on this process or another) before the batch was decided.
+    Returns None when the data ran out (on this process or another) before the batch was decided; the step is
+    then abandoned, so that the loop state can still be saved.
 
     Raises:
       filtering.DynamicSamplingExhausted: this process or another spent its generation batches.
@@ -140,6 +143,8 @@ class RolloutCollector:
           "(its log says how many groups it kept): raise algorithm.filter_groups.max_num_gen_batches or "
           "data.gen_batch_size, or turn off algorithm.filter_groups.enable")
     if outcome == Outcome.DATA_RAN_OUT:
+      if selection is None:
+        self.dynamic.abandon_step()
       return None
     return CollectedBatch(groups=list(selection.payloads), selection_metrics=selection.metrics,
                           num_timeouts=num_timeouts)
@@ -152,6 +157,20 @@ class RolloutCollector:
   def load_state_dict(self, state: dict[str, Any]) -> None:
     self.data_iterator.set_state(state["data_iterator"])
     self.dynamic.load_state_dict(state["dynamic_sampling"], decode_payload=scoring.ScoredGroup.from_json)
+
+
+def check_rollout_memory(sampler: sampler_lib.GroupSampler) -> None:
+  """Says how much memory the rollout's KV caches take while sampling, and refuses a sampler whose caches alone
+  exceed what its devices hold (rather than being killed mid-run by the out-of-memory killer)."""
+  needed, available = sampler.decode_state_bytes(), sampler.available_memory_bytes()
+  logging.info("Rollout: %d decode slots of %d tokens each: %.2f GiB of KV cache while sampling (of %s)",
+               sampler.num_slots, sampler.cache_length, needed / 2**30,
+               "unknown memory" if available is None else f"{available / 2**30:.1f} GiB")
+  if available is not None and needed > available:
+    raise config_lib.ConfigError(
+        f"rollout.max_concurrent_decodes: {sampler.num_slots} decode slots of data.max_prompt_length + "
+        f"data.max_response_length = {sampler.cache_length} tokens need {needed / 2**30:.1f} GiB of KV cache, "
+        f"more than the {available / 2**30:.1f} GiB the sampler's devices have: lower rollout.max_concurrent_decodes")
 
 
 def own_loop_state(meta: dict) -> dict:

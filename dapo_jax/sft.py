@@ -1,7 +1,7 @@
 """Supervised fine-tuning on (prompt, response) token pairs: the warm-up that makes the CPU demo's base model.
 
 DAPO starts from a pretrained base model that already solves some problems; the embedded default has no such
-model, so it makes one with a short supervised warm-up (../shared/EMBEDDED_DEFAULT.md). The loss is the mean
+model, so it makes one with a short supervised warm-up (docs/algorithm.md section 12). The loss is the mean
 negative log-likelihood of the response tokens given the prompt, in the same batch layout as the RL passes.
 """
 from collections.abc import Sequence

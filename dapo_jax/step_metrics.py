@@ -4,6 +4,7 @@ Each process summarises its own share of the batch (`ProcessStatistics`); `gathe
 to every process (with one process, the share itself); `step_metrics` reduces them.
 """
 import dataclasses
+import logging
 from typing import Any
 
 import jax
@@ -96,3 +97,16 @@ def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int
   out["train/overlong_masked"] = float(sum(p.overlong_masked for p in per_process))
   out["reward/timeouts"] = float(sum(p.timeouts for p in per_process))
   return out, response_lengths, int(response_lengths.sum() + prompt_lengths.sum())
+
+
+def log_progress(step: int, total_steps: int | None, out: dict[str, float], *, steps_timed: int,
+                 seconds_timed: float) -> None:
+  """One progress line for a finished rollout step; the ETA (with a step cap) comes from the steps after the
+  first (`steps_timed` of them in `seconds_timed`), whose time includes compiling."""
+  eta = (f", ETA {seconds_timed / steps_timed * (total_steps - step):.0f} s"
+         if total_steps is not None and steps_timed > 0 else "")
+  kept, dropped = int(out.get("train/kept_groups", 0)), int(out.get("train/dropped_groups", 0))
+  logging.info("step %d%s: score %.3f raw_acc %.3f kept %d/%d gen_batches %d entropy %.3f  %.2f s/step%s", step,
+               f"/{total_steps}" if total_steps is not None else "", out["critic/score/mean"],
+               out.get("train/raw_acc", float("nan")), kept, kept + dropped,
+               int(out.get("train/num_gen_batches", 0)), out["actor/entropy"], out["timing_s/step"], eta)

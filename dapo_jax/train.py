@@ -16,8 +16,8 @@ data-parallel up to the update:
     generation batches of data.gen_batch_size / P prompts: the keep rule and the order-preserving selection of
     docs/algorithm.md section 4 apply to each process's stream, and max_num_gen_batches bounds each process;
   * the update is global: mini-batch i is every process's i-th share of actor.ppo_mini_batch_size / P groups,
-    and token-mean divides by the token count of the whole mini-batch (docs/algorithm.md section 5); actor.micro_batch_tokens
-    and rollout.max_concurrent_decodes are per process;
+    and token-mean divides by the token count of the whole mini-batch (docs/algorithm.md section 5);
+    actor.micro_batch_tokens and rollout.max_concurrent_decodes are per process;
   * the processes stop together: when the data of one runs out, when one has spent its generation batches
     (the run fails everywhere), or after the step in which one was sent SIGTERM;
   * metrics are the whole step's (group counts summed, scores and lengths over every process's groups, raw
@@ -85,7 +85,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.mesh_from_config(config.mesh)
 
   # Data, tokenizer and rewards. Each process draws data.gen_batch_size / P prompts of every generation batch.
-  tokenizer = tokenizer_lib.load_tokenizer(config.model.hf_checkpoint or policy.prepare_synthetic_task(config, workdir))
+  task_tokenizer_dir = policy.prepare_synthetic_task(config, workdir)  # the embedded default's files, once
+  tokenizer = tokenizer_lib.load_tokenizer(config.model.hf_checkpoint or task_tokenizer_dir)
   options = prompts_lib.PromptOptions(max_prompt_length=config.data.max_prompt_length,
                                       truncation=config.data.truncation,
                                       filter_overlong_prompts=config.data.filter_overlong_prompts)
@@ -94,7 +95,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   val_files = config_lib.resolve_files(config.data.val_files, workdir, key="data.val_files")
   val_prompts = prompts_lib.validation_prompts(val_files, tokenizer, options) if val_files else []
   data_iterator = epochs.batch_iterator(epochs.epoch_batches(
-      train_prompts, batch_size=config.data.gen_batch_size, seed=config.data.seed if config.data.shuffle else None))
+      train_prompts, batch_size=config.data.gen_batch_size, seed=config.data.seed if config.data.shuffle else None,
+      num_epochs=config.trainer.total_epochs))
   data_sources = sorted({e.data_source for e in train_prompts} | {e.data_source for e in val_prompts})
   score_fns = rewards.reward_functions(data_sources, function=config.reward.function,
                                        strict_box=config.reward.strict_box)
@@ -107,16 +109,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Policy and optimizer; the update's programs are built once, for the params' and optimizer state's layout.
   model_config, params = policy.initial_policy(config, workdir, tokenizer, mesh)
-  optim = config.actor.optim
-  optimizer = step.make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2,
-                                  weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
+  optimizer = step.optimizer_from_config(config.actor.optim)
   opt_state = sharding.init_optimizer_state(optimizer, params, mesh)
-  loss_config = step.LossConfig(clip_low=config.actor.clip_ratio_low, clip_high=config.actor.clip_ratio_high,
-                                clip_c=config.actor.clip_ratio_c, agg_mode=config.actor.loss_agg_mode,
-                                entropy_coeff=config.actor.entropy_coeff, temperature=config.rollout.temperature,
-                                tis_cap=config.actor.tis_cap, logits_chunk_size=config.actor.logits_chunk_size)
   updater = step.Updater.for_state(params, opt_state, optimizer=optimizer, model_config=model_config,
-                                   loss_config=loss_config)
+                                   loss_config=step.LossConfig.from_config(config))
 
   # The sampler's own layout: tensor parallel only (decode reads every weight for each token, so FSDP would
   # gather the weights again at every step). With several hosts each process samples its own prompts, on its
@@ -128,6 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       model_config, num_slots=config.rollout.max_concurrent_decodes,
       max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length,
       eos_ids=tokenizer.eos_ids, steps_per_call=config.rollout.decode_steps_per_call, mesh=sampler_mesh)
+  rollout_collection.check_rollout_memory(sampler)
   train_sampling = sampler_lib.SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                                               top_k=config.rollout.top_k)
   fg = config.algorithm.filter_groups
@@ -169,9 +166,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if validation_due:  # before training, or the validation a preemption postponed
     run_validation(start_step)
 
+  def save(step: int, validation_due: bool) -> None:
+    checkpointer.save(step, {"params": params, "opt_state": opt_state},
+                      {"rollout_step": step, "processes": distributed.allgather_json(collector.state_dict()),
+                       "validation_due": validation_due})
+
+  total_steps = config.trainer.total_training_steps  # None: until trainer.total_epochs of data are used up
   last_metrics: dict = {}
+  rollout_step, saved_step, validated_step, preempted = start_step, start_step, start_step, False
   first_step_done = None  # the ETA's rate counts from the end of the first step: compiling is behind it
-  for rollout_step in range(start_step, config.trainer.total_training_steps):
+  while total_steps is None or rollout_step < total_steps:
     step_start, reward_seconds_before = time.time(), scorer.seconds
 
     # 1-3. Sample groups, scoring each as it finishes, until dynamic sampling has decided the batch. The seed
@@ -180,7 +184,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batch = collector.collect(policy.sampler_params(params, sampler_shardings, model_config.dtype), seed=seed,
                               sampling=train_sampling, rollout_step=rollout_step)
     if batch is None:
-      logging.info("The training data ran out at rollout step %d; stopping", rollout_step)
+      logging.info("The training data (trainer.total_epochs=%d) ran out after rollout step %d",
+                   config.trainer.total_epochs, rollout_step)
       break
     gen_time = time.time() - step_start
 
@@ -204,7 +209,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # 6. One optimizer update per mini-batch (ppo_epochs passes, no shuffle).
     update_start = time.time()
-    learning_rate = step.learning_rate_at(rollout_step, optim.lr, optim.warmup_steps)
+    learning_rate = step.learning_rate_at(rollout_step, config.actor.optim.lr, config.actor.optim.warmup_steps)
     update_metrics = []
     for _ in range(config.actor.ppo_epochs):
       for micro_batches in mini_batches:
@@ -212,6 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         update_metrics.append(jax.device_get(m))
     del mini_batches
     update_time = time.time() - update_start
+    rollout_step += 1
 
     # 7. Metrics (docs/algorithm.md section 10) of the whole step: every process's batch statistics.
     step_time = time.time() - step_start
@@ -229,41 +235,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out.update({"timing_s/gen": gen_time, "timing_s/reward": scorer.seconds - reward_seconds_before,
                 "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time, "timing_s/step": step_time,
                 "perf/time_per_step": step_time, "perf/throughput": num_tokens / step_time / jax.device_count()})
-    writer.write_scalars(rollout_step + 1, out)
-    writer.write_histograms(rollout_step + 1, {"response_length": response_lengths})
+    writer.write_scalars(rollout_step, out)
+    writer.write_histograms(rollout_step, {"response_length": response_lengths})
     first_step_done = first_step_done or time.time()
-    if (rollout_step + 1) % config.trainer.log_freq == 0:
-      done = rollout_step - start_step  # steps since the first one
-      eta = (f", ETA {(time.time() - first_step_done) / done * (config.trainer.total_training_steps - rollout_step - 1):.0f} s"
-             if done else "")
-      logging.info("step %d/%d: score %.3f raw_acc %.3f kept %d/%d gen_batches %d entropy %.3f  %.2f s/step%s",
-                   rollout_step + 1, config.trainer.total_training_steps, out["critic/score/mean"],
-                   out.get("train/raw_acc", float("nan")), int(out.get("train/kept_groups", 0)),
-                   int(out.get("train/kept_groups", 0) + out.get("train/dropped_groups", 0)),
-                   int(out.get("train/num_gen_batches", 0)), out["actor/entropy"], step_time, eta)
-    if rollout_step == start_step:
+    if rollout_step % config.trainer.log_freq == 0:
+      step_metrics.log_progress(rollout_step, total_steps, out, steps_timed=rollout_step - start_step - 1,
+                                seconds_timed=time.time() - first_step_done)
+    if rollout_step == start_step + 1:
       samples = "\n\n".join(f"{g.example.prompt_text}\n---\n{g.texts[0]}" for g in batch.groups[:4])
-      writer.write_texts(rollout_step + 1, {"samples": samples})
+      writer.write_texts(rollout_step, {"samples": samples})
     last_metrics = out
 
     # 8. Validation, then the checkpoint. On preemption the validation is postponed (the checkpoint records it
     # as due, and the resumed run starts with it) so that the save happens within the VM's grace period.
-    finished = rollout_step + 1 == config.trainer.total_training_steps
+    finished = rollout_step == total_steps
     validation_due = bool(val_prompts) and bool(config.trainer.test_freq) and (
-        (rollout_step + 1) % config.trainer.test_freq == 0 or finished)
+        rollout_step % config.trainer.test_freq == 0 or finished)
     preempted = preemption.agreed()
     if validation_due and not preempted:
-      last_metrics = {**out, **run_validation(rollout_step + 1)}
-      validation_due = False
+      last_metrics = {**out, **run_validation(rollout_step)}
+      validation_due, validated_step = False, rollout_step
       preempted = preemption.agreed()  # sent during the validation: this step's checkpoint is the last
-    if (rollout_step + 1) % config.trainer.save_freq == 0 or finished or preempted:
-      checkpointer.save(rollout_step + 1, {"params": params, "opt_state": opt_state},
-                        {"rollout_step": rollout_step + 1, "processes": distributed.allgather_json(
-                            collector.state_dict()), "validation_due": validation_due})
+    if rollout_step % config.trainer.save_freq == 0 or finished or preempted:
+      save(rollout_step, validation_due)
+      saved_step = rollout_step
     writer.flush()
     if preempted:
-      logging.warning("Preempted: stopped after rollout step %d; the next start resumes from it", rollout_step + 1)
+      logging.warning("Preempted: stopped after rollout step %d; the next start resumes from it", rollout_step)
       break
+  if not preempted and rollout_step != saved_step:  # the data ended: the last step is validated and saved
+    if val_prompts and config.trainer.test_freq and validated_step != rollout_step:
+      last_metrics = {**last_metrics, **run_validation(rollout_step)}
+    save(rollout_step, False)
   checkpointer.wait()
   checkpointer.close()
   if pool is not None:

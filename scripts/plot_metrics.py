@@ -2,9 +2,9 @@
 
     python scripts/plot_metrics.py --workdir runs/default [--output runs/default/curves.png]
 
-Panels: held-out accuracy (validation avg@k, best@k, pass@1 per data source), training reward and accuracy
-(before and after dynamic sampling), policy entropy, response length, clip fractions, and the groups dynamic
-sampling kept and dropped. A panel whose metrics the run did not log says so instead of being left out.
+Panels: held-out accuracy (validation avg@k, best@k and maj@k at the run's k, and pass@1, per data source), the
+training score (unshaped, and with the overlong penalty as verl's critic/score) and the accuracy before dynamic
+sampling, policy entropy, response length, clip fractions, and the groups dynamic sampling kept and dropped. A panel whose metrics the run did not log says so instead of being left out.
 """
 import argparse
 import os
@@ -22,13 +22,16 @@ from dapo_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import
 
 # (title, y label, [(tag or regex over tags, legend label)]) per panel; a regex's groups fill its label.
 PANELS = [
+    # verl's validation names (dapo_jax.metrics): mean@n, best@n/mean and maj@n/mean (n: the samples per problem)
+    # are val-core; other k, pass@k and the std statistics are val-aux.
     ("Held-out accuracy", "accuracy", [
         (r"val-core/(.+)/acc/mean@(\d+)", "{0} avg@{1}"),
-        (r"val-core/(.+)/acc/best@(\d+)", "{0} best@{1}"),
-        (r"val-core/(.+)/acc/pass@1", "{0} pass@1"),
+        (r"val-core/(.+)/acc/best@(\d+)/mean", "{0} best@{1}"),
+        (r"val-core/(.+)/acc/maj@(\d+)/mean", "{0} maj@{1}"),
+        (r"val-aux/(.+)/acc/pass@1", "{0} pass@1"),
     ]),
     ("Training reward", "per response", [
-        ("critic/score/mean", "score"), ("critic/rewards/mean", "reward (overlong-shaped)"),
+        ("train/unshaped_score/mean", "score"), ("critic/score/mean", "score + overlong penalty"),
         ("train/raw_acc", "accuracy before filtering"),
     ]),
     ("Policy entropy", "nats per token", [("actor/entropy", "entropy")]),

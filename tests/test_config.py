@@ -250,6 +250,15 @@ def test_unknown_ablation_rung():
     config_lib.apply_ablation(config_lib.base_config(), "dynamic")
 
 
+@pytest.mark.parametrize("rung", config_lib.ABLATION_LADDER)
+def test_rungs_without_dynamic_sampling_draw_one_train_batch_per_step(rung):
+  c = config_lib.load_config_file(os.path.join(CONFIG_DIR, "dapo_qwen2_5_32b.py"), rung)
+  if rung == "dapo":
+    assert c.algorithm.filter_groups.enable and (c.data.train_batch_size, c.data.gen_batch_size) == (512, 1536)
+  else:
+    assert not c.algorithm.filter_groups.enable and c.data.gen_batch_size == c.data.train_batch_size == 512
+
+
 def test_single_host_variant_sizes():
   c = config_lib.load_config_file(os.path.join(CONFIG_DIR, "dapo_qwen2_5_7b.py"))
   assert (c.data.train_batch_size, c.data.gen_batch_size, c.actor.ppo_mini_batch_size) == (256, 768, 32)

@@ -332,7 +332,7 @@ def test_aime_2024_deduplicates_to_30_problems(evaluate, tiny, shared_data_dir):
   assert set(summary["metrics"]) == {f"val-core/math_dapo/acc/{name}" for name in (
       "mean@2", "best@2/mean", "best@2/std", "maj@2/mean", "maj@2/std")} | {
           f"val-aux/math_dapo/acc/{name}" for name in ("std@2", "pass@1", "pass@2", "worst@2/mean", "worst@2/std")}
-  assert len(evaluation.result.samples) == 60
+  assert sum(len(p.responses) for p in evaluation.result.problems) == 60
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -341,7 +341,9 @@ def test_aime_2024_deduplicates_to_30_problems(evaluate, tiny, shared_data_dir):
 
 def test_evaluating_a_training_run_with_no_flags_reproduces_its_last_validation(evaluate, tmp_path):
   # A run of one rollout step on the embedded default (a few warm-up steps for a base model), validated at its
-  # end on 6 held-out problems x 2 samples, as the trainer does every trainer.test_freq steps.
+  # end on 6 held-out problems x 2 samples, as the trainer does every trainer.test_freq steps. The barely
+  # warmed-up model solves no sum, so the run scores with `length_parity_reward`, under which the metrics of
+  # its random responses are not all 0.
   from dapo_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from dapo_jax import metrics  # pylint: disable=g-import-not-at-top
   from dapo_jax import train  # pylint: disable=g-import-not-at-top
@@ -355,17 +357,23 @@ def test_evaluating_a_training_run_with_no_flags_reproduces_its_last_validation(
   c.rollout.val_kwargs.n = 2
   c.rollout.val_kwargs.top_p = 0.9  # not the evaluator's own default (0.7): it must come from the run
   c.actor.ppo_mini_batch_size = 4
-  c.algorithm.filter_groups.enable = False  # a barely warmed-up model solves little: keep every group
+  c.algorithm.filter_groups.enable = False  # keep every group: one generation batch per step
   c.trainer.total_training_steps = 1
   c.trainer.save_freq = 1
   c.trainer.test_freq = 1
   c.trainer.val_before_train = False
   c.trainer.seed = 3
+  c.reward.function = f"{__name__}:length_parity_reward"
   workdir = str(tmp_path / "run")
-  train.train(c, workdir)
+  returned = train.train(c, workdir)  # the last step's metrics, its validation's among them
+  last_validation = {tag: value for tag, value in returned.items() if tag.startswith("val-")}
+  # The run's TensorBoard scalars: the validation is written at the step it follows, in float32 (as TensorBoard
+  # stores scalars).
   in_training = {tag: curve for tag, curve in metrics.read_scalars(workdir).items() if tag.startswith("val-")}
-  assert in_training and all(curve[-1][0] == 1 for curve in in_training.values())
-  last_validation = {tag: curve[-1][1] for tag, curve in in_training.items()}
+  assert set(in_training) == set(last_validation)
+  assert all([step for step, _ in curve] == [1] for curve in in_training.values())
+  assert {tag: curve[-1][1] for tag, curve in in_training.items()} == {
+      tag: float(np.float32(value)) for tag, value in last_validation.items()}
 
   # The evaluator on the workdir, every setting (data files included) from the run.
   run = evaluate.training_run_of(workdir)
@@ -379,6 +387,10 @@ def test_evaluating_a_training_run_with_no_flags_reproduces_its_last_validation(
   core = {tag: value for tag, value in evaluation.summary["metrics"].items() if tag.startswith("val-core/")}
   assert set(core) == {f"val-core/synthetic_arith/acc/{name}" for name in (
       "mean@2", "best@2/mean", "best@2/std", "maj@2/mean", "maj@2/std")}
-  # Exactly: the same weights, prompts, sampler settings and seed give the same responses, token for token.
+  assert 0 < core["val-core/synthetic_arith/acc/mean@2"] < 1  # not a degenerate run: both verdicts occur
+  # Exactly: the same weights, prompts, sampler settings and seed give the same responses, token for token, so
+  # the same numbers, in float64 as validation computed them and in float32 as the run's event files hold them.
   assert core == {tag: last_validation[tag] for tag in core}
-  assert evaluation.summary["metrics"] == last_validation
+  assert {tag: float(np.float32(value)) for tag, value in core.items()} == {
+      tag: in_training[tag][-1][1] for tag in core}
+  assert evaluation.summary["metrics"] == last_validation  # val-aux too

@@ -12,9 +12,11 @@ import transformers
 
 from dapo_jax import checkpoint
 from dapo_jax import config as config_lib
+from dapo_jax import metrics
 from dapo_jax import policy
 from dapo_jax import sharding
 from dapo_jax import train
+from dapo_jax.data import math_parquet
 from dapo_jax.data import synthetic
 from dapo_jax.model import qwen2
 from dapo_jax.model import tokenizer as tokenizer_lib
@@ -109,3 +111,36 @@ def test_the_samplers_compute_dtype_copy_samples_what_the_master_weights_sample(
       np.testing.assert_array_equal(a.token_ids, b.token_ids)
       np.testing.assert_array_equal(a.logp_full, b.logp_full)
       np.testing.assert_array_equal(a.logp_sampled, b.logp_sampled)
+
+
+def _two_epoch_config(hf_checkpoint, train_file, **overrides):
+  """Two epochs of a 10-prompt file in rollout steps of 4 prompts: 2 steps an epoch (2 prompts dropped each)."""
+  c = _short_config(model__hf_checkpoint=hf_checkpoint, **overrides)
+  c.data.train_files = train_file
+  c.trainer.total_epochs = 2
+  c.trainer.save_freq = 3
+  c.trainer.total_training_steps = overrides.get("trainer__total_training_steps")
+  return c
+
+
+def test_total_epochs_end_the_run_and_resume_in_the_second_epoch_is_exact(hf_checkpoint, tmp_path):
+  train_file = str(tmp_path / "ten.parquet")
+  math_parquet.write_math_parquet(
+      [math_parquet.make_math_row(f"What is {i}+1*2?", i + 2, index=i, data_source="synthetic_arith",
+                                  prompt_template="{problem}") for i in range(10)], train_file)
+  whole = str(tmp_path / "whole")
+  train.train(_two_epoch_config(hf_checkpoint, train_file), whole)
+  own = checkpoint.Checkpointer(os.path.join(whole, "checkpoints"))
+  # 2 epochs x 2 steps: saved at step 3 (save_freq) and at step 4, where the data ended.
+  assert own.all_steps() == [3, 4]
+  own.close()
+  assert [step for step, _ in metrics.read_scalars(whole)["critic/rewards/mean"]] == [1, 2, 3, 4]
+
+  # Stopped after step 3 (the first step of the second epoch), then resumed with no step cap.
+  interrupted = str(tmp_path / "interrupted")
+  train.train(_two_epoch_config(hf_checkpoint, train_file, trainer__total_training_steps=3), interrupted)
+  train.train(_two_epoch_config(hf_checkpoint, train_file), interrupted)
+  for a, b in zip(jax.tree.leaves(checkpoint.load_policy(whole).params),
+                  jax.tree.leaves(checkpoint.load_policy(interrupted).params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert metrics.read_scalars(interrupted)["critic/rewards/mean"] == metrics.read_scalars(whole)["critic/rewards/mean"]

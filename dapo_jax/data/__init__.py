@@ -1,4 +1,4 @@
-"""Datasets in the DAPO-Math schema (DAPO_SPEC.md section 7).
+"""Datasets in the DAPO-Math schema (docs/algorithm.md section 7).
 
 The path a training run takes:
 

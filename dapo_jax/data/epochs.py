@@ -1,4 +1,4 @@
-"""Tokenized prompts -> epochs of prompt batches: a grain pipeline with a checkpointable iterator (DAPO_SPEC.md 7).
+"""Tokenized prompts -> epochs of prompt batches: a grain pipeline with a checkpointable iterator (docs/algorithm.md 7).
 
   batches = epoch_batches(prompts, batch_size=..., seed=...)       # grain: shuffle, shard, drop remainder
   iterator = batch_iterator(batches)                               # checkpointable: get_state() / set_state()
@@ -20,14 +20,17 @@ def epoch_batches(
     *,
     batch_size: int,
     seed: int | None,
+    num_epochs: int = 1,
     shard_by_process: bool = True,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.MapDataset:
-  """One epoch of prompt batches: a grain MapDataset whose elements are lists of `PromptExample`s.
+  """`num_epochs` passes over the prompts, in batches: a grain MapDataset whose elements are lists of
+  `PromptExample`s (verl's `trainer.total_epochs`).
 
-  The prompts are shuffled with `seed` (None keeps file order), cut to a whole number of global batches (the last
-  incomplete batch is dropped, DAPO_SPEC.md 7), numbered in draw order (`PromptExample.draw_index`), and, with
+  Each epoch shuffles the prompts anew (from `seed` and the epoch's number; None keeps file order in every
+  epoch) and is cut to a whole number of global batches (its last incomplete batch is dropped, docs/algorithm.md
+  7). The batches of all epochs are numbered in draw order (`PromptExample.draw_index`) and, with
   `shard_by_process`, dealt out to the processes of a multi-host run: process p takes draws p, p + P, p + 2P, ...
   so that its i-th batch holds its share of global batch i, and every process has the same number of batches.
 
@@ -36,12 +39,15 @@ def epoch_batches(
     batch_size: prompts per global batch (`data.gen_batch_size` for rollouts); with sharding, each process gets
       batch_size / process_count of them.
     seed: the shuffle seed; None for no shuffle.
+    num_epochs: passes over the prompts.
     shard_by_process: split the batches between JAX processes.
     process_index, process_count: the process and how many there are; default `jax.process_index()` and
       `jax.process_count()`.
   """
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size should be a positive integer; got {batch_size!r}")
+  if isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1:
+    raise ValueError(f"num_epochs should be a positive integer; got {num_epochs!r}")
   if shard_by_process:
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top  (only sharded pipelines need JAX)
@@ -60,6 +66,8 @@ def epoch_batches(
   if seed is not None:
     dataset = dataset.shuffle(seed=seed)
   dataset = dataset[:len(dataset) // batch_size * batch_size]
+  # Each epoch after the first reshuffles: grain reseeds the shuffle above per epoch.
+  dataset = dataset.repeat(num_epochs)
   dataset = dataset.map_with_index(_with_draw_index)
   if process_count > 1:
     dataset = dataset[process_index::process_count]

@@ -1,6 +1,6 @@
-"""DAPO-Math-17k / AIME parquet files: the schema, its check, and reading and writing rows (DAPO_SPEC.md 7).
+"""DAPO-Math-17k / AIME parquet files: the schema, its check, and reading and writing rows (docs/algorithm.md 7).
 
-The file schema (DAPO_SPEC.md section 7, the layout of verl's parquet files):
+The file schema (docs/algorithm.md section 7, the layout of verl's parquet files):
 
   data_source   string                                   e.g. "math_dapo"; rewards are dispatched on it
   prompt        list<struct<role: string, content: string>>  the chat messages, usually one user message
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from dapo_jax.data.math_rows import Interner, MathRows, concatenate_rows
 
-# The user message of every DAPO-Math-17k and AIME row: the problem inside DAPO's instruction (DAPO_SPEC.md 7).
+# The user message of every DAPO-Math-17k and AIME row: the problem inside DAPO's instruction (docs/algorithm.md 7).
 DAPO_PROMPT_TEMPLATE = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\nRemember to put "

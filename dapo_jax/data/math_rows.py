@@ -92,7 +92,7 @@ class MathRows:
   def deduplicated(self) -> MathRows:
     """One row per distinct (data_source, prompt, ground truth), the first in file order; its `num_duplicates`
     counts the rows it stands for. The data source is part of the key so that the same problem in two validation
-    sets is scored under each set's name (DAPO_SPEC.md 8)."""
+    sets is scored under each set's name (docs/algorithm.md 8)."""
     keys = self.problem_keys()
     _, first_rows = np.unique(keys, return_index=True)
     first_rows = np.sort(first_rows)

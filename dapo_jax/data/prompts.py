@@ -1,5 +1,5 @@
 """Checked rows -> tokenized prompts: the chat template, and left truncation, an error or a filter for prompts
-longer than data.max_prompt_length (DAPO_SPEC.md 7, 8).
+longer than data.max_prompt_length (docs/algorithm.md 7, 8).
 
 `training_prompts(config.data.train_files, tokenizer, options)` tokenizes every row; `validation_prompts(
 config.data.val_files, tokenizer, options)` merges rows with the same data_source, prompt and ground truth (AIME's
@@ -28,7 +28,7 @@ _LISTED_LOCATIONS = 20
 
 @dataclasses.dataclass(frozen=True)
 class PromptOptions:
-  """How prompts become token ids (config keys `data.*`, DAPO_SPEC.md 7 and 11).
+  """How prompts become token ids (config keys `data.*`, docs/algorithm.md 7 and 11).
 
   Attributes:
     max_prompt_length: the most prompt tokens (`data.max_prompt_length`; DAPO: 2048).
@@ -94,7 +94,7 @@ class PromptExample:
     num_duplicates: how many rows of the files this example stands for (1 unless deduplicated).
     num_truncated_tokens: how many tokens left truncation removed from the front of the prompt.
     draw_index: the example's position in its epoch's draw order, counted over all processes (the group id of
-      DAPO_SPEC.md 4); -1 outside `epoch_batches`.
+      docs/algorithm.md 4); -1 outside `epoch_batches`.
   """
 
   prompt_ids: np.ndarray
@@ -223,7 +223,7 @@ def validation_prompts(
     tokenizer: tokenizer_lib.Tokenizer,
     options: PromptOptions = PromptOptions(),
 ) -> PromptSet:
-  """The validation files (`data.val_files`) with duplicate rows merged, in file order (DAPO_SPEC.md 8).
+  """The validation files (`data.val_files`) with duplicate rows merged, in file order (docs/algorithm.md 8).
 
   Rows with the same data_source, prompt and ground truth become one example whose `num_duplicates` says how many
   rows it stands for; the evaluator draws k samples per example (AIME-2024: 30 problems, k = 32 gives avg@32).

@@ -1,6 +1,6 @@
 """The embedded default's task: "What is a+b*c?" in the DAPO-Math schema, with a character tokenizer for it.
 
-The task (../shared/EMBEDDED_DEFAULT.md): a in 10..99, b and c in 2..9, so 90 * 8 * 8 = 5760 problems. 200 of them
+The task (docs/algorithm.md section 12): a in 10..99, b and c in 2..9, so 90 * 8 * 8 = 5760 problems. 200 of them
 are held out for validation; training and the supervised warm-up only ever see the others. The prompt is short
 ("What is 12+3*4?", at most 15 characters) because a tiny character-level model pays for every prompt character.
 The reference response works in the right order of operations and ends with the `Answer:` line math_dapo reads:

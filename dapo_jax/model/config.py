@@ -83,7 +83,7 @@ PRESETS: dict[str, Qwen2Config] = {
     "tiny": Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4,
                         num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=2048,
                         rope_theta=10_000.0),
-    # The embedded default's policy (../shared/EMBEDDED_DEFAULT.md): ~0.8M weights, character vocabulary.
+    # The embedded default's policy (docs/algorithm.md section 12): ~0.8M weights, character vocabulary.
     "tiny-demo": Qwen2Config(vocab_size=32, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                              num_kv_heads=2, tie_word_embeddings=True, max_position_embeddings=256,
                              rope_theta=10_000.0),

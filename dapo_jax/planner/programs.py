@@ -209,9 +209,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   sampler_params = _with_shardings(
       jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(mc.dtype), p), abstract.params),
       sharding_lib.param_shardings(abstract, sampler_mesh, sharding_lib.decode_rules(rules)))
-  optim = config.actor.optim
-  optimizer = step.make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2,
-                                  weight_decay=optim.weight_decay, grad_clip=optim.grad_clip)
+  optimizer = step.optimizer_from_config(config.actor.optim)
   abstract_opt_state = jax.eval_shape(optimizer.init, params)
   opt_state_shardings = sharding_lib.optimizer_state_shardings(optimizer, abstract_opt_state, param_shardings,
                                                                mesh)
@@ -235,11 +233,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   old_logp_batch = {k: v for k, v in update_batch.items() if k != "old_logp"}
   rows_per_device = update_batch["prompt_ids"].sharding.shard_shape(update_batch["prompt_ids"].shape)[0]
   totals = {"num_tokens": _abstract((), jnp.float32, replicated), "num_seqs": _abstract((), jnp.float32, replicated)}
-  loss_config = step.LossConfig(
-      clip_low=config.actor.clip_ratio_low, clip_high=config.actor.clip_ratio_high,
-      clip_c=config.actor.clip_ratio_c, agg_mode=config.actor.loss_agg_mode,
-      entropy_coeff=config.actor.entropy_coeff, temperature=config.rollout.temperature,
-      tis_cap=config.actor.tis_cap, logits_chunk_size=config.actor.logits_chunk_size)
+  loss_config = step.LossConfig.from_config(config)
   # The update's programs as the training program builds them (params and optimizer state come back in place).
   updater = step.Updater(optimizer=optimizer, model_config=mc, loss_config=loss_config,
                          params_shardings=param_shardings, opt_state_shardings=opt_state_shardings, rules=rules)

@@ -1,4 +1,4 @@
-"""Group-relative (GRPO outcome) advantages, DAPO_SPEC.md section 3.
+"""Group-relative (GRPO outcome) advantages, docs/algorithm.md section 3.
 
 Each response gets one scalar advantage computed from the rewards of its group (the `n` responses of one
 draw of one prompt).
@@ -18,7 +18,7 @@ def group_advantages(
     norm_by_std: bool = True,
     eps: float = 1e-6,
 ) -> np.ndarray:
-  """Per-response GRPO advantages, DAPO_SPEC.md section 3 (verl's `compute_grpo_outcome_advantage`).
+  """Per-response GRPO advantages, docs/algorithm.md section 3 (verl's `compute_grpo_outcome_advantage`).
 
   `A_i = (r_i - mean) / (std + eps)` over the responses of the group of `i`, with the unbiased (ddof=1)
   standard deviation; `A_i = r_i - mean` when `norm_by_std` is False. A group of one response uses mean 0 and

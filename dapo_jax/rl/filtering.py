@@ -344,6 +344,12 @@ class DynamicSampler:
     self._start_step()
     return batch
 
+  def abandon_step(self) -> None:
+    """Ends a rollout step that cannot be completed (the data ran out): the groups opened in it are dropped
+    (their prompts count as consumed) and the sampler is between steps again, so its state can be saved.
+    Carried-over groups stay for the next step."""
+    self._start_step()
+
   # ------------------------------------------------------------------------------------------------------------
   # Checkpointing
   # ------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The DAPO policy loss: decoupled clip + dual clip, loss aggregation modes, entropy, DAPO_SPEC.md sections 5-6.
+"""The DAPO policy loss: decoupled clip + dual clip, loss aggregation modes, entropy, docs/algorithm.md sections 5-6.
 
 All functions take `[batch, length]` arrays (numpy or jax; `advantages` may also be `[batch]`) and work under
 `jax.jit` with the string arguments (`agg_mode`) static.
@@ -7,7 +7,7 @@ Micro-batch accumulation. Every scalar these functions return is *additive over 
 mini-batch into micro-batches along the batch axis, pass each the mini-batch totals `num_tokens` (valid tokens
 of the whole mini-batch) and `num_seqs` (responses with at least one valid token in the whole mini-batch), and
 the sum over micro-batches of the loss, of its gradient and of every metric equals the value computed on the
-whole mini-batch at once, exactly up to float rounding (DAPO_SPEC.md section 5: token-mean is global over the
+whole mini-batch at once, exactly up to float rounding (docs/algorithm.md section 5: token-mean is global over the
 mini-batch, whatever the micro-batching; verl#5625 is the bug this avoids). Left at None, the totals default to
 the counts of the arrays passed, so a single call on a whole mini-batch gives plain means.
 """
@@ -43,7 +43,7 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def aggregate(values: Any, mask: Any, agg_mode: str, *, num_tokens: Any = None, num_seqs: Any = None) -> jax.Array:
-  """Reduces per-token `values` `[B, L]` to a scalar over the valid tokens (`mask > 0`), DAPO_SPEC.md section 5.
+  """Reduces per-token `values` `[B, L]` to a scalar over the valid tokens (`mask > 0`), docs/algorithm.md section 5.
 
   Modes:
     * `token-mean`: `sum(values * m) / num_tokens`; `num_tokens` defaults to `sum(m)`.
@@ -78,7 +78,7 @@ def aggregate(values: Any, mask: Any, agg_mode: str, *, num_tokens: Any = None, 
 
 
 def truncated_is_weight(old_logp: Any, sampler_logp: Any, cap: float) -> jax.Array:
-  """Truncated importance-sampling weight `min(exp(old_logp - sampler_logp), cap)`, DAPO_SPEC.md section 6.
+  """Truncated importance-sampling weight `min(exp(old_logp - sampler_logp), cap)`, docs/algorithm.md section 6.
 
   Corrects for the sampler's token distribution differing from the trainer's (numerics, kernels). It depends
   on no trainable value, so it is a constant of the gradient.
@@ -104,7 +104,7 @@ def policy_loss(
     sampler_logp: Any = None,
     tis_cap: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Clipped policy-gradient loss with decoupled clip ranges and dual clip, DAPO_SPEC.md section 5.
+  """Clipped policy-gradient loss with decoupled clip ranges and dual clip, docs/algorithm.md section 5.
 
   ```
   logr = clamp(logp - old_logp, -20, 20);  r = exp(logr)
@@ -112,7 +112,7 @@ def policy_loss(
   L3 = -A * clip_c;  C2 = min(L3, C1);  per_token = where(A < 0, C2, C1)
   ```
   then `aggregate(per_token, mask, agg_mode, ...)`. With `tis_cap` set, `per_token` is multiplied by the
-  truncated importance-sampling weight `min(exp(old_logp - sampler_logp), tis_cap)` first (DAPO_SPEC.md
+  truncated importance-sampling weight `min(exp(old_logp - sampler_logp), tis_cap)` first (docs/algorithm.md
   section 6; off by default).
 
   Args:
@@ -187,7 +187,7 @@ def entropy_from_logits(logits: Any) -> jax.Array:
 
   `H = -sum(p * log p)` with `log p = log_softmax(logits)` (max-shifted logsumexp, so large logits do not
   overflow). Logits of -inf (masked vocabulary entries) contribute 0, with finite gradients. Divide the logits
-  by the sampling temperature first to get the entropy of the sampling distribution (DAPO_SPEC.md section 6).
+  by the sampling temperature first to get the entropy of the sampling distribution (docs/algorithm.md section 6).
   """
   logits = _float_array(logits)
   log_probs = jax.nn.log_softmax(logits, axis=-1)

@@ -2,7 +2,7 @@
 
 * `math_dapo_score` reproduces verl's `verl/utils/reward_score/math_dapo.py` (reference commit 4f80e465) rule
   for rule: answer extraction from the last 300 characters, Minerva-style normalisation, exact comparison
-  (DAPO_SPEC.md section 1). The model's text is untrusted: nothing here evaluates it, and every regex is at
+  (docs/algorithm.md section 1). The model's text is untrusted: nothing here evaluates it, and every regex is at
   worst quadratic on the (at most 300 characters of) text it sees.
 * `math_verify_score` is an optional symbolic verifier (the `math-verify` package) behind the same interface.
 
@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 # --------------------------------------------------------------------------------------------------------------
-# math_dapo (DAPO_SPEC.md section 1)
+# math_dapo (docs/algorithm.md section 1)
 # --------------------------------------------------------------------------------------------------------------
 
 RESPONSE_TAIL_CHARS = 300
@@ -121,7 +121,7 @@ def last_answer_line(text: str) -> str | None:
 
 
 def normalize_final_answer(answer: str) -> str:
-  """verl's Minerva-style normalisation of a final answer (DAPO_SPEC.md section 1), steps in verl's order."""
+  """verl's Minerva-style normalisation of a final answer (docs/algorithm.md section 1), steps in verl's order."""
   # Keep what follows the last "=": "x = 5" reads as 5.
   answer = answer.split("=")[-1]
   for before, after in ANSWER_SUBSTITUTIONS:
@@ -166,7 +166,7 @@ def _score_dict(correct: bool, pred: str | None) -> dict[str, Any]:
 
 
 def math_dapo_score(solution: str, ground_truth: str, strict_box: bool = False) -> dict[str, Any]:
-  """Scores a response with verl's `math_dapo` rule (DAPO_SPEC.md section 1).
+  """Scores a response with verl's `math_dapo` rule (docs/algorithm.md section 1).
 
   Args:
     solution: the decoded response (untrusted). Only its last 300 characters are read.

@@ -1,20 +1,23 @@
 """Bounded-time batch scoring: `score_batch` / `RewardPool` score many responses in worker processes.
 
 Each item has a time bound: an item that runs out of time scores as wrong and is counted (`reward/timeouts`,
-DAPO_SPEC.md section 10), and the hung worker is killed and replaced. Workers are started with "forkserver" (or
+docs/algorithm.md section 10), and the hung worker is killed and replaced. Workers are started with "forkserver" (or
 "spawn"), never by forking the training process, which has JAX loaded.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import time
+import types
 from multiprocessing import connection as mp_connection
 from typing import Any, Mapping, Sequence
 
@@ -163,6 +166,24 @@ class _Worker:
     self.connection.close()
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+  """Starts a worker without the parent's main module.
+
+  A forkserver or spawn child first imports its parent's `__main__` (for `python -m dapo_jax.train`, the whole
+  trainer: JAX, TensorFlow through clu, hundreds of MB and start-up banners per worker), so that functions
+  defined there unpickle. Reward functions are importable module-level functions and the worker's entry point
+  lives here, so the child needs none of it: while a worker starts, `__main__` is an empty module, which the
+  child does not import; the forkserver, started by the first worker, then preloads only this module.
+  """
+  main = sys.modules["__main__"]
+  sys.modules["__main__"] = types.ModuleType("__main__")
+  try:
+    yield
+  finally:
+    sys.modules["__main__"] = main
+
+
 class RewardPool:
   """Worker processes for reward scoring, reused across calls (e.g. kept for a whole training run).
 
@@ -189,6 +210,8 @@ class RewardPool:
       raise ValueError("start_method 'fork' would copy the JAX runtime into workers: use forkserver or spawn")
     self.num_workers = num_workers
     self._context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+      self._context.set_forkserver_preload([__name__])
     self._workers: list[_Worker] = []
     self._closed = False
 
@@ -218,7 +241,8 @@ class RewardPool:
     parent_end, child_end = self._context.Pipe(duplex=True)
     process = self._context.Process(target=_worker_main, args=(child_end,), daemon=True,
                                     name="dapo-reward-worker")
-    process.start()
+    with _main_module_hidden():
+      process.start()
     child_end.close()
     return _Worker(process=process, connection=parent_end)
 

@@ -2,7 +2,7 @@
 
 * `reward_functions` / `load_reward_function` pick the reward function of each data source (the math_dapo rule of
   `math_answers`, or the user's `reward.function`); `as_score_result` brings what they return to one form.
-* `overlong_penalties` implements the soft overlong punishment (DAPO_SPEC.md section 2).
+* `overlong_penalties` implements the soft overlong punishment (docs/algorithm.md section 2).
 
 Scoring a batch within a time bound is `reward_pool.score_batch`.
 """
@@ -25,7 +25,7 @@ ScoreFn = Callable[[str, str], Any]
 """A reward function: `(solution, ground_truth) -> {"score": float, "acc": bool, "pred": ...} | float`."""
 
 # --------------------------------------------------------------------------------------------------------------
-# Overlong reward shaping (DAPO_SPEC.md section 2)
+# Overlong reward shaping (docs/algorithm.md section 2)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -41,7 +41,7 @@ def _check_overlong_args(max_response_length: float, buffer_length: float, penal
 
 def overlong_penalties(response_lengths: npt.ArrayLike, max_response_length: int, buffer_length: int,
                        penalty_factor: float) -> np.ndarray:
-  """Soft overlong punishment: `min(-(L - (Lmax - Lbuf)) / Lbuf * f, 0)` per response length (DAPO_SPEC.md section 2).
+  """Soft overlong punishment `min(-(L - (Lmax - Lbuf)) / Lbuf * f, 0)` per response length (docs/algorithm.md 2).
 
   0 up to `Lmax - Lbuf` tokens, then linear down to `-f` at `Lmax`. A response length counts the valid response
   tokens, EOS included. Returns float64 of the shape of `response_lengths`. Raises ValueError naming the offending

@@ -9,7 +9,7 @@ right-padded to R tokens, so every response starts at column P:
 One optimizer update consumes one mini-batch, given as a list of micro-batches (each its own padded shape, so
 micro-batches packed by a token budget need no common length). Their gradients are summed: the loss of each
 micro-batch is normalised by the mini-batch's totals (`dapo_jax/rl/loss.py`), so the sum is exactly the
-gradient of the whole mini-batch (DAPO_SPEC.md section 5, token-mean over the mini-batch).
+gradient of the whole mini-batch (docs/algorithm.md section 5, token-mean over the mini-batch).
 """
 from collections.abc import Sequence
 import dataclasses
@@ -38,9 +38,18 @@ class LossConfig:
   clip_c: float = 10.0
   agg_mode: str = "token-mean"
   entropy_coeff: float = 0.0
-  temperature: float = 1.0        # the sampling temperature: logits are divided by it (DAPO_SPEC.md section 6)
+  temperature: float = 1.0        # the sampling temperature: logits are divided by it (docs/algorithm.md section 6)
   tis_cap: float | None = None    # truncated importance sampling against the sampler's log-probs; None = off
   logits_chunk_size: int = 0      # response tokens per LM-head chunk; 0 = all at once
+
+  @classmethod
+  def from_config(cls, config) -> "LossConfig":
+    """The loss settings of a run's config (`actor.*`, the sampling temperature `rollout.temperature`)."""
+    actor = config.actor
+    return cls(clip_low=actor.clip_ratio_low, clip_high=actor.clip_ratio_high, clip_c=actor.clip_ratio_c,
+               agg_mode=actor.loss_agg_mode, entropy_coeff=actor.entropy_coeff,
+               temperature=config.rollout.temperature, tis_cap=actor.tis_cap,
+               logits_chunk_size=actor.logits_chunk_size)
 
   def __post_init__(self):
     if self.agg_mode not in loss_lib.AGG_MODES:
@@ -50,7 +59,7 @@ class LossConfig:
 
 
 def learning_rate_at(rollout_step: int, base_lr: float, warmup_steps: int) -> float:
-  """Linear warmup then constant, counted in rollout steps: base_lr * min(1, (k + 1) / W) (DAPO_SPEC.md 6).
+  """Linear warmup then constant, counted in rollout steps: base_lr * min(1, (k + 1) / W) (docs/algorithm.md 6).
 
   Unlike verl's k / W, the first rollout step already updates (at base_lr / W).
   """
@@ -68,6 +77,12 @@ def make_optimizer(*, learning_rate: float, b1: float = 0.9, b2: float = 0.999, 
                        optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
 
   return optax.inject_hyperparams(chain)(learning_rate=learning_rate)
+
+
+def optimizer_from_config(optim) -> optax.GradientTransformation:
+  """`make_optimizer` with a run's `actor.optim` settings."""
+  return make_optimizer(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
+                        grad_clip=optim.grad_clip)
 
 
 def _chunked(fn, h: jax.Array, targets: jax.Array, chunk_size: int):
@@ -93,7 +108,7 @@ def response_logprobs(params: qwen2.Params, model_config: Qwen2Config, batch: Ba
                       chunk_size: int = 0, with_entropy: bool = False):
   """log p(response token | everything before it) [B, R] (and the entropy of each position's distribution).
 
-  Logits are divided by `temperature` before the log-softmax (DAPO_SPEC.md section 6), in float32.
+  Logits are divided by `temperature` before the log-softmax (docs/algorithm.md section 6), in float32.
   """
   prompt_len = batch["prompt_ids"].shape[1]
   response_len = batch["response_ids"].shape[1]
@@ -296,7 +311,7 @@ def _mismatch_sums(batch):
 
 
 def logprob_mismatch(micro_batches: Sequence[Batch]) -> dict[str, float]:
-  """Training/inference mismatch over every valid response token (DAPO_SPEC.md section 6): the mean absolute
+  """Training/inference mismatch over every valid response token (docs/algorithm.md section 6): the mean absolute
   difference of `old_logp` and `sampler_logp` and the mean and max of their ratio.
 
   Reduced on the devices, so it works on placed micro-batches with several processes (every process gets the

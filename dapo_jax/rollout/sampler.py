@@ -1,4 +1,4 @@
-"""Continuous-batching group sampler: prompts in, groups of `n` finished responses out (DAPO_SPEC.md 4, 8).
+"""Continuous-batching group sampler: prompts in, groups of `n` finished responses out (docs/algorithm.md 4, 8).
 
 A fixed number of decode slots runs on the device. Each admitted prompt is prefilled once and its cache copied
 into `n` slots (one group); a slot is refilled as soon as its response ends, so one long response never holds a
@@ -37,6 +37,7 @@ This module does not import JetStream (which loads TensorFlow); `engine.py` wrap
 JetStream's Engine API for its orchestrator and server.
 """
 from collections.abc import Callable, Iterable, Sequence
+import os
 from typing import Any
 
 import jax
@@ -116,6 +117,21 @@ class GroupSampler:
     self.functions = decoding.jitted_functions(config, self.state_shardings, self.keys_transposed, attention_kernel)
     self.response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, 0, 0)))
     self._active_run: SamplingRun | None = None
+
+  def decode_state_bytes(self) -> int:
+    """Bytes of the decode state a run holds (every slot's KV cache at full length), over all its devices."""
+    state = jax.eval_shape(lambda: decode_state.init_decode_state(self.config, self.num_slots, self.cache_length,
+                                                                  keys_transposed=self.keys_transposed))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
+  def available_memory_bytes(self) -> int | None:
+    """What the decode state's devices may hold together: their allocators' limits (TPU, GPU), or on CPU the
+    host's physical memory (CPU devices share it); None when unknown."""
+    devices = list(self.mesh.devices.flat) if self.mesh is not None else jax.devices()[:1]
+    if devices[0].platform == "cpu":
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limits = [(device.memory_stats() or {}).get("bytes_limit") for device in devices]
+    return sum(limits) if all(limits) else None
 
   def start(self, params: qwen2.Params, *, n: int, seed: int,
             sampling: SamplingParams = SamplingParams()) -> SamplingRun:

@@ -1,11 +1,11 @@
-"""Choosing the next token from logits, one row at a time: greedy, temperature, top-k and top-p (DAPO_SPEC.md 8).
+"""Choosing the next token from logits, one row at a time: greedy, temperature, top-k and top-p (docs/algorithm.md 8).
 
 `sample_tokens(logits, keys, params)` returns, for each row, the chosen token and two log-probabilities of it:
 
 - `logp_sampled`: under the distribution the token was actually drawn from (temperature-scaled, then truncated
   to the top-k / nucleus and renormalised);
 - `logp_full`: under the untruncated temperature-scaled distribution, `log_softmax(logits / T)`, which is what
-  the trainer recomputes as `old_logp` (DAPO_SPEC.md 6); the two differ only where truncation is on, and their
+  the trainer recomputes as `old_logp` (docs/algorithm.md 6); the two differ only where truncation is on, and their
   gap is part of the training/inference mismatch the trainer logs.
 
 Greedy decoding (temperature 0) takes the argmax (the first one on ties, as `torch.argmax`); it is a point mass,

@@ -1,5 +1,5 @@
 """Tests for dapo_jax.data.epochs: the grain pipeline (seeded shuffle, drop remainder, draw order, sharding,
-checkpointable iterator), DAPO_SPEC.md 7."""
+checkpointable iterator), docs/algorithm.md 7."""
 
 import json
 
@@ -91,3 +91,24 @@ def test_pipeline_arguments_are_checked(ten_prompts):
     epochs.epoch_batches(ten_prompts, batch_size=0, seed=0)
   # Fewer prompts than one batch: an empty epoch, not an error.
   assert len(epochs.epoch_batches(ten_prompts, batch_size=11, seed=0)) == 0
+
+
+def test_each_epoch_reshuffles_and_a_resume_in_the_second_epoch_is_exact(ten_prompts):
+  one = [batch_rows(b) for b in epochs.batch_iterator(epochs.epoch_batches(ten_prompts, batch_size=4, seed=0))]
+  iterator = epochs.batch_iterator(epochs.epoch_batches(ten_prompts, batch_size=4, seed=0, num_epochs=2))
+  batches = list(iterator)
+  rows = [batch_rows(b) for b in batches]
+  # Two epochs of two batches: the first is the one-epoch run's, the second another draw of 8 of the 10.
+  assert len(rows) == 4 and rows[:2] == one
+  second = rows[2] + rows[3]
+  assert len(set(second)) == 8 and second != rows[0] + rows[1]
+  assert [example.draw_index for batch in batches for example in batch] == list(range(16))
+
+  # Stopped after the first batch of the second epoch, a new iterator resumes where it left off.
+  interrupted = epochs.batch_iterator(epochs.epoch_batches(ten_prompts, batch_size=4, seed=0, num_epochs=2))
+  for _ in range(3):
+    next(interrupted)
+  state = json.loads(json.dumps(interrupted.get_state()))
+  resumed = epochs.batch_iterator(epochs.epoch_batches(ten_prompts, batch_size=4, seed=0, num_epochs=2))
+  resumed.set_state(state)
+  assert [batch_rows(b) for b in resumed] == rows[3:]

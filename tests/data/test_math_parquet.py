@@ -1,5 +1,5 @@
 """Tests for dapo_jax.data.math_parquet (and the `MathRows` it reads): the DAPO-Math parquet reader and its
-schema check, rows over several files, multi-message prompts and the real AIME file (DAPO_SPEC.md 7, 8)."""
+schema check, rows over several files, multi-message prompts and the real AIME file (docs/algorithm.md 7, 8)."""
 
 import json
 

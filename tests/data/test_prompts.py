@@ -1,5 +1,5 @@
 """Tests for dapo_jax.data.prompts: prompt tokenization (chat template, left truncation, the error mode, over-long
-filtering) and validation deduplication (DAPO_SPEC.md 7, 8).
+filtering) and validation deduplication (docs/algorithm.md 7, 8).
 
 Prompts are tokenized with the synthetic task's character tokenizer (one character, one token), so lengths and
 truncation points can be read off the text.

@@ -1,6 +1,7 @@
 """Reward functions for the reward tests' worker processes: module-level, so the workers can import them by name."""
 
 import os
+import sys
 import time
 
 from dapo_jax.rl.math_answers import math_dapo_score
@@ -48,3 +49,10 @@ def source_aware(data_source, solution_str, ground_truth, extra_info=None):
 def worker_pid(solution, ground_truth):
   """Reports the worker's process id, to check that scoring happens outside the test process."""
   return {"score": -1.0, "acc": False, "pred": str(os.getpid())}
+
+
+def heavy_modules_loaded(solution, ground_truth):
+  """Scores 1; its prediction names the heavy packages loaded in the worker that ran it."""
+  del solution, ground_truth
+  heavy = sorted({name.split(".")[0] for name in sys.modules} & {"jax", "tensorflow", "flax", "torch"})
+  return {"score": 1.0, "acc": True, "pred": ",".join(heavy)}

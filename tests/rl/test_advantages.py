@@ -1,4 +1,4 @@
-"""Tests for dapo_jax.rl.advantages (DAPO_SPEC.md section 3); expected values worked out by hand below."""
+"""Tests for dapo_jax.rl.advantages (docs/algorithm.md section 3); expected values worked out by hand below."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests for dapo_jax.rl.filtering: the DAPO keep rule and the streaming dynamic sampler (DAPO_SPEC.md section 4)."""
+"""Tests for dapo_jax.rl.filtering: the DAPO keep rule and the streaming dynamic sampler (docs/algorithm.md 4)."""
 
 import json
 import math
@@ -335,3 +335,14 @@ def test_streaming_matches_whole_batch_selection(seed, train_batch_size, n, gen_
   assert batch.payloads == expected[0]
   assert batch.metrics["train/num_gen_batches"] == expected[1]
   assert set(batch.discarded_group_ids) == set(queue) | set(running)
+
+
+def test_an_abandoned_step_drops_its_groups_and_can_be_saved():
+  sampler = DynamicSampler(train_batch_size=2, n=2, gen_batch_size=3)
+  ids = sampler.open_gen_batch()
+  sampler.add_group(ids[0], {"acc": [1.0, 0.0]})
+  with pytest.raises(RuntimeError, match="middle of a rollout step"):
+    sampler.state_dict()
+  sampler.abandon_step()  # the data ran out before the batch was decided
+  assert sampler.state_dict()["next_group_id"] == 3  # the opened prompts count as consumed
+  assert sampler.open_gen_batch() == [3, 4, 5] and sampler.num_kept == 0

@@ -1,4 +1,4 @@
-"""Tests for dapo_jax.rl.loss (DAPO_SPEC.md sections 5-6); expected values worked out by hand below.
+"""Tests for dapo_jax.rl.loss (docs/algorithm.md sections 5-6); expected values worked out by hand below.
 
 DAPO's settings throughout: clip_low 0.2, clip_high 0.28 (ratio range [0.8, 1.28]), dual-clip c 10.
 """

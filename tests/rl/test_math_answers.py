@@ -1,6 +1,6 @@
 """Tests for dapo_jax.rl.math_answers: verl's math_dapo rule and the optional math-verify scorer.
 
-Every expected prediction below was worked out by hand from verl's rules (DAPO_SPEC.md section 1), in order:
+Every expected prediction below was worked out by hand from verl's rules (docs/algorithm.md section 1), in order:
 last `Answer:` line of the last 300 characters -> keep what follows the last "=" -> substitutions ("an ",
 "a ", ".$" -> "$", "\\$", "\\ ", all spaces, ...) -> removed expressions (units, `^\\circ`, `{,}`, ...) ->
 `$..$`, `\\text{}`, `\\textbf{}`, `\\overline{}`, `\\boxed{}` unwrapping -> `\\frac`/`\\sqrt` shorthands ->
@@ -16,7 +16,7 @@ from dapo_jax.rl import math_answers
 from dapo_jax.rl.math_answers import math_dapo_score, math_verify_score
 
 # --------------------------------------------------------------------------------------------------------------
-# math_dapo_score (DAPO_SPEC.md section 1)
+# math_dapo_score (docs/algorithm.md section 1)
 # --------------------------------------------------------------------------------------------------------------
 
 # (solution, ground truth, expected acc, expected normalised prediction)

@@ -1,6 +1,8 @@
 """Tests for dapo_jax.rl.reward_pool: bounded-time batch scoring in worker processes."""
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -167,3 +169,21 @@ def test_math_verify_score_in_workers(pool):
   # The prediction is math_dapo's normalised one.
   assert [result["pred"] for result in batch.results] == ["1/2", "42.0", "43", "\\frac{\\pi}{2}", "[INVALID]",
                                                           "7"]
+
+
+def test_workers_do_not_import_the_parents_main_module(tmp_path):
+  # The trainer's main module imports JAX (and TensorFlow, through clu); a worker needs only the scoring code.
+  script = tmp_path / "main_with_jax.py"
+  script.write_text(
+      "import jax  # what the trainer's main module brings\n"
+      "from dapo_jax.rl.reward_pool import RewardPool, score_batch\n"
+      "from tests.rl.reward_fixtures import heavy_modules_loaded\n"
+      "if __name__ == '__main__':\n"
+      "  with RewardPool(1) as pool:\n"
+      "    scored = score_batch(['x'], ['y'], pool=pool, default_score_fn=heavy_modules_loaded)\n"
+      "  print('HEAVY=' + scored.results[0]['pred'])\n")
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=repo))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "HEAVY=\n" in result.stdout  # no jax, tensorflow, flax or torch in the worker

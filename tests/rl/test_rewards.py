@@ -10,7 +10,7 @@ from dapo_jax.rl.rewards import load_reward_function, overlong_penalties
 from tests.rl.reward_fixtures import always_half
 
 # --------------------------------------------------------------------------------------------------------------
-# Overlong penalty (DAPO_SPEC.md section 2)
+# Overlong penalty (docs/algorithm.md section 2)
 # --------------------------------------------------------------------------------------------------------------
 
 
