@@ -1,9 +1,8 @@
 """Early DAPO on Qwen2.5-32B base (AIME 2024 avg@32 = 44): full DAPO but sequence-level loss
 (seq-mean-token-mean), no dynamic sampling, generation batch = train batch (docs/algorithm.md section 9).
 
-Mesh, micro-batch budget and decode slots are the full recipe's, and so is the memory plan
-(scripts/plan_memory.py: the same peaks a chip, 87.1 GiB on v5p:2x4x4, 81.4 on v5p:4x4x4 and 78.5 on v5p:4x4x8;
-the loss mode changes no buffer size)."""
+Mesh, micro-batch budget and decode slots are the full recipe's, and so is the memory plan (scripts/plan_memory.py
+gives the same per-chip peaks: the loss mode changes no buffer size)."""
 import os
 
 from dapo_jax import config as config_lib

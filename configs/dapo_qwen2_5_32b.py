@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   # Per host (train.py splits each host's share of a mini-batch by this budget): one full-length trajectory,
   # 2048 + 20480 tokens (length buckets stop at the maximum lengths). With tensor 4 a v5p host holds one block
   # of batch rows, so a global micro-batch is one row per data-parallel shard on any v5p slice: 16 rows on
-  # v5p-128, 32 on v5p-256 (scripts/plan_memory.py; README, "Memory plan").
+  # v5p-128, 32 on v5p-256 (scripts/plan_memory.py; README, "Memory plan of the 32B recipe").
   c.actor.micro_batch_tokens = 2048 + 20480
   c.actor.loss_agg_mode = "token-mean"
   c.actor.clip_ratio_low, c.actor.clip_ratio_high, c.actor.clip_ratio_c = 0.2, 0.28, 10.0
@@ -45,19 +45,17 @@ def get_config(arg: str | None = None):
   c.model.param_dtype = "float32"
   c.model.remat = True
   # Tensor parallel over a v5p host's 4 chips, FSDP over the hosts: make_mesh keeps each tensor group in one
-  # host, so each host feeds its own rows (a tensor axis of 8 would span two hosts and is refused). Planned
-  # (95.74 GiB usable a chip; README, "Memory plan"): v5p:2x4x4 (v5p-64) peaks at 87.1 GiB, v5p:4x4x4 (v5p-128)
-  # at 81.4, v5p:4x4x8 (v5p-256) at 78.5, each in the rollout's prefill (the KV caches of 32 slots 44.0 GiB, the
-  # bfloat16 decode weights 14.5 GiB, the sampler's bfloat16 copy of the params over a host's 4 chips 15.3 GiB);
-  # the update peaks at 64.4 / 59.7 / 67.5 GiB (micro-batch gradients, one 22,528-token row per data-parallel
-  # shard).
+  # host, so each host feeds its own rows (a tensor axis of 8 would span two hosts and is refused). This mesh,
+  # the budget above and the decode settings below fit a v5p chip's HBM on v5p-64, -128 and -256, with the peak
+  # in the rollout's prefill (beside the KV caches, the decode weights and the sampler's copy of the params) and
+  # not in the update: `scripts/plan_memory.py` reports the figures (README, "Memory plan of the 32B recipe").
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
   # Per host (each host samples on its own chips): two groups of rollout.n. Decode reads every weight once per
-  # step whatever the number of slots, so more slots is more tokens per weight read; 64 slots (88 GiB of KV
-  # caches) do not fit.
+  # step whatever the number of slots, so more slots is more tokens per weight read; 64 slots' KV caches do not
+  # fit beside the rest (scripts/plan_memory.py).
   c.rollout.max_concurrent_decodes = 32
-  # One decode step per device call: a call that scans several steps holds another ~1.4x of the KV caches in
-  # temporaries.
+  # One decode step per device call: a call that scans several steps holds temporaries larger than the KV caches
+  # themselves, which the plan has no room for (docs/benchmarks.md).
   c.rollout.decode_steps_per_call = 1
   if arg:
     config_lib.apply_ablation(c, arg)

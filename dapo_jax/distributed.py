@@ -1,9 +1,10 @@
 """Multi-host start-up and the few cross-process helpers the training program needs.
 
-One JAX program runs per host (ARCHITECTURE.md); on a TPU pod slice or a multi-node GPU/CPU cluster the
-processes find each other through `jax.distributed.initialize()`, which must run before anything touches a
-device. `initialize` decides whether this is such a run (explicit values, JAX's own environment variables, or a
-launcher that JAX auto-detects), calls it, and logs what it did; on one host it does nothing.
+One JAX program runs per host (README, "Running the real recipe on a TPU VM"); on a TPU pod slice or a
+multi-node GPU/CPU cluster the processes find each other through `jax.distributed.initialize()`, which must run
+before anything touches a device. `initialize` decides whether this is such a run (explicit values, JAX's own
+environment variables, or a launcher that JAX auto-detects), calls it, and logs what it did; on one host it does
+nothing.
 
 After that, every array built on a mesh over `jax.devices()` is global: each process holds the shards of its
 own devices. Writing files (metrics, config, checkpoint metadata, exported weights) is process 0's job

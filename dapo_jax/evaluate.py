@@ -14,8 +14,9 @@ scoring. Prompts get the checkpoint's chat template; responses stop at the check
 tokenizer's and generation_config.json's, as in training).
 
 Prints a table per data source and writes, to `--output` (default: ./eval_<YYYYmmdd_HHMMSS>, created):
-  * summary.json: the metrics (`val-core/<data_source>/acc/{mean@k,best@k,maj@k,pass@k}`, the trainer's
-    names), the settings, the checkpoint, problem and row counts, response lengths, time;
+  * summary.json: the metrics under the trainer's (verl's) names: `val-core/<data_source>/acc/mean@k`,
+    `best@k/{mean,std}` and `maj@k/{mean,std}` at k, every other statistic (smaller k, pass@k) under
+    `val-aux/...`; the settings, the checkpoint, problem and row counts, response lengths, time;
   * problems.jsonl: one line per unique problem: where it came from, its ground truth, how many of its k
     responses are correct, their predictions, the majority prediction, finish reasons, lengths and the
     responses themselves. Lines are appended as problems finish, so an interrupted run keeps what it finished;
@@ -67,7 +68,8 @@ RUN_SETTINGS = {"k": "rollout.val_kwargs.n", "temperature": "rollout.val_kwargs.
                 "max_prompt_length": "data.max_prompt_length", "max_response_length": "data.max_response_length",
                 "reward_function": "reward.function", "strict_box": "reward.strict_box",
                 "reward_timeout_s": "reward.timeout_s", "num_slots": "rollout.max_concurrent_decodes",
-                "decode_steps_per_call": "rollout.decode_steps_per_call", "dtype": "model.dtype"}
+                "decode_steps_per_call": "rollout.decode_steps_per_call", "dtype": "model.dtype",
+                "reward_workers": "reward.num_workers"}
 
 
 @dataclasses.dataclass(frozen=True)

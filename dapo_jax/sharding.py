@@ -78,7 +78,8 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[jax.Devi
 
   Axis types are Auto: the compiler propagates shardings (jax 0.10's make_mesh defaults to Explicit). When the
   devices belong to several processes, the layout keeps every row block of a batch (the data-parallel axes of
-  the `batch` rule) on one process's devices, which `put_micro_batches` needs: see `mesh_and_layout`.
+  the `batch` rule) on one process's devices, which `batch_placement.put_micro_batches` needs: see
+  `mesh_and_layout`.
   """
   mesh, layout = mesh_and_layout(shape, devices, rules)
   several_processes = len({d.process_index for d in mesh.devices.flat}) > 1
@@ -345,9 +346,9 @@ def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
 
 def rows_split_between_processes(mesh: Mesh, rules=DEFAULT_RULES) -> bool:
   """Whether every process of the mesh holds its own blocks of a batch's rows, the same number each, and no
-  other process holds them: what `put_micro_batches` needs with several processes, each of which supplies the
-  rows of its blocks from its share of the data. Equivalently, the mesh axes outside the `batch` rule (tensor)
-  lie within one process's devices. Always true on one process.
+  other process holds them: what `batch_placement.put_micro_batches` needs with several processes, each of
+  which supplies the rows of its blocks from its share of the data. Equivalently, the mesh axes outside the
+  `batch` rule (tensor) lie within one process's devices. Always true on one process.
   """
   size = data_parallel_size(mesh, rules)
   row_sharding = logical_sharding(("batch",), rules, mesh, (size,))

@@ -73,8 +73,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here.")
 def measure_machine() -> dict:
   """Streaming bandwidth (a reduction over 512 MB) and float32 matmul peak (2048^3), best of 20, in XLA.
 
-  Best of 20 (about 2 s of products) rather than of a few: on a shared virtual machine a second or so with one
-  core taken away halved the peak of a best of 5."""
+  Best of 20 rather than of a few: on a shared virtual machine a second or so with one core taken away halved
+  the peak of a best of 5 (docs/benchmarks.md)."""
   big = jnp.ones((128 * 2**20,), jnp.float32)
   reduce = jax.jit(jnp.sum)
   left = jnp.ones((2048, 2048), jnp.float32)

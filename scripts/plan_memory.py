@@ -1,6 +1,6 @@
 """Plans a training config's per-chip memory on TPU slices, on any host (no TPU needed).
 
-    .venv/bin/pip install -r requirements-tpu.txt     # libtpu: XLA's TPU compiler (~210 MB download)
+    .venv/bin/pip install -r requirements-tpu.txt     # libtpu: XLA's TPU compiler (a large download)
     .venv/bin/python scripts/plan_memory.py --config configs/dapo_qwen2_5_32b.py \
         --topology v5p:4x4x4 --topology v5p:4x4x2 [--json]
 

@@ -75,8 +75,9 @@ def _parse_command_line(args: list[str]):
   return flag_values.config, flag_values.workdir
 
 
-# The TPU command of the README (as committed with the data-file flags), verbatim: the gcloud invocation whose
-# --command the remote shell runs.
+# A TPU command in the JSON-list form of file lists (the README's own command, with comma-separated files, is
+# read from README.md by tests/test_entry_point_errors.py): the gcloud invocation whose --command the remote
+# shell runs.
 README_TPU_COMMAND = r"""gcloud compute tpus tpu-vm ssh $TPU --worker=all --command="cd dapo_jax && .venv/bin/python -m dapo_jax.train \
     --config configs/dapo_qwen2_5_32b.py --workdir /mnt/shared/runs/dapo32b --config.distributed.initialize=always \
     --config.model.hf_checkpoint=/mnt/shared/Qwen2.5-32B \

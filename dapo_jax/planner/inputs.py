@@ -116,7 +116,8 @@ def _max_widths(config: ml_collections.ConfigDict) -> dict[str, int]:
 def micro_batch_rows(config: ml_collections.ConfigDict, num_processes: int = 1) -> int:
   """Rows of a process's largest micro-batch: its share of a mini-batch (actor.ppo_mini_batch_size /
   `num_processes` groups of rollout.n, as `train.py` deals them out) of full-length trajectories, split by the
-  config's token budget (`batching.split_by_token_budget`, which train.py runs on each process's share).
+  config's token budget (`batching.split_by_token_budget`, which `batching.training_batches` runs on each
+  process's share).
   Attention makes the longest rows the worst case: its scores grow with the square of the row width."""
   d = config.data
   count = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
@@ -139,9 +140,9 @@ def global_micro_batch_rows(config: ml_collections.ConfigDict, data_parallel: in
 
 def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1
                            ) -> dict[str, np.ndarray]:
-  """The largest global micro-batch (`global_micro_batch_rows`) padded by `batching.collate` as train.py pads
-  it (length buckets capped at data.max_prompt_length / data.max_response_length), with the arrays `train.py`
-  adds (advantages, sampler and old log-probs)."""
+  """The largest global micro-batch (`global_micro_batch_rows`) padded by `batching.collate` as the training
+  program pads it (length buckets capped at data.max_prompt_length / data.max_response_length), with the arrays
+  it adds (advantages and sampler log-probs in `batching.training_batches`, old log-probs in `train.py`)."""
   d = config.data
   rows = global_micro_batch_rows(config, data_parallel, num_processes)
   batch = batching.collate([[1] * d.max_prompt_length] * rows, [[1] * d.max_response_length] * rows, pad_id=0,

@@ -8,7 +8,7 @@
 // is read once), and shares the (slot, KV head) pairs between the calling thread and XLA's intra-op thread pool.
 // The rotation and the cache writes, done here, were five small XLA operations per layer and step.
 //
-// Layouts (decoding.py's CPU decode state): qkv [slots, kv_heads, group + 2, head_dim] (per KV head its group
+// Layouts (decode_state.py's CPU decode state): qkv [slots, kv_heads, group + 2, head_dim] (per KV head its group
 // of query heads, then its key, then its value, before RoPE), cos and sin [slots, head_dim] (the rotate-half
 // tables of each slot's position), keys [slots, kv_heads, head_dim, max_length] (transposed), values [slots,
 // kv_heads, max_length, head_dim], lengths [slots] int32 (the cache index of the token being fed: entries
@@ -35,8 +35,8 @@ namespace {
 
 // Floats per vector and the vector accumulators a pass may keep, for the machine's vector registers: AVX-512 has
 // 32 of 16 floats, AVX2 16 of 8, NEON 32 of 4, SSE 16 of 4. (Vectors wider than the registers compile, split,
-// but a pass's accumulators then spill: on an AVX2 machine 16-float vectors made a 64-slot call of the ~60M
-// benchmark model 4x slower, 4.7 ms instead of 1.2, and slower than XLA's attention.)
+// but a pass's accumulators then spill to memory: on an AVX2 machine 16-float vectors made the kernel several
+// times slower, and slower than XLA's attention; docs/benchmarks.md.)
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
 constexpr int64_t kRegisters = 24;

@@ -5,9 +5,9 @@ products of a few rows each; its YNNPACK backend executes them on one core while
 every cache entry, visible or not. The kernel reads only the entries each slot can see, once for all query heads
 of a KV head, and shares the slots between the calling thread and XLA's intra-op thread pool. It also applies
 RoPE to the fed token's queries and key and writes its key and value into the cache in place, which as XLA ops
-were five small operations per layer. Its vectors match the machine's registers (`cpu_attention.cc`). On a
-2-core AVX-512 machine (AMD EPYC, 185 GFLOP/s), with 64 slots of the ~60M benchmark model, a greedy decode step
-takes 33.3 ms with it and 39.2 with XLA's RoPE, cache writes and attention (best of 15 runs of each).
+were five small operations per layer. Its vectors match the machine's registers (`cpu_attention.cc`). A decode
+step with it is faster than with XLA's RoPE, cache writes and attention on every CPU it was measured on
+(docs/benchmarks.md, "Measurements behind design choices").
 
 Decoding uses it where it applies (`decoding.attention_kernel_on`: one CPU device, float32, a supported group
 and head size) and it builds; anywhere else XLA's attention computes the same values. The shared library is

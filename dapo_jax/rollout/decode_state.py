@@ -4,9 +4,9 @@ layout and shardings; and what a prefill hands to it (`Prefix`) and a call of de
 Each of `num_slots` rows holds one response in progress: its KV cache, the position of its next cache entry, and
 the *next token*: already sampled (with its two log-probs) but not yet returned or fed to the model. Each layer's KV
 cache is its own buffer, updated in place across steps. The caches are laid out so that both attention
-contractions are batched matrix products over (slot, KV head): values [slots, kv_heads, length, head_dim], and
-keys on CPU [slots, kv_heads, head_dim, length] (several times faster there than attention over the model's
-[slots, length, kv_heads, head_dim] layout), elsewhere like the values (`keys_transposed_on`).
+contractions are batched matrix products over (slot, KV head) (on CPU far faster than attention over the model's
+own [slots, length, kv_heads, head_dim] layout): values [slots, kv_heads, length, head_dim], and keys on CPU
+[slots, kv_heads, head_dim, length], elsewhere like the values (`keys_transposed_on`).
 """
 from typing import NamedTuple
 
@@ -27,10 +27,11 @@ def keys_transposed_on(platform: str) -> bool:
   """Whether decode caches on `platform` ("cpu", "tpu", "gpu") store keys [slots, kv_heads, head_dim, length]
   rather than [slots, kv_heads, length, head_dim] like the values.
 
-  On CPU the transposed keys make attention's scores a plain matrix product per (slot, KV head), 1.7x faster at
-  64 slots. On TPU they cost more than they save: writing one position per slot is then a column of the (8, 128)
-  memory tiles, and XLA copies each layer's key cache into another layout and back on every step (seen in
-  AOT-compiled v5p decode steps); keys laid out like the values take a row write and no copy.
+  On CPU the transposed keys make attention's scores a plain matrix product per (slot, KV head), which XLA:CPU
+  runs faster than the product with keys laid out like the values (docs/benchmarks.md, "Measurements behind
+  design choices"). On TPU they cost more than they save: writing one position per slot is then a column of the
+  (8, 128) memory tiles, and XLA copies each layer's key cache into another layout and back on every step (seen
+  in AOT-compiled v5p decode steps); keys laid out like the values take a row write and no copy.
   """
   return platform == "cpu"
 

@@ -49,12 +49,12 @@ power of two of at least this many tokens, which bounds the number of prefill co
 
 def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) -> bool:
   """Whether decode steps of `config` on `num_devices` devices of `platform` run attention with the CPU kernel
-  (`cpu_attention.py`: RoPE, the cache writes and attention in one call; 10-17% off a 64-slot decode step of a
-  ~60M model on the three CPUs measured) rather than XLA's ops.
+  (`cpu_attention.py`: RoPE, the cache writes and attention in one call, which made decode steps faster on every
+  CPU measured: docs/benchmarks.md) rather than XLA's ops.
 
   The kernel needs one CPU device (it does not split across a mesh), float32 compute and caches, the transposed
-  key cache of `keys_transposed_on("cpu")`, a supported shape, and a C++ compiler to build it (checked here, so
-  the first call may take a few seconds).
+  key cache of `decode_state.keys_transposed_on("cpu")`, a supported shape, and a C++ compiler to build it
+  (checked here, so the first call may take a few seconds).
   """
   group = config.num_heads // config.num_kv_heads
   return (platform == "cpu" and num_devices == 1 and config.dtype == jnp.float32
@@ -201,10 +201,10 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeSt
     new_v.append(v_cache)
   if "unembed" not in weights.head:
     return qwen2.logits_from_hidden(weights.head, config, h).astype(jnp.float32), tuple(new_k), tuple(new_v)
-  # Greedy decoding: the LM head as [vocab, embed] @ [embed, slots], which on CPU is 10% faster than
-  # [slots, embed] @ [embed, vocab] at 64 slots (30% faster than [slots, embed] @ a tied [vocab, embed]^T at 16),
-  # and the greedy choice reads the [vocab, slots] logits as fast. (Sampling reads the vocabulary in a row per
-  # slot; transposing these logits for it costs more than the product gains.)
+  # Greedy decoding: the LM head as [vocab, embed] @ [embed, slots], which measured faster on CPU than
+  # [slots, embed] @ [embed, vocab] or [slots, embed] @ a tied [vocab, embed]^T (docs/benchmarks.md, "Measurements
+  # behind design choices"), and the greedy choice reads the [vocab, slots] logits as fast. (Sampling reads the
+  # vocabulary in a row per slot; transposing these logits for it costs more than the product gains.)
   x = qwen2.rms_norm(h, weights.head["final_norm"], config.rms_norm_eps)
   logits = (weights.head["unembed"].astype(dtype) @ x.T).astype(jnp.float32)
   return logits, tuple(new_k), tuple(new_v)
@@ -235,8 +235,8 @@ def attention_window(cache_lengths_needed: int, max_length: int, minimum: int = 
   XLA materialises the window (a slice of each layer's key and value caches) before attention reads it, on CPU
   and on TPU alike, so a window of w entries costs about 3w entry reads (the copy's read and write, then
   attention's) against `max_length` for attending to the whole cache. Windows longer than a third of the cache
-  are therefore not used (measured on CPU: a 128-entry window of a 192-entry cache made a 60M model's decode
-  step 13% slower than attending to all 192).
+  are therefore not used (on CPU such a window measured slower than attending to the whole cache:
+  docs/benchmarks.md).
   """
   window = max(minimum, 1 << max(cache_lengths_needed - 1, 0).bit_length())
   return window if 3 * window <= max_length else max_length
@@ -261,9 +261,9 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
   """The device functions jitted for one model config; cached, so samplers and engines share compilations.
 
   `insert` and `decode_steps` donate the decode state, whose caches are then updated in place; with
-  `state_shardings` (`decode_state_shardings`), the state they return keeps that sharding. `keys_transposed`
-  is the key cache layout of `keys_transposed_on` the platform; `attention_kernel` (`attention_kernel_on`) has
-  decode steps run attention with the CPU kernel.
+  `state_shardings` (`decode_state.decode_state_shardings`), the state they return keeps that sharding.
+  `keys_transposed` is the key cache layout of `decode_state.keys_transposed_on` the platform; `attention_kernel`
+  (`attention_kernel_on`) has decode steps run attention with the CPU kernel.
   """
   def constrain(state: DecodeState) -> DecodeState:
     if state_shardings is None:

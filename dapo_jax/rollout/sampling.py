@@ -139,8 +139,7 @@ def _first_argmax(logits: jax.Array, vocab_axis: int) -> tuple[jax.Array, jax.Ar
   XLA:CPU's argmax (a variadic reduce of value and index) is several times slower than plain reductions, and
   marking every entry equal to the maximum costs a full pass over the logits too. So the vocabulary is cut into
   blocks: one pass takes each block's maximum, and only the first block holding the maximum is searched for its
-  first index (measured on CPU at 64 x 32000, with the log-softmax's pass: the greedy choice after the LM head
-  costs 0.45 ms instead of 2).
+  first index: about one pass over the logits in all (docs/benchmarks.md, "Measurements behind design choices").
   Without a block size between 16 and 256 that divides the vocabulary, the whole vocabulary is searched. (Both
   layouts are reduced where they lie rather than transposed into one: XLA folds such a transpose into the LM
   head's matrix product, which then runs several times slower.)
@@ -176,8 +175,8 @@ def _invert_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
 
   The cumulative sum runs over blocks (`_block_size`): each block's total, a cumulative sum of those, and a
   cumulative sum within the one block the threshold falls in. Over the whole vocabulary, XLA:CPU computes the
-  cumulative sum as an associative scan (many passes): sampling 64 rows of 32000 logits took 11.9 ms on an AVX2
-  machine, 3.6 ms by blocks. The block's own cumulative sum may round differently from its total, so the index is
+  cumulative sum as an associative scan (many passes over the logits), several times slower than by blocks
+  (docs/benchmarks.md). The block's own cumulative sum may round differently from its total, so the index is
   kept at or before the block's last positive entry (the chosen block has one: its total is positive).
   """
   num_rows, n = probs.shape
