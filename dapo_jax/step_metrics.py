@@ -99,6 +99,11 @@ def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int
   return out, response_lengths, int(response_lengths.sum() + prompt_lengths.sum())
 
 
+def perf_metrics(num_tokens: int, step_seconds: float, num_devices: int) -> dict[str, float]:
+  """verl's `perf/throughput`: the step's prompt and response tokens per second per device."""
+  return {"perf/time_per_step": step_seconds, "perf/throughput": num_tokens / step_seconds / num_devices}
+
+
 def log_progress(step: int, total_steps: int | None, out: dict[str, float], *, steps_timed: int,
                  seconds_timed: float) -> None:
   """One progress line for a finished rollout step; the ETA (with a step cap) comes from the steps after the

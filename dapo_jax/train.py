@@ -233,8 +233,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out.update(batch_metrics)
     out.update(mismatch)
     out.update({"timing_s/gen": gen_time, "timing_s/reward": scorer.seconds - reward_seconds_before,
-                "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time, "timing_s/step": step_time,
-                "perf/time_per_step": step_time, "perf/throughput": num_tokens / step_time / jax.device_count()})
+                "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time, "timing_s/step": step_time})
+    out.update(step_metrics.perf_metrics(num_tokens, step_time, jax.device_count()))
     writer.write_scalars(rollout_step, out)
     writer.write_histograms(rollout_step, {"response_length": response_lengths})
     first_step_done = first_step_done or time.time()

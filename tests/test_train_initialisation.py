@@ -16,6 +16,7 @@ from dapo_jax import metrics
 from dapo_jax import policy
 from dapo_jax import sharding
 from dapo_jax import train
+from dapo_jax import validation
 from dapo_jax.data import math_parquet
 from dapo_jax.data import synthetic
 from dapo_jax.model import qwen2
@@ -144,3 +145,18 @@ def test_total_epochs_end_the_run_and_resume_in_the_second_epoch_is_exact(hf_che
                   jax.tree.leaves(checkpoint.load_policy(interrupted).params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert metrics.read_scalars(interrupted)["critic/rewards/mean"] == metrics.read_scalars(whole)["critic/rewards/mean"]
+
+
+def test_each_validation_computes_its_metrics_once(hf_checkpoint, tmp_path, monkeypatch):
+  calls = []
+  reduce = validation.metrics_lib.validation_metrics
+  monkeypatch.setattr(validation.metrics_lib, "validation_metrics",
+                      lambda *args, **kwargs: calls.append(1) or reduce(*args, **kwargs))
+  c = _short_config(model__hf_checkpoint=hf_checkpoint)
+  c.data.val_files = "{workdir}/data/heldout.parquet"
+  c.rollout.val_kwargs.n = 2
+  c.trainer.total_training_steps = 2
+  c.trainer.test_freq = 1
+  c.trainer.val_before_train = True
+  train.train(c, str(tmp_path))
+  assert len(calls) == 3  # before training and after each of the 2 steps

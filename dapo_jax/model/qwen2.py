@@ -20,6 +20,7 @@ Weight layout (shapes without the leading `layers` axis of the stacked decoder w
   o_kernel [heads, head_dim, embed], mlp_norm [embed], gate_kernel / up_kernel [embed, mlp],
   down_kernel [mlp, embed]; final_norm [embed]; lm_head [embed, vocab] (absent when tied to embed).
 """
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -125,20 +126,33 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return out.reshape(b, s, num_heads, d)
 
 
+def _dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1) -> jax.Array:
+  """x [..., in...] contracted with kernel [in..., out...] over the last `in_dims` axes of x, as one 2-D matrix
+  product over the flattened tokens.
+
+  The same product as the einsum, in the form every backend's matmul handles best, forward and backward: XLA:CPU
+  ran the backward pass of the 3-D [batch, seq, ...] einsums off its fast matrix-product path
+  (docs/benchmarks.md, "Measurements behind design choices").
+  """
+  lead = x.shape[:x.ndim - in_dims]
+  contracted = math.prod(kernel.shape[:in_dims])
+  out = (x.reshape(-1, contracted) @ kernel.reshape(contracted, -1))
+  return out.reshape(*lead, *kernel.shape[in_dims:])
+
+
 def _project_qkv(layer: Params, x: jax.Array, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
   def proj(name):
-    return (jnp.einsum("bse,ehd->bshd", x, layer[f"{name}_kernel"].astype(dtype))
-            + layer[f"{name}_bias"].astype(dtype))
+    return _dense(x, layer[f"{name}_kernel"].astype(dtype)) + layer[f"{name}_bias"].astype(dtype)
   return proj("q"), proj("k"), proj("v")
 
 
 def _attention_out_and_mlp(layer: Params, h: jax.Array, attn: jax.Array, config: Qwen2Config) -> jax.Array:
   dtype = config.dtype
-  h = h + jnp.einsum("bshd,hde->bse", attn, layer["o_kernel"].astype(dtype))
+  h = h + _dense(attn, layer["o_kernel"].astype(dtype), in_dims=2)
   x = rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
-  gate = jnp.einsum("bse,em->bsm", x, layer["gate_kernel"].astype(dtype))
-  up = jnp.einsum("bse,em->bsm", x, layer["up_kernel"].astype(dtype))
-  return h + jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, layer["down_kernel"].astype(dtype))
+  gate = _dense(x, layer["gate_kernel"].astype(dtype))
+  up = _dense(x, layer["up_kernel"].astype(dtype))
+  return h + _dense(jax.nn.silu(gate) * up, layer["down_kernel"].astype(dtype))
 
 
 def embed_tokens(params: Params, config: Qwen2Config, input_ids: jax.Array) -> jax.Array:
