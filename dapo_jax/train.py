@@ -3,8 +3,9 @@
 The DAPO training program, readable top to bottom: `train(config, workdir)` builds the policy, the data and the
 optimizer, then runs rollout steps: draw prompts -> sample groups -> score + overlong shaping -> dynamic
 sampling (order-preserving, stops sampling as soon as the batch is decided) -> old log-probs -> group
-advantages -> mini-batch updates -> metrics -> checkpoint -> validation. With no flags it runs the embedded
-default (configs/default.py) in ./runs/default.
+advantages -> mini-batch updates -> metrics -> validation -> checkpoint, until trainer.total_epochs passes over
+the data are used up (or trainer.total_training_steps, when set). With no flags it runs the embedded default
+(configs/default.py) in ./runs/default.
 
 Multi-host: one process per host, joined by `dapo_jax.distributed` (the config's `distributed` section, or JAX's
 environment variables and cluster detection) before anything touches a device; the workdir must be one path
