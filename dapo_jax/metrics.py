@@ -81,16 +81,6 @@ def extreme_of_k(values: np.ndarray, ks: Sequence[int], *, largest: bool) -> tup
   return mean, np.sqrt(variance)
 
 
-def best_at_k(values: Sequence[float], k: int) -> float:
-  """Expected max of k values drawn with replacement (for 0/1 accuracies: 1 - (1 - mean)^k)."""
-  return float(extreme_of_k(np.asarray(values, np.float64)[None], [k], largest=True)[0][0, 0])
-
-
-def worst_at_k(values: Sequence[float], k: int) -> float:
-  """Expected min of k values drawn with replacement (for 0/1 accuracies: mean^k)."""
-  return float(extreme_of_k(np.asarray(values, np.float64)[None], [k], largest=False)[0][0, 0])
-
-
 def _truncated_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """The product of power series in z (coefficients on the last axis), cut at the arrays' degree."""
   degree = a.shape[-1]
@@ -212,11 +202,6 @@ def majority_vote(predictions: Sequence[str | None], values: Sequence[float],
   # E[(v - mean)^2]: the winner's value is a uniform draw from its group's values.
   variance = sum(p * ((group[:, None] - mean[None, :]) ** 2).mean(axis=0) for p, group in zip(wins, groups))
   return mean, np.sqrt(variance)
-
-
-def maj_at_k(predictions: Sequence[str | None], accuracies: Sequence[float], k: int) -> float:
-  """Expected accuracy of the majority answer of k samples drawn with replacement (exact; see `majority_vote`)."""
-  return float(majority_vote(predictions, accuracies, [k])[0][0])
 
 
 def is_core_metric(name: str, num_samples: int) -> bool:

@@ -38,16 +38,28 @@ def test_bootstrap_k_values_follow_verl():
   assert metrics.bootstrap_k_values(1) == []
 
 
+def _best_at_k(values, k):
+  return float(metrics.extreme_of_k(np.asarray(values, np.float64)[None], [k], largest=True)[0][0, 0])
+
+
+def _worst_at_k(values, k):
+  return float(metrics.extreme_of_k(np.asarray(values, np.float64)[None], [k], largest=False)[0][0, 0])
+
+
+def _maj_at_k(predictions, accuracies, k):
+  return float(metrics.majority_vote(predictions, accuracies, [k])[0][0])
+
+
 def test_best_and_worst_at_k():
   # 1 of 4 correct: best@2 = 1 - (3/4)^2, a 0/1 outcome, so its std is sqrt(p (1 - p)).
-  assert metrics.best_at_k([1, 0, 0, 0], 2) == pytest.approx(7 / 16)
+  assert _best_at_k([1, 0, 0, 0], 2) == pytest.approx(7 / 16)
   mean, std = metrics.extreme_of_k(np.array([[1, 0, 0, 0]]), [2], largest=True)
   assert (mean[0, 0], std[0, 0]) == pytest.approx((7 / 16, math.sqrt(7 / 16 * 9 / 16)))
-  assert metrics.worst_at_k([1, 1, 0, 0], 2) == pytest.approx(1 / 4)  # both draws correct
+  assert _worst_at_k([1, 1, 0, 0], 2) == pytest.approx(1 / 4)  # both draws correct
   # Graded values 0, 0.5, 1, k = 2: P(max = 0) = 1/9, P(max <= 0.5) = 4/9, so P(max = 0.5) = 3/9, P(max = 1) = 5/9.
-  assert metrics.best_at_k([0, 0.5, 1], 2) == pytest.approx(0.5 * 3 / 9 + 5 / 9)
+  assert _best_at_k([0, 0.5, 1], 2) == pytest.approx(0.5 * 3 / 9 + 5 / 9)
   # min: P(min = 1) = 1/9, P(min = 0.5) = 3/9.
-  assert metrics.worst_at_k([0, 0.5, 1], 2) == pytest.approx(1 / 9 + 0.5 * 3 / 9)
+  assert _worst_at_k([0, 0.5, 1], 2) == pytest.approx(1 / 9 + 0.5 * 3 / 9)
   mean, std = metrics.extreme_of_k(np.array([[3.0, 3.0]]), [1, 2], largest=False)
   np.testing.assert_array_equal(std, [[0.0, 0.0]])  # a constant has no spread, exactly
 
@@ -58,7 +70,7 @@ def test_best_and_worst_at_k():
     (3, 3 * (2 / 3) ** 2 / 3 + (2 / 3) ** 3),  # a drawn at least twice: 12/27 + 8/27
 ])
 def test_maj_at_k_by_hand(k, expected):
-  assert metrics.maj_at_k(["a", "a", "b"], [1, 1, 0], k) == pytest.approx(expected, abs=1e-12)
+  assert _maj_at_k(["a", "a", "b"], [1, 1, 0], k) == pytest.approx(expected, abs=1e-12)
   mean, std = metrics.majority_vote(["a", "a", "b"], [1, 1, 0], [k])
   assert std[0] == pytest.approx(math.sqrt(expected * (1 - expected)), abs=1e-12)  # a 0/1 outcome
 
@@ -66,12 +78,12 @@ def test_maj_at_k_by_hand(k, expected):
 def test_maj_at_k_ties_go_to_the_answer_drawn_first():
   # [a, b], k = 2: aa (1/4) is right, bb (1/4) wrong, and of the tied ab / ba (1/2) the first draw wins: 1/2.
   # (Ties to the answer first in sample order, a, would give 3/4.)
-  assert metrics.maj_at_k(["a", "b"], [1, 0], 2) == pytest.approx(0.5)
+  assert _maj_at_k(["a", "b"], [1, 0], 2) == pytest.approx(0.5)
   # [a, a, b, c], k = 3 (p = 1/2, 1/4, 1/4): a twice or more, 3/8 + 1/8; or one each of a, b, c
   # (3! / 4^2 / 2 = 3/16), a three-way tie a wins a third of the time.
-  assert metrics.maj_at_k(["a", "a", "b", "c"], [1, 1, 0, 0], 3) == pytest.approx(1 / 2 + 3 / 16 / 3)
+  assert _maj_at_k(["a", "a", "b", "c"], [1, 1, 0, 0], 3) == pytest.approx(1 / 2 + 3 / 16 / 3)
   # k = 2: aa 1/4, and the a-b and a-c ties (1/4 each) half the time.
-  assert metrics.maj_at_k(["a", "a", "b", "c"], [1, 1, 0, 0], 2) == pytest.approx(1 / 4 + 1 / 8 + 1 / 8)
+  assert _maj_at_k(["a", "a", "b", "c"], [1, 1, 0, 0], 2) == pytest.approx(1 / 4 + 1 / 8 + 1 / 8)
 
 
 def test_maj_at_k_values_and_missing_answers():
@@ -80,8 +92,8 @@ def test_maj_at_k_values_and_missing_answers():
   np.testing.assert_allclose(mean, [0.75, 0.75])
   np.testing.assert_allclose(std, [0.25, 0.25])
   # None votes like an answer: "5" must be drawn at least twice of three: 3 (1/3)^2 (2/3) + (1/3)^3 = 7/27.
-  assert metrics.maj_at_k([None, None, "5"], [0, 0, 1], 3) == pytest.approx(7 / 27)
-  assert metrics.maj_at_k(["5"] * 4, [1, 1, 1, 1], 3) == 1.0
+  assert _maj_at_k([None, None, "5"], [0, 0, 1], 3) == pytest.approx(7 / 27)
+  assert _maj_at_k(["5"] * 4, [1, 1, 1, 1], 3) == 1.0
   with pytest.raises(ValueError, match="one value per prediction"):
     metrics.majority_vote(["a"], [1, 0], [1])
 

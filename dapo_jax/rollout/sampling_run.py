@@ -110,11 +110,6 @@ class SamplingRun:
     return self.free_slots > self.waiting_samples
 
   @property
-  def in_flight(self) -> list[int]:
-    """Prompt indices submitted and neither finished nor cancelled, in submission order."""
-    return list(self._groups)
-
-  @property
   def idle(self) -> bool:
     """Nothing submitted is unfinished: `step()` would do nothing."""
     return not self._groups
