@@ -216,7 +216,7 @@ def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array
   (keys_transposed) or [slots, kv_heads, length, d], v [slots, kv_heads, length, d], visible [slots, length];
   returns [slots, heads * d] (heads kv-major, as the model numbers them).
 
-  The same arithmetic as `qwen2.attention` (float32 scores and softmax), in the cache's layout.
+  The same arithmetic as `qwen2.cache_attention` (float32 scores and softmax), in the cache's layout.
   """
   num_slots, num_kv_heads, group, head_dim = q.shape
   scores = jnp.einsum("bkgd,bkdt->bkgt" if keys_transposed else "bkgd,bktd->bkgt", q, k,
