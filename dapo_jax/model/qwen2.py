@@ -197,18 +197,37 @@ def hidden_states(params: Params, config: Qwen2Config, input_ids: jax.Array,
     raise ValueError("hidden_states: pass attention_mask or segment_ids, not both")
   if positions is None:
     positions = segment_positions(segment_ids)
+  return _decoder(params, config, input_ids, positions, segment_ids, mesh_layout, keep_kv=False)[0]
+
+
+def _decoder(params: Params, config: Qwen2Config, input_ids: jax.Array, positions: jax.Array,
+             segment_ids: jax.Array, mesh_layout, keep_kv: bool) -> tuple[jax.Array, Any]:
+  """The decoder layers over whole rows: last hidden states, and with `keep_kv` every layer's rotated keys and
+  values [layers, batch, length, kv_heads, head_dim]."""
   cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
 
   def layer_fn(h, layer):
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
     q, k, v = _project_qkv(layer, x, config.dtype)
-    attn = attention_lib.attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v,
-                                   segment_ids=segment_ids, implementation=config.attention,
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    attn = attention_lib.attention(q, k, v, segment_ids=segment_ids, implementation=config.attention,
                                    mesh_layout=mesh_layout)
-    return _attention_out_and_mlp(layer, h, attn, config), None
+    return _attention_out_and_mlp(layer, h, attn, config), (k, v) if keep_kv else None
 
-  h, _ = jax.lax.scan(_maybe_remat(layer_fn, config), embed_tokens(params, config, input_ids), params["layers"])
-  return h
+  return jax.lax.scan(_maybe_remat(layer_fn, config), embed_tokens(params, config, input_ids), params["layers"])
+
+
+def prefill_hidden_states(params: Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
+                          mesh_layout: attention_lib.MeshLayout | None = None) -> tuple[jax.Array, KVCache]:
+  """`extend_hidden_states` of right-padded prompts `tokens` [batch, s] with true `lengths` [batch] on an empty
+  cache of s positions, with the prompts attending to themselves through `dapo_jax/model/attention.py` (no
+  [s, s] mask; the padding, segment id 0, attends only to padding) rather than to a cache."""
+  batch, s = tokens.shape
+  index = jnp.arange(s, dtype=jnp.int32)
+  segment_ids = (index[None, :] < lengths[:, None]).astype(jnp.int32)
+  positions = jnp.broadcast_to(index, (batch, s))
+  h, (k, v) = _decoder(params, config, tokens, positions, segment_ids, mesh_layout, keep_kv=True)
+  return h, KVCache(k=k, v=v, lengths=lengths.astype(jnp.int32))
 
 
 def forward(params: Params, config: Qwen2Config, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -203,3 +203,17 @@ def test_update_with_the_splash_kernel_compiles_for_v5p():
   assert result.returncode == 0, result.stderr[-5000:]
   kernels, xla_kernels = (int(n) for n in result.stdout.split())
   assert kernels >= 3 and xla_kernels == 0  # forward, and the backward pass's dq and dk/dv kernels
+
+
+def test_prefill_equals_extending_an_empty_cache():
+  config, params = _tiny_model()
+  rng = np.random.default_rng(6)
+  lengths = jnp.asarray([5, 12, 1], jnp.int32)
+  tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 12))) * (jnp.arange(12)[None] < lengths[:, None])
+  h, cache = qwen2.prefill_hidden_states(params, config, tokens, lengths)
+  want_h, want = qwen2.extend_hidden_states(params, config, qwen2.init_cache(config, 3, 12), tokens, lengths)
+  np.testing.assert_array_equal(cache.lengths, want.lengths)
+  for row, n in enumerate(lengths):  # the padding's hidden states and cache entries are never read
+    np.testing.assert_allclose(h[row, :n], want_h[row, :n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cache.k[:, row, :n], want.k[:, row, :n], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cache.v[:, row, :n], want.v[:, row, :n], atol=1e-5, rtol=0)
