@@ -217,3 +217,26 @@ def test_prefill_equals_extending_an_empty_cache():
     np.testing.assert_allclose(h[row, :n], want_h[row, :n], atol=1e-5, rtol=0)
     np.testing.assert_allclose(cache.k[:, row, :n], want.k[:, row, :n], atol=1e-5, rtol=0)
     np.testing.assert_allclose(cache.v[:, row, :n], want.v[:, row, :n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1])  # key/value heads split over `tensor` with the query heads, or not
+def test_kernels_run_per_device_on_a_mesh(num_kv_heads):
+  """`per_device` on the 8 CPU devices, with the XLA implementation standing in for a kernel (the TPU
+  interpreter does not run inside `shard_map` on CPU devices: it waits forever), so each device computes its
+  rows and heads alone."""
+  from dapo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rng = np.random.default_rng(7)
+  q, k, v = random_qkv(rng, 4, 40, 4, num_kv_heads, 16)
+  segment_ids = packed_segments(rng, 4, 40)
+  local_shapes = []
+
+  def kernel(q, k, v, segment_ids):
+    local_shapes.append((q.shape, k.shape, segment_ids.shape))
+    return attention_lib.xla_attention(q, k, v, segment_ids)
+
+  fn = jax.jit(attention_lib.per_device(kernel, attention_lib.MeshLayout(mesh)))
+  got = values_and_gradients(fn, q, k, v, segment_ids)
+  assert_same(got, values_and_gradients(attention_lib.xla_attention, q, k, v, segment_ids))
+  heads = (2, num_kv_heads // 2) if num_kv_heads == 2 else (4, 1)  # whole heads when kv heads cannot split
+  assert local_shapes[0] == ((1, 40, heads[0], 16), (1, 40, heads[1], 16), (1, 40))
