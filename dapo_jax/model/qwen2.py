@@ -9,6 +9,7 @@ sampler and jitted code can call the model with parameters passed in on every ca
     logits = forward(params, config, packed_ids, segment_ids=segment_ids)   # several sequences a row
     cache = init_cache(config, batch_size=8, max_length=1024)
     logits, cache = extend(params, config, cache, prompt_ids, num_new=prompt_lengths)   # prefill
+    h, cache = prefill_hidden_states(params, config, prompt_ids, prompt_lengths)       # the same, cheaper
     logits, cache = extend(params, config, cache, next_ids[:, None])                    # one decode step
 
 Attention over a whole row (training, old log-probs, prefill) is `dapo_jax/model/attention.py`: per-platform

@@ -155,6 +155,13 @@ def test_segment_positions_restart_with_each_segment():
                                 [[0, 1, 2, 0, 1, 0, 0, 1], [0, 1, 0, 1, 2, 3, 4, 0]])
 
 
+def test_a_row_is_either_masked_or_packed():
+  config, params = _tiny_model()
+  ids = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="not both"):
+    qwen2.hidden_states(params, config, ids, jnp.ones((1, 4)), segment_ids=jnp.ones((1, 4), jnp.int32))
+
+
 def _tiny_model(**changes):
   config = get_preset("tiny-demo", num_layers=2, vocab_size=64, **changes)
   return config, qwen2.Qwen2(config, rngs=nnx.Rngs(0)).params
