@@ -14,21 +14,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dapo_jax.model import attention as attention_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.rl import batching, step
 
 
-def sft_loss(params: qwen2.Params, batch: dict, *, model_config: Qwen2Config) -> jax.Array:
+def sft_loss(params: qwen2.Params, batch: dict, *, model_config: Qwen2Config,
+             mesh_layout: attention_lib.MeshLayout | None = None) -> jax.Array:
   """Mean negative log-likelihood over the response tokens of the batch."""
-  logp = step.response_logprobs(params, model_config, batch, temperature=1.0)
+  logp = step.response_logprobs(params, model_config, batch, temperature=1.0, mesh_layout=mesh_layout)
   mask = batch["response_mask"].astype(jnp.float32)
   return -(logp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "optimizer"), donate_argnums=(0, 1))
-def sft_step(params, opt_state, batch, *, model_config: Qwen2Config, optimizer: optax.GradientTransformation):
-  loss, grads = jax.value_and_grad(sft_loss)(params, batch, model_config=model_config)
+@functools.partial(jax.jit, static_argnames=("model_config", "optimizer", "mesh_layout"), donate_argnums=(0, 1))
+def sft_step(params, opt_state, batch, *, model_config: Qwen2Config, optimizer: optax.GradientTransformation,
+             mesh_layout: attention_lib.MeshLayout | None = None):
+  loss, grads = jax.value_and_grad(sft_loss)(params, batch, model_config=model_config, mesh_layout=mesh_layout)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, loss
 
@@ -49,6 +52,9 @@ def supervised_warmup(params: qwen2.Params, model_config: Qwen2Config,
   optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), steps),
                           b1=0.9, b2=0.99, weight_decay=0.01)
   opt_state = optimizer.init(params)
+  # Params on a mesh: the attention kernels run per device of it (`attention.per_device`).
+  shardings = step.mesh_shardings(params)
+  mesh_layout = attention_lib.MeshLayout(jax.tree.leaves(shardings)[0].mesh) if shardings is not None else None
   rng = np.random.default_rng(seed)
   losses = []
   start = time.time()
@@ -56,7 +62,8 @@ def supervised_warmup(params: qwen2.Params, model_config: Qwen2Config,
     picked = rng.integers(0, len(examples), batch_size)
     batch = batching.collate([examples[j][0] for j in picked], [examples[j][1] for j in picked], pad_id=pad_id,
                              prompt_width=prompt_width, response_width=response_width)
-    params, opt_state, loss = sft_step(params, opt_state, batch, model_config=model_config, optimizer=optimizer)
+    params, opt_state, loss = sft_step(params, opt_state, batch, model_config=model_config, optimizer=optimizer,
+                                       mesh_layout=mesh_layout)
     losses.append(float(loss))
     if (i + 1) % log_every == 0 or i + 1 == steps:
       logging.info("warm-up step %d/%d: loss %.4f (%.1f s)", i + 1, steps, losses[-1], time.time() - start)

@@ -4,6 +4,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+# The implementations of dapo_jax/model/attention.py (named here, where the config checks them).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "gpu")
+
 
 @dataclasses.dataclass(frozen=True)
 class Qwen2Config:
@@ -27,6 +30,9 @@ class Qwen2Config:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False  # rematerialise each decoder layer in the backward pass
+  # Attention over whole rows (dapo_jax/model/attention.py): "auto" (the lowering platform's kernel), "xla",
+  # "splash" (TPU) or "gpu".
+  attention: str = "auto"
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
@@ -36,6 +42,8 @@ class Qwen2Config:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"Qwen2Config.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads}) for grouped-query attention")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"Qwen2Config.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
     if self.head_dim is None:
       if self.hidden_size % self.num_heads:
         raise ValueError(f"Qwen2Config.hidden_size ({self.hidden_size}) is not divisible by num_heads "

@@ -6,9 +6,14 @@ sampler and jitted code can call the model with parameters passed in on every ca
     model = Qwen2(config, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))   # {'embed': ..., 'layers': {...}, ...}
     logits = forward(params, config, input_ids, attention_mask)
+    logits = forward(params, config, packed_ids, segment_ids=segment_ids)   # several sequences a row
     cache = init_cache(config, batch_size=8, max_length=1024)
     logits, cache = extend(params, config, cache, prompt_ids, num_new=prompt_lengths)   # prefill
+    h, cache = prefill_hidden_states(params, config, prompt_ids, prompt_lengths)       # the same, cheaper
     logits, cache = extend(params, config, cache, next_ids[:, None])                    # one decode step
+
+Attention over a whole row (training, old log-probs, prefill) is `dapo_jax/model/attention.py`: per-platform
+kernels that take segment ids and build no [query, key] mask. Attention against a KV cache is `cache_attention`.
 
 `Qwen2` is the NNX module that owns the weights (each annotated with logical axis names for sharding, see
 `dapo_jax/sharding.py`); calling it runs `forward` on its own weights. Decoder layers are stacked along a
@@ -27,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dapo_jax.model import attention as attention_lib
 from dapo_jax.model.config import Qwen2Config
 
 Params = dict[str, Any]
@@ -110,8 +116,9 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + rotated * sin
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention. q [b, s, heads, d], k/v [b, t, kv_heads, d], mask [b, s, t] (True = attend).
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention of new tokens against a KV cache. q [b, s, heads, d], k/v [b, t, kv_heads, d],
+  mask [b, s, t] (True = attend); s is a decode step's few tokens, so the dense mask is small.
 
   Scores and softmax are float32. A query row with no visible key (a padding position) gets uniform weights
   instead of NaN; its output is never used.
@@ -173,34 +180,77 @@ def _maybe_remat(fn, config: Qwen2Config):
   return jax.checkpoint(fn, prevent_cse=False) if config.remat else fn
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Rotary positions [batch, length] of packed rows: each run of one segment id counts from 0."""
+  index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[..., :1], jnp.bool_),
+                            segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+
+
 def hidden_states(params: Params, config: Qwen2Config, input_ids: jax.Array,
-                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
-  """The decoder's last hidden states [batch, length, embed], before the final norm."""
+                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None,
+                  mesh_layout: attention_lib.MeshLayout | None = None) -> jax.Array:
+  """The decoder's last hidden states [batch, length, embed], before the final norm.
+
+  A row is either one sequence with padding (`attention_mask`, 1 on real tokens; prompts left-padded,
+  responses right-padded) or several sequences packed one after another (`segment_ids` [batch, length], a
+  distinct positive id per sequence and 0 on padding; see `dapo_jax/model/attention.py`). Tokens attend
+  causally within their sequence. `positions` defaults to counting each sequence's tokens from 0. On a mesh,
+  `mesh_layout` says how the attention kernels split their work (see `attention.per_device`).
+  """
   batch, length = input_ids.shape
-  if attention_mask is None:
-    attention_mask = jnp.ones((batch, length), jnp.bool_)
-  attention_mask = attention_mask.astype(jnp.bool_)
+  if segment_ids is None:
+    attention_mask = (jnp.ones((batch, length), jnp.bool_) if attention_mask is None
+                      else attention_mask.astype(jnp.bool_))
+    segment_ids = attention_mask.astype(jnp.int32)
+    if positions is None:
+      # As transformers' generate: left-padded rows start counting at their first real token.
+      positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+  elif attention_mask is not None:
+    raise ValueError("hidden_states: pass attention_mask or segment_ids, not both")
   if positions is None:
-    # As transformers' generate: left-padded rows start counting at their first real token.
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-  causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-  mask = causal[None] & attention_mask[:, None, :]
+    positions = segment_positions(segment_ids)
+  return _decoder(params, config, input_ids, positions, segment_ids, mesh_layout, keep_kv=False)[0]
+
+
+def _decoder(params: Params, config: Qwen2Config, input_ids: jax.Array, positions: jax.Array,
+             segment_ids: jax.Array, mesh_layout, keep_kv: bool) -> tuple[jax.Array, Any]:
+  """The decoder layers over whole rows: last hidden states, and with `keep_kv` every layer's rotated keys and
+  values [layers, batch, length, kv_heads, head_dim]."""
   cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
 
   def layer_fn(h, layer):
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
     q, k, v = _project_qkv(layer, x, config.dtype)
-    attn = attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, mask)
-    return _attention_out_and_mlp(layer, h, attn, config), None
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    attn = attention_lib.attention(q, k, v, segment_ids=segment_ids, implementation=config.attention,
+                                   mesh_layout=mesh_layout)
+    return _attention_out_and_mlp(layer, h, attn, config), (k, v) if keep_kv else None
 
-  h, _ = jax.lax.scan(_maybe_remat(layer_fn, config), embed_tokens(params, config, input_ids), params["layers"])
-  return h
+  return jax.lax.scan(_maybe_remat(layer_fn, config), embed_tokens(params, config, input_ids), params["layers"])
+
+
+def prefill_hidden_states(params: Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
+                          mesh_layout: attention_lib.MeshLayout | None = None) -> tuple[jax.Array, KVCache]:
+  """`extend_hidden_states` of right-padded prompts `tokens` [batch, s] with true `lengths` [batch] on an empty
+  cache of s positions, with the prompts attending to themselves through `dapo_jax/model/attention.py` (no
+  [s, s] mask; the padding, segment id 0, attends only to padding) rather than to a cache."""
+  batch, s = tokens.shape
+  index = jnp.arange(s, dtype=jnp.int32)
+  segment_ids = (index[None, :] < lengths[:, None]).astype(jnp.int32)
+  positions = jnp.broadcast_to(index, (batch, s))
+  h, (k, v) = _decoder(params, config, tokens, positions, segment_ids, mesh_layout, keep_kv=True)
+  return h, KVCache(k=k, v=v, lengths=lengths.astype(jnp.int32))
 
 
 def forward(params: Params, config: Qwen2Config, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-            positions: jax.Array | None = None) -> jax.Array:
-  """Logits [batch, length, vocab] of a (possibly left-padded) batch; padding positions' logits are junk."""
-  return logits_from_hidden(params, config, hidden_states(params, config, input_ids, attention_mask, positions))
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Logits [batch, length, vocab] of a (possibly padded or packed: see `hidden_states`) batch; padding
+  positions' logits are junk."""
+  return logits_from_hidden(params, config,
+                            hidden_states(params, config, input_ids, attention_mask, positions, segment_ids))
 
 
 def extend(params: Params, config: Qwen2Config, cache: KVCache, tokens: jax.Array,
@@ -244,7 +294,7 @@ def extend_hidden_states(params: Params, config: Qwen2Config, cache: KVCache, to
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-    attn = attention(q, k_cache.astype(config.dtype), v_cache.astype(config.dtype), mask)
+    attn = cache_attention(q, k_cache.astype(config.dtype), v_cache.astype(config.dtype), mask)
     return _attention_out_and_mlp(layer, h, attn, config), (k_cache, v_cache)
 
   h, (k, v) = jax.lax.scan(layer_fn, embed_tokens(params, config, tokens), (params["layers"], cache.k, cache.v))
@@ -275,7 +325,8 @@ class DecoderLayers(nnx.Module):
 
 
 class Qwen2(nnx.Module):
-  """Qwen2 / Qwen2.5 causal language model: `model(input_ids, attention_mask=None, positions=None)`."""
+  """Qwen2 / Qwen2.5 causal language model: `model(input_ids, attention_mask=None, positions=None,
+  segment_ids=None)`."""
 
   def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
     self.config = config
@@ -292,8 +343,8 @@ class Qwen2(nnx.Module):
     return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    return forward(self.params, self.config, input_ids, attention_mask, positions)
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    return forward(self.params, self.config, input_ids, attention_mask, positions, segment_ids)
 
   def extend(self, cache: KVCache, tokens: jax.Array, num_new: jax.Array | None = None):
     return extend(self.params, self.config, cache, tokens, num_new)

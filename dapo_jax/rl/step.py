@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from dapo_jax import sharding as sharding_lib
+from dapo_jax.model import attention as attention_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.rl import loss as loss_lib
@@ -105,16 +106,18 @@ def _chunked(fn, h: jax.Array, targets: jax.Array, chunk_size: int):
 
 
 def response_logprobs(params: qwen2.Params, model_config: Qwen2Config, batch: Batch, *, temperature: float,
-                      chunk_size: int = 0, with_entropy: bool = False):
+                      chunk_size: int = 0, with_entropy: bool = False,
+                      mesh_layout: attention_lib.MeshLayout | None = None):
   """log p(response token | everything before it) [B, R] (and the entropy of each position's distribution).
 
   Logits are divided by `temperature` before the log-softmax (docs/algorithm.md section 6), in float32.
+  `mesh_layout`: the mesh the batch is on, for the attention kernels (`qwen2.hidden_states`).
   """
   prompt_len = batch["prompt_ids"].shape[1]
   response_len = batch["response_ids"].shape[1]
   tokens = jnp.concatenate([batch["prompt_ids"], batch["response_ids"]], axis=1)
   mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
-  h = qwen2.hidden_states(params, model_config, tokens, mask)
+  h = qwen2.hidden_states(params, model_config, tokens, mask, mesh_layout=mesh_layout)
   # Position t predicts token t + 1: the response tokens are predicted from columns P-1 .. P+R-2.
   h = h[:, prompt_len - 1: prompt_len + response_len - 1]
 
@@ -148,10 +151,12 @@ def _replicated_on(shardings) -> NamedSharding | None:
 
 
 def micro_batch_loss(params: qwen2.Params, batch: Batch, totals: dict[str, jax.Array], *,
-                     model_config: Qwen2Config, loss_config: LossConfig):
+                     model_config: Qwen2Config, loss_config: LossConfig,
+                     mesh_layout: attention_lib.MeshLayout | None = None):
   """The micro-batch's share of the mini-batch loss (policy loss minus the entropy bonus), and its metrics."""
   logp, entropy = response_logprobs(params, model_config, batch, temperature=loss_config.temperature,
-                                    chunk_size=loss_config.logits_chunk_size, with_entropy=True)
+                                    chunk_size=loss_config.logits_chunk_size, with_entropy=True,
+                                    mesh_layout=mesh_layout)
   mask = batch["response_mask"]
   tis = {}
   if loss_config.tis_cap is not None:
@@ -228,15 +233,16 @@ class Updater:
     self.model_config = model_config
     self.loss_config = loss_config
     replicated = _replicated_on(params_shardings)
+    mesh_layout = None if replicated is None else attention_lib.MeshLayout(replicated.mesh, tuple(rules))
 
     def old_log_probs(params, batch):
       logp = response_logprobs(params, model_config, batch, temperature=loss_config.temperature,
-                               chunk_size=loss_config.logits_chunk_size)
+                               chunk_size=loss_config.logits_chunk_size, mesh_layout=mesh_layout)
       return jnp.where(batch["response_mask"] > 0, logp, 0.0)
 
     def gradients(params, batch, totals):
       grads, metrics = jax.grad(micro_batch_loss, has_aux=True)(params, batch, totals, model_config=model_config,
-                                                                loss_config=loss_config)
+                                                                loss_config=loss_config, mesh_layout=mesh_layout)
       return jax.tree.map(lambda g: g.astype(jnp.float32), grads), metrics
 
     apply = functools.partial(_apply_gradients, optimizer=optimizer)

@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dapo_jax.model import attention as attention_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.rollout import cpu_attention
@@ -62,15 +63,15 @@ def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) ->
 
 
 def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
-            keys_transposed: bool = True) -> Prefix:
-  """Runs P right-padded prompts `tokens` [P, bucket_length] with true `lengths` [P] through the model.
+            keys_transposed: bool = True, mesh_layout: attention_lib.MeshLayout | None = None) -> Prefix:
+  """Runs P right-padded prompts `tokens` [P, bucket_length] with true `lengths` [P] through the model
+  (`qwen2.prefill_hidden_states`; `mesh_layout`: the mesh the prompts are on, for the attention kernels).
 
   Each row's padding is written into its cache beyond its length, where it is never attended to and is
   overwritten by the response; the LM head runs on each prompt's last real token only.
   """
-  num_prompts, bucket_length = tokens.shape
-  cache = qwen2.init_cache(config, num_prompts, bucket_length)
-  hidden, cache = qwen2.extend_hidden_states(params, config, cache, tokens, num_new=lengths)
+  num_prompts = tokens.shape[0]
+  hidden, cache = qwen2.prefill_hidden_states(params, config, tokens, lengths, mesh_layout)
   last_hidden = hidden[jnp.arange(num_prompts), lengths - 1]
   logits = qwen2.logits_from_hidden(params, config, last_hidden).astype(jnp.float32)
   # [layers, P, length, kv_heads, head_dim] -> the decode layouts (values [.., kv_heads, length, head_dim], keys
@@ -216,7 +217,7 @@ def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array
   (keys_transposed) or [slots, kv_heads, length, d], v [slots, kv_heads, length, d], visible [slots, length];
   returns [slots, heads * d] (heads kv-major, as the model numbers them).
 
-  The same arithmetic as `qwen2.attention` (float32 scores and softmax), in the cache's layout.
+  The same arithmetic as `qwen2.cache_attention` (float32 scores and softmax), in the cache's layout.
   """
   num_slots, num_kv_heads, group, head_dim = q.shape
   scores = jnp.einsum("bkgd,bkdt->bkgt" if keys_transposed else "bkgd,bktd->bkgt", q, k,
@@ -257,13 +258,15 @@ class JittedFunctions(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = None,
-                     keys_transposed: bool = True, attention_kernel: bool = False) -> JittedFunctions:
+                     keys_transposed: bool = True, attention_kernel: bool = False,
+                     mesh_layout: attention_lib.MeshLayout | None = None) -> JittedFunctions:
   """The device functions jitted for one model config; cached, so samplers and engines share compilations.
 
   `insert` and `decode_steps` donate the decode state, whose caches are then updated in place; with
   `state_shardings` (`decode_state.decode_state_shardings`), the state they return keeps that sharding.
   `keys_transposed` is the key cache layout of `decode_state.keys_transposed_on` the platform; `attention_kernel`
-  (`attention_kernel_on`) has decode steps run attention with the CPU kernel.
+  (`attention_kernel_on`) has decode steps run attention with the CPU kernel; `mesh_layout` is the decode
+  state's mesh, on which the prefill runs the attention kernels per device.
   """
   def constrain(state: DecodeState) -> DecodeState:
     if state_shardings is None:
@@ -271,7 +274,7 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
     return jax.lax.with_sharding_constraint(state, state_shardings)
 
   def prefill_fn(params, tokens, lengths):
-    return prefill(params, config, tokens, lengths, keys_transposed)
+    return prefill(params, config, tokens, lengths, keys_transposed, mesh_layout)
 
   def insert_fn(prefix, state, prefix_rows, slots, response_keys, sampling):
     return constrain(insert(prefix, state, prefix_rows, slots, response_keys, sampling, keys_transposed))

@@ -45,6 +45,7 @@ from jetstream.engine import tokenizer_api
 from jetstream.engine import tokenizer_pb2
 
 from dapo_jax import sharding as sharding_lib
+from dapo_jax.model import attention as attention_lib
 from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
@@ -181,7 +182,8 @@ class QwenEngine(engine_api.Engine):
                                                                     rules, self._keys_transposed)
     self._functions = decoding.jitted_functions(
         config, self._state_shardings, self._keys_transposed,
-        decoding.attention_kernel_on(platform, self._mesh.size, config))
+        decoding.attention_kernel_on(platform, self._mesh.size, config),
+        attention_lib.MeshLayout(self._mesh, tuple(rules)))
     self._response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, None, 0)))
     self._result_data = jax.jit(_result_data, static_argnames=("num_steps",))
     self._prompt_numbers = itertools.count()

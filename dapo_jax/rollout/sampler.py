@@ -44,6 +44,7 @@ import jax
 import numpy as np
 
 from dapo_jax import sharding as sharding_lib
+from dapo_jax.model import attention as attention_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.rl import batching
@@ -114,7 +115,9 @@ class GroupSampler:
                                                                 self.keys_transposed)
                             if mesh is not None else None)
     attention_kernel = decoding.attention_kernel_on(platform, mesh.size if mesh is not None else 1, config)
-    self.functions = decoding.jitted_functions(config, self.state_shardings, self.keys_transposed, attention_kernel)
+    mesh_layout = attention_lib.MeshLayout(mesh, tuple(rules)) if mesh is not None else None
+    self.functions = decoding.jitted_functions(config, self.state_shardings, self.keys_transposed, attention_kernel,
+                                               mesh_layout)
     self.response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, 0, 0)))
     self._active_run: SamplingRun | None = None
 
