@@ -2,13 +2,17 @@
 scored groups dynamic sampling carries over to the next step."""
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dapo_jax import config as config_lib
 from dapo_jax import rollout_collection
 from dapo_jax import scoring
 from dapo_jax.data import prompts as prompts_lib
+from dapo_jax.model.config import get_preset
 from dapo_jax.rl import filtering
+from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.responses import Response
 
 
@@ -61,3 +65,16 @@ def test_carried_over_groups_survive_a_checkpoint_exactly():
       for key in ("token_ids", "logp_sampled", "logp_full"):
         assert getattr(a, key).dtype == getattr(b, key).dtype
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+
+
+def test_a_rollout_whose_kv_caches_exceed_the_memory_is_refused(monkeypatch):
+  config = get_preset("tiny", dtype=jnp.float32)
+  sampler = sampler_lib.GroupSampler(config, num_slots=4, max_prompt_length=16, max_response_length=48)
+  # Keys and values of every layer, slot and cache entry, float32: at least 2 * L * 4 * kv * d * 64 * 4 bytes.
+  kv_bytes = 2 * config.num_layers * 4 * config.num_kv_heads * config.head_dim * 64 * 4
+  assert sampler.decode_state_bytes() >= kv_bytes
+  monkeypatch.setattr(sampler, "available_memory_bytes", lambda: 10 * sampler.decode_state_bytes())
+  rollout_collection.check_rollout_memory(sampler)
+  monkeypatch.setattr(sampler, "available_memory_bytes", lambda: kv_bytes // 2)
+  with pytest.raises(config_lib.ConfigError, match=r"rollout\.max_concurrent_decodes: 4 decode slots .* 64 tokens"):
+    rollout_collection.check_rollout_memory(sampler)
