@@ -382,7 +382,7 @@ def test_evaluating_a_training_run_with_no_flags_reproduces_its_last_validation(
   assert settings["k"] == 2 and settings["top_p"] == 0.9 and settings["seed"] == validation.validation_seed(3)
   data_files = run.validation_files()
   assert data_files == [os.path.join(workdir, "data", "heldout.parquet")]
-  evaluation = evaluate.evaluate(workdir, data_files, evaluate.EvalSettings(**settings, reward_workers=0))
+  evaluation = evaluate.evaluate(workdir, data_files, evaluate.EvalSettings(**{**settings, "reward_workers": 0}))
   assert evaluation.summary["checkpoint_description"].startswith("step 1 of ")
   core = {tag: value for tag, value in evaluation.summary["metrics"].items() if tag.startswith("val-core/")}
   assert set(core) == {f"val-core/synthetic_arith/acc/{name}" for name in (

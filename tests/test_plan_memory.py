@@ -117,7 +117,7 @@ def tiny_plan():
     pytest.skip(reason)
   command = [sys.executable, str(REPO / "scripts" / "plan_memory.py"), "--config", str(REPO / "configs" / "default.py"),
              "--topology", "v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
-             f"--config.rollout.max_concurrent_decodes={1 << 20}", f"--config.actor.micro_batch_tokens={63 * 64}",
+             f"--config.rollout.max_concurrent_decodes={1 << 20}", f"--config.actor.micro_batch_tokens={63 * 72}",
              "--json"]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
@@ -143,18 +143,18 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   # The sampler's copy is tensor parallel over one host's 4 chips (the 2 KV heads, which 4 does not divide, whole).
   assert total / 4 <= chip["sampler_params"] < total
   # KV cache: every slot on each of the host's chips (nothing to split slots over), both KV heads (see above):
-  # layers x (k, v) x slots x 2 heads x 32 x 64 entries x 4 bytes, and a few bytes of per-slot state.
+  # layers x (k, v) x slots x 2 heads x 32 x 72 entries x 4 bytes, and a few bytes of per-slot state.
   dec = p["decode"]
-  assert dec["slots"] == 1 << 20 and dec["cache_length"] == 64
-  kv = 4 * 2 * dec["slots"] * 2 * 32 * 64 * 4
+  assert dec["slots"] == 1 << 20 and dec["cache_length"] == 32 + 40
+  kv = 4 * 2 * dec["slots"] * 2 * 32 * 72 * 4
   assert kv <= chip["kv_cache"] <= kv + 64 * dec["slots"]
   mb = p["micro_batch"]
-  # Each host's share of a mini-batch is 8 groups x 8 = 64 rows, of which 63 rows of 32 + 32 tokens fill the
+  # Each host's share of a mini-batch is 8 groups x 8 = 64 rows, of which 63 rows of 32 + 40 tokens fill the
   # budget; put_micro_batches pads them to 64 for the host's 2 of the 4 data-parallel shards and stacks the
   # 2 hosts' rows: 128 rows, 2 of them padding.
   assert (mb["mini_batch_rows_per_host"], mb["rows_per_host"], mb["micro_batches_per_update"]) == (64, 63, 2)
-  assert (mb["rows"], mb["padding_rows"], mb["prompt_width"], mb["response_width"]) == (128, 2, 32, 32)
-  assert mb["tokens"] == 128 * 64 and (mb["rows_per_device"], mb["data_parallel"]) == (32, 4)
+  assert (mb["rows"], mb["padding_rows"], mb["prompt_width"], mb["response_width"]) == (128, 2, 32, 40)
+  assert mb["tokens"] == 128 * 72 and (mb["rows_per_device"], mb["data_parallel"]) == (32, 4)
   assert p["mesh_layout"].startswith("jax.make_mesh's physical layout")
 
   programs = {r["name"]: r for r in p["programs"]}
