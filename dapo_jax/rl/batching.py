@@ -116,3 +116,64 @@ def training_batches(prompts: Sequence[Sequence[int]], responses: Sequence[Seque
       micro_batches.append(mb)
     mini_batches.append(micro_batches)
   return mini_batches
+
+
+def pack_rows(lengths: Sequence[int], row_width: int) -> list[list[int]]:
+  """First-fit packing in the given order: each trajectory goes into the first row with room for it (rows of
+  `row_width` tokens), so the layout is reproducible. Returns each row's trajectory indices in order."""
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for index, length in enumerate(lengths):
+    if length > row_width:
+      raise ValueError(f"pack_rows: a trajectory of {length} tokens is longer than the row width {row_width}")
+    for r, room in enumerate(free):
+      if length <= room:
+        rows[r].append(index)
+        free[r] -= length
+        break
+    else:
+      rows.append([index])
+      free.append(row_width - length)
+  return rows
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], *,
+         row_width: int, pad_id: int, advantages: Sequence[float] | None = None,
+         sampler_logps: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+  """Trajectories (prompt + response) laid out one after another in rows of `row_width` tokens (`rows`: each
+  row's trajectory indices, e.g. from `pack_rows`), verl's remove-padding layout:
+
+    input_ids [N, W]: the tokens, `pad_id` after the last trajectory of a row;
+    segment_ids [N, W]: the trajectory's number within its row, 1-based; 0 on padding;
+    positions [N, W]: rotary positions, counting from 0 at each trajectory's first token;
+    response_mask [N, W]: 1 where the token is a response token. Per-token values are aligned to the token they
+      are about: logp[t] = log p(input_ids[t] | the trajectory's tokens before t), predicted from position t - 1
+      (a trajectory's first token is a prompt token, so no response token is predicted across trajectories);
+    advantages [N, W] and sampler_logp [N, W] (when given): each response token's value, 0 elsewhere.
+  """
+  ids = np.full((len(rows), row_width), pad_id, np.int32)
+  out = {"input_ids": ids, "segment_ids": np.zeros_like(ids), "positions": np.zeros_like(ids),
+         "response_mask": np.zeros_like(ids)}
+  if advantages is not None:
+    out["advantages"] = np.zeros(ids.shape, np.float32)
+  if sampler_logps is not None:
+    out["sampler_logp"] = np.zeros(ids.shape, np.float32)
+  for r, row in enumerate(rows):
+    start = 0
+    for segment, i in enumerate(row, start=1):
+      prompt, response = prompts[i], responses[i]
+      if len(prompt) == 0:
+        raise ValueError("pack: empty prompt (a response needs at least one token to condition on)")
+      length, resp = len(prompt) + len(response), slice(start + len(prompt), start + len(prompt) + len(response))
+      if start + length > row_width:
+        raise ValueError(f"pack: row {r} holds {start + length} tokens, more than its width {row_width}")
+      ids[r, start:start + length] = np.concatenate([np.asarray(prompt, np.int32), np.asarray(response, np.int32)])
+      out["segment_ids"][r, start:start + length] = segment
+      out["positions"][r, start:start + length] = np.arange(length)
+      out["response_mask"][r, resp] = 1
+      if advantages is not None:
+        out["advantages"][r, resp] = advantages[i]
+      if sampler_logps is not None:
+        out["sampler_logp"][r, resp] = sampler_logps[i]
+      start += length
+  return out

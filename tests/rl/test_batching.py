@@ -68,3 +68,22 @@ def test_split_by_token_budget_counts_capped_widths_like_collate():
   assert groups == [[0, 1], [2, 3]]
   out = batching.collate([[1] * 3] * 2, [[2] * 20] * 2, pad_id=0, max_prompt_width=4, max_response_width=20)
   assert out["prompt_ids"].size + out["response_ids"].size == 48
+
+
+def test_pack_rows_is_first_fit_in_order():
+  # Row width 8: 5 opens row 0, 4 opens row 1, 3 fits row 0 (5 + 3), 2 fits row 1, 4 opens row 2.
+  assert batching.pack_rows([5, 4, 3, 2, 4], 8) == [[0, 2], [1, 3], [4]]
+  with pytest.raises(ValueError, match="longer than the row width"):
+    batching.pack_rows([9], 8)
+
+
+def test_pack_layout_by_hand():
+  out = batching.pack([[5, 6], [7], [8, 9]], [[1, 2], [3], [4]], [[0, 1], [2]], row_width=6, pad_id=0,
+                      advantages=[0.5, -1.0, 2.0], sampler_logps=[np.array([-0.1, -0.2]), np.array([-0.3]),
+                                                                  np.array([-0.4])])
+  np.testing.assert_array_equal(out["input_ids"], [[5, 6, 1, 2, 7, 3], [8, 9, 4, 0, 0, 0]])
+  np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]])
+  np.testing.assert_array_equal(out["response_mask"], [[0, 0, 1, 1, 0, 1], [0, 0, 1, 0, 0, 0]])
+  np.testing.assert_allclose(out["advantages"], [[0, 0, 0.5, 0.5, 0, -1.0], [0, 0, 2.0, 0, 0, 0]])
+  np.testing.assert_allclose(out["sampler_logp"], [[0, 0, -0.1, -0.2, 0, -0.3], [0, 0, -0.4, 0, 0, 0]])
