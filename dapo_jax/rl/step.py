@@ -1,10 +1,14 @@
 """The jitted parts of a DAPO rollout step: log-probabilities of responses and the mini-batch update.
 
-A batch of trajectories is a dict of arrays in verl's layout: the prompt left-padded to P tokens, the response
-right-padded to R tokens, so every response starts at column P:
-  prompt_ids [B, P] int, prompt_mask [B, P], response_ids [B, R] int, response_mask [B, R] (1 on generated
-  tokens, EOS included), and for updates advantages [B] (or [B, R]), old_logp [B, R] and, with truncated
-  importance sampling, sampler_logp [B, R].
+A batch of trajectories is a dict of arrays in one of two layouts:
+  * packed (training, `rl/batching.pack`): trajectories one after another in rows of W tokens, input_ids,
+    segment_ids, positions [N, W] and, aligned to the token predicted, response_mask, advantages, old_logp and
+    sampler_logp [N, W];
+  * unpacked (verl's padded layout, `rl/batching.collate`, SFT): the prompt left-padded to P tokens, the
+    response right-padded to R tokens, so every response starts at column P: prompt_ids [B, P] int,
+    prompt_mask [B, P], response_ids [B, R] int, response_mask [B, R] (1 on generated tokens, EOS included),
+    and for updates advantages [B] (or [B, R]), old_logp [B, R] and, with truncated importance sampling,
+    sampler_logp [B, R].
 
 One optimizer update consumes one mini-batch, given as a list of micro-batches (each its own padded shape, so
 micro-batches packed by a token budget need no common length). Their gradients are summed: the loss of each
