@@ -331,6 +331,20 @@ class Updater:
 
 
 @jax.jit
+def _slot_counts(segment_ids):
+  return (segment_ids > 0).sum(), segment_ids.size
+
+
+def padding_fraction(micro_batches: Sequence[Batch]) -> float:
+  """`perf/padding_fraction`: the share of the packed micro-batches' token slots (rows x width, the rows
+  `batch_placement.put_micro_batches` adds included) that hold no trajectory token. Counted on the devices, so
+  every process gets the whole update's number."""
+  counts = jax.device_get([_slot_counts(mb["segment_ids"]) for mb in micro_batches])
+  slots = sum(int(total) for _, total in counts)
+  return 1.0 - sum(int(real) for real, _ in counts) / slots if slots else 0.0
+
+
+@jax.jit
 def _mismatch_sums(batch):
   valid = batch["response_mask"] > 0
   diff = jnp.where(valid, batch["old_logp"] - batch["sampler_logp"], 0.0)

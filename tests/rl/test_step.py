@@ -252,3 +252,10 @@ def test_packed_micro_batches_equal_unpacked(agg_mode):
   packed_params, _, _ = updater(_copy(base), optimizer.init(base), [packed], learning_rate=1.0)
   for a, b, g in zip(jax.tree.leaves(packed_params), jax.tree.leaves(params), jax.tree.leaves(grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(g)).max())
+
+
+def test_padding_fraction_counts_every_slot_without_a_trajectory_token():
+  packed = batching.pack([[1, 2], [3]], [[4], [5, 6]], [[0], [1]], row_width=4, pad_id=0)
+  # 3 + 3 real tokens in 2 x 4 slots; a second micro-batch of 1 x 2 slots, full.
+  full = batching.pack([[1]], [[2]], [[0]], row_width=2, pad_id=0)
+  assert step.padding_fraction([packed, full]) == pytest.approx(1 - 8 / 10)
