@@ -53,7 +53,8 @@ def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_da
 
 def test_worst_case_micro_batch_stacks_every_hosts_rows():
   """train.py gives each of P processes ppo_mini_batch_size / P groups of a mini-batch, packs them into
-  micro-batches by the token budget, and put_micro_batches pads each process's rows to its row blocks and stacks the processes' rows."""
+  micro-batches by the token budget, and put_micro_batches pads each process's rows to its row blocks and
+  stacks the processes' rows."""
   c = config_lib.load_config_file(str(REPO / "configs" / "default.py"))
   c.data.max_prompt_length, c.data.max_response_length = 20, 40
   c.actor.ppo_mini_batch_size, c.rollout.n = 16, 8  # a mini-batch of 128 rows: 64 on each of 2 hosts
