@@ -238,6 +238,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time, "timing_s/step": step_time})
     out.update(step_metrics.perf_metrics(num_tokens, step_time, jax.device_count()))
     out["perf/padding_fraction"] = padding
+    flops = sum(distributed.allgather_json(step_metrics.actor_flops(
+        model_config, [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)])))
+    out.update(step_metrics.mfu_metrics(flops * config.actor.ppo_epochs, update_time, jax.devices()[0].device_kind,
+                                        jax.device_count()))
     writer.write_scalars(rollout_step, out)
     writer.write_histograms(rollout_step, {"response_length": response_lengths})
     first_step_done = first_step_done or time.time()
