@@ -36,7 +36,8 @@ def _pad_to(batch: Mapping[str, np.ndarray], rows: int, prompt_width: int, respo
   Added rows repeat row 0 (finite inputs, so no NaN can reach a gradient through them) with `response_mask`
   0, so they hold no response token: token and sequence counts, losses, gradients and metrics are unchanged.
   Prompt columns are added on the left with mask 0 (positions count from the first real token, so the model
-  sees the same sequence), response columns on the right with mask 0.
+  sees the same sequence), response columns on the right with mask 0. Packed batches (`rl/batching.pack`)
+  grow on the right with zeros: segment id 0 (padding), response mask 0.
   """
   if "response_mask" not in batch:
     raise ValueError("put_micro_batches: the batch has no response_mask, which padding rows must zero")
@@ -68,8 +69,10 @@ def _pad_to(batch: Mapping[str, np.ndarray], rows: int, prompt_width: int, respo
 
 
 def _local_shape(batch: Mapping[str, Any]) -> tuple[int, int, int]:
-  return (int(np.shape(batch["response_mask"])[0]), int(np.shape(batch["prompt_ids"])[1]),
-          int(np.shape(batch["response_mask"])[1]))
+  """(rows, prompt width, width of the other columns); packed batches (`rl/batching.pack`) have no prompt
+  columns: every column is padded on the right."""
+  prompt_width = int(np.shape(batch["prompt_ids"])[1]) if "prompt_ids" in batch else 0
+  return (int(np.shape(batch["response_mask"])[0]), prompt_width, int(np.shape(batch["response_mask"])[1]))
 
 
 def _place(batch: Mapping[str, np.ndarray], mesh: Mesh, rules, local_rows: int, prompt_width: int,
@@ -86,8 +89,8 @@ def _place(batch: Mapping[str, np.ndarray], mesh: Mesh, rules, local_rows: int, 
 
 def put_micro_batches(micro_batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh, rules=DEFAULT_RULES
                       ) -> list[dict[str, jax.Array]]:
-  """Places a mini-batch's micro-batches (dicts of numpy arrays, `rl/step.py`'s layout) on the mesh: rows over
-  the data-parallel axes (`batch` rule), the rest replicated.
+  """Places a mini-batch's micro-batches (dicts of numpy arrays: packed, `rl/batching.pack`, or unpacked,
+  `rl/batching.collate`) on the mesh: rows over the data-parallel axes (`batch` rule), the rest replicated.
 
   Each micro-batch's rows are padded to a multiple of the data-parallel size (see `_pad_to`: padded rows hold
   no response token, so the update is unchanged). With several processes, each passes its own rows (its share

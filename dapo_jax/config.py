@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.actor = ml_collections.ConfigDict()
   c.actor.ppo_mini_batch_size = 32  # prompts per optimizer update
   c.actor.ppo_epochs = 1
-  c.actor.micro_batch_tokens = 32768  # token budget of a micro-batch (verl's dynamic batch size)
+  c.actor.micro_batch_tokens = 32768  # tokens (real + padding) of a packed micro-batch per process: rows x width
   c.actor.clip_ratio_low = 0.2
   c.actor.clip_ratio_high = 0.28
   c.actor.clip_ratio_c = 10.0

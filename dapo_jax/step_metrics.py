@@ -115,3 +115,38 @@ def log_progress(step: int, total_steps: int | None, out: dict[str, float], *, s
                f"/{total_steps}" if total_steps is not None else "", out["critic/score/mean"],
                out.get("train/raw_acc", float("nan")), kept, kept + dropped,
                int(out.get("train/num_gen_batches", 0)), out["actor/entropy"], out["timing_s/step"], eta)
+
+
+# Published dense bf16 peak FLOP/s of one device (TPU chip or GPU), matched against `device_kind` in order.
+PEAK_FLOPS = (
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The published peak of one device of this kind (TPU v4/v5e/v5p/v6e, H100/H200/A100); None otherwise (CPU)."""
+  return next((peak for name, peak in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+
+
+def actor_flops(model_config, lengths) -> float:
+  """Model FLOPs of one update pass (forward + backward) over trajectories of `lengths` real tokens (prompt +
+  response), verl's estimate: 6 x the matmul weights (LM head included) per token, plus attention per
+  trajectory, 12 x L_i^2 x head_dim x heads x layers."""
+  mc = model_config
+  q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+  matmul = mc.num_layers * (mc.hidden_size * (2 * q + 2 * kv) + 3 * mc.hidden_size * mc.intermediate_size)
+  matmul += mc.hidden_size * mc.vocab_size
+  lengths = np.asarray(lengths, np.float64)
+  return float(6 * matmul * lengths.sum()
+               + 12 * (lengths ** 2).sum() * mc.head_dim * mc.num_heads * mc.num_layers)
+
+
+def mfu_metrics(flops: float, seconds: float, device_kind: str, num_devices: int) -> dict[str, float]:
+  """`perf/mfu/actor`: `flops` (every process's, `actor_flops` x ppo_epochs) in `seconds` over the devices'
+  published peak; none where the peak is unknown (CPU)."""
+  peak = peak_flops(device_kind)
+  if peak is None or seconds <= 0:
+    return {}
+  return {"perf/mfu/actor": flops / seconds / (peak * num_devices)}

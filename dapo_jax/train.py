@@ -206,6 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for mb in (mb for micro_batches in mini_batches for mb in micro_batches):
       mb["old_logp"] = updater.old_log_probs(params, mb)
     mismatch = step.logprob_mismatch([mb for micro_batches in mini_batches for mb in micro_batches])
+    padding = step.padding_fraction([mb for micro_batches in mini_batches for mb in micro_batches])
     old_time = time.time() - old_start
 
     # 6. One optimizer update per mini-batch (ppo_epochs passes, no shuffle).
@@ -236,6 +237,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out.update({"timing_s/gen": gen_time, "timing_s/reward": scorer.seconds - reward_seconds_before,
                 "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time, "timing_s/step": step_time})
     out.update(step_metrics.perf_metrics(num_tokens, step_time, jax.device_count()))
+    out["perf/padding_fraction"] = padding
+    flops = sum(distributed.allgather_json(step_metrics.actor_flops(
+        model_config, [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)])))
+    out.update(step_metrics.mfu_metrics(flops * config.actor.ppo_epochs, update_time, jax.devices()[0].device_kind,
+                                        jax.device_count()))
     writer.write_scalars(rollout_step, out)
     writer.write_histograms(rollout_step, {"response_length": response_lengths})
     first_step_done = first_step_done or time.time()

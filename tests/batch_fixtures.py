@@ -18,3 +18,23 @@ def random_micro_batch(rng: np.random.Generator, rows: int, prompt_width: int, r
   if with_old_logp:
     batch["old_logp"] = (-rng.random((rows, response_width)) * response_mask).astype(np.float32)
   return batch
+
+
+def random_packed_micro_batch(rng: np.random.Generator, rows: int, row_width: int, vocab_size: int
+                              ) -> dict[str, np.ndarray]:
+  """Trajectories of random lengths (prompt and response at least one token each) packed first-fit into
+  `rows` rows of `row_width` tokens (`batching.pack`, the training layout), with random advantages."""
+  from dapo_jax.rl import batching
+  prompts, responses, packed_rows = [], [], []
+  for _ in range(rows):
+    row, free = [], row_width
+    while free >= 2 and (not row or rng.random() < 0.7):
+      length = int(rng.integers(2, free + 1))
+      prompt = int(rng.integers(1, length))
+      row.append(len(prompts))
+      prompts.append(rng.integers(0, vocab_size, prompt).tolist())
+      responses.append(rng.integers(0, vocab_size, length - prompt).tolist())
+      free -= length
+    packed_rows.append(row)
+  return batching.pack(prompts, responses, packed_rows, row_width=row_width, pad_id=0,
+                       advantages=rng.normal(0, 1, len(prompts)).astype(np.float32))

@@ -58,3 +58,18 @@ def test_padding_widths_leaves_the_model_input_unchanged():
     batch_placement._pad_to(batch, 4, 2, 7)
   with pytest.raises(ValueError, match="no response_mask"):
     batch_placement._pad_to({"prompt_ids": batch["prompt_ids"]}, 4, 6, 7)
+
+
+def test_packed_micro_batches_grow_on_the_right_with_padding_segments():
+  from tests import batch_fixtures
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  batch = batch_fixtures.random_packed_micro_batch(np.random.default_rng(3), 5, 12, 50)
+  (placed,) = batch_placement.put_micro_batches([batch], mesh)
+  assert placed["input_ids"].shape == (8, 12) and placed["input_ids"].sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_array_equal(np.asarray(placed["segment_ids"])[:5], batch["segment_ids"])
+  assert np.asarray(placed["response_mask"])[5:].sum() == 0
+  wide = batch_placement._pad_to(batch, 5, 0, 16)
+  np.testing.assert_array_equal(wide["segment_ids"][:, 12:], 0)
+  np.testing.assert_array_equal(wide["input_ids"][:, :12], batch["input_ids"])
+  totals = step.mini_batch_totals([placed])
+  assert float(totals["num_seqs"]) == batch["segment_ids"].max(axis=1).sum()

@@ -37,22 +37,24 @@ def test_sizes_and_out_of_memory_messages_parse():
 
 def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_data_parallel_size():
   c = config_lib.load_config_file(str(REPO / "configs" / "default.py"))
-  # Buckets 32 and 64 capped at the longest lengths, as train.py collates: 20 + 40 = 60 tokens a row.
+  # The bucket 64 capped at the longest trajectory, as train.py packs: rows of 20 + 40 = 60 tokens, one
+  # full-length trajectory each.
   c.data.max_prompt_length, c.data.max_response_length = 20, 40
   c.actor.micro_batch_tokens = 60 * 5
   batch = plan_inputs.worst_case_micro_batch(c)
-  assert batch["prompt_ids"].shape == (5, 20) and batch["response_ids"].shape == (5, 40)
-  assert batch["response_mask"].sum() == 5 * 40 and batch["prompt_mask"].sum() == 5 * 20
-  assert batch["advantages"].shape == (5,) and batch["old_logp"].shape == batch["sampler_logp"].shape == (5, 40)
-  assert plan_inputs.worst_case_micro_batch(c, data_parallel=4)["prompt_ids"].shape == (8, 20)
+  assert batch["input_ids"].shape == batch["segment_ids"].shape == (5, 60)
+  assert batch["response_mask"].sum() == 5 * 40 and (batch["segment_ids"] == 1).all()
+  assert batch["advantages"].shape == batch["old_logp"].shape == batch["sampler_logp"].shape == (5, 60)
+  assert plan_inputs.worst_case_micro_batch(c, data_parallel=4)["input_ids"].shape == (8, 60)
   assert plan_inputs.micro_batch_rows(c) == 5
   c.actor.micro_batch_tokens = 59  # less than one row: a row still gets a micro-batch of its own
   assert plan_inputs.micro_batch_rows(c) == 1
 
 
 def test_worst_case_micro_batch_stacks_every_hosts_rows():
-  """train.py gives each of P processes ppo_mini_batch_size / P groups of a mini-batch, splits them by the token
-  budget, and put_micro_batches pads each process's rows to its row blocks and stacks the processes' rows."""
+  """train.py gives each of P processes ppo_mini_batch_size / P groups of a mini-batch, packs them into
+  micro-batches by the token budget, and put_micro_batches pads each process's rows to its row blocks and
+  stacks the processes' rows."""
   c = config_lib.load_config_file(str(REPO / "configs" / "default.py"))
   c.data.max_prompt_length, c.data.max_response_length = 20, 40
   c.actor.ppo_mini_batch_size, c.rollout.n = 16, 8  # a mini-batch of 128 rows: 64 on each of 2 hosts
@@ -60,7 +62,7 @@ def test_worst_case_micro_batch_stacks_every_hosts_rows():
   assert plan_inputs.micro_batch_rows(c, num_processes=2) == 5
   # 4 row blocks, 2 on each host: each host's 5 rows padded to 6, stacked over the 2 hosts.
   assert plan_inputs.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 12
-  assert plan_inputs.worst_case_micro_batch(c, data_parallel=4, num_processes=2)["response_ids"].shape == (12, 40)
+  assert plan_inputs.worst_case_micro_batch(c, data_parallel=4, num_processes=2)["input_ids"].shape == (12, 60)
   # A budget larger than a host's share: each host's whole share (64 rows) is one micro-batch.
   c.actor.micro_batch_tokens = 60 * 100
   assert plan_inputs.micro_batch_rows(c) == 100 and plan_inputs.micro_batch_rows(c, num_processes=2) == 64
@@ -149,11 +151,11 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   kv = 4 * 2 * dec["slots"] * 2 * 32 * 72 * 4
   assert kv <= chip["kv_cache"] <= kv + 64 * dec["slots"]
   mb = p["micro_batch"]
-  # Each host's share of a mini-batch is 8 groups x 8 = 64 rows, of which 63 rows of 32 + 40 tokens fill the
+  # Each host's share of a mini-batch is 8 groups x 8 = 64 rows, of which 63 packed rows of 32 + 40 tokens fill the
   # budget; put_micro_batches pads them to 64 for the host's 2 of the 4 data-parallel shards and stacks the
   # 2 hosts' rows: 128 rows, 2 of them padding.
   assert (mb["mini_batch_rows_per_host"], mb["rows_per_host"], mb["micro_batches_per_update"]) == (64, 63, 2)
-  assert (mb["rows"], mb["padding_rows"], mb["prompt_width"], mb["response_width"]) == (128, 2, 32, 40)
+  assert (mb["rows"], mb["padding_rows"], mb["width"]) == (128, 2, 72)
   assert mb["tokens"] == 128 * 72 and (mb["rows_per_device"], mb["data_parallel"]) == (32, 4)
   assert p["mesh_layout"].startswith("jax.make_mesh's physical layout")
 

@@ -35,17 +35,17 @@ LEARNING_RATE = 1e-3
 OPTIMIZER = step.make_optimizer(learning_rate=LEARNING_RATE)
 
 
-def _micro_batch(rng, rows, prompt_width, response_width):
-  return batch_fixtures.random_micro_batch(rng, rows, prompt_width, response_width, CONFIG.vocab_size)
+def _micro_batch(rng, rows, row_width):
+  return batch_fixtures.random_packed_micro_batch(rng, rows, row_width, CONFIG.vocab_size)
 
 
 @pytest.fixture(scope="module")
 def case():
-  """Initial params, two micro-batches of different shapes (5 and 3 rows: neither divides 8, so rows are
-  padded) and the single-device reference for each aggregation mode."""
+  """Initial params, two packed micro-batches of different shapes (5 and 3 rows: neither divides 8, so rows
+  are padded) and the single-device reference for each aggregation mode."""
   rng = np.random.default_rng(0)
   params = jax.device_get(qwen2.Qwen2(CONFIG, rngs=nnx.Rngs(0)).params)
-  micro_batches = [_micro_batch(rng, 5, 6, 7), _micro_batch(rng, 3, 9, 4)]
+  micro_batches = [_micro_batch(rng, 5, 13), _micro_batch(rng, 3, 16)]
   device = jax.devices()[0]
   on_one = jax.device_put(params, device)
   single_device = _updater("token-mean")
@@ -54,7 +54,7 @@ def case():
     # Ratios away from 1 so that the clipped branches take part.
     mb["old_logp"] = (old + rng.normal(0, 0.3, old.shape).astype(np.float32)) * mb["response_mask"]
   references = {}
-  for agg_mode in ("token-mean", "seq-mean-token-mean"):
+  for agg_mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
     updater = _updater(agg_mode)
     grads, _ = updater.gradients(on_one, micro_batches)
     p = jax.device_put(params, device)
@@ -142,7 +142,8 @@ def test_host_and_device_totals_and_mismatch_agree(case):
   host = step.mini_batch_totals(micro_batches)
   device = step.mini_batch_totals(placed)
   assert {k: float(v) for k, v in device.items()} == {k: float(v) for k, v in host.items()}
-  assert float(host["num_seqs"]) == 8  # the padded rows are not counted
+  # The padded rows are not counted.
+  assert float(host["num_seqs"]) == sum(int(mb["segment_ids"].max(axis=1).sum()) for mb in case["micro_batches"])
   assert jnp.ndim(device["num_tokens"]) == 0
   expected = step.logprob_mismatch(micro_batches)
   assert step.logprob_mismatch(placed) == pytest.approx(expected, rel=1e-6)

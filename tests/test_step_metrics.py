@@ -48,3 +48,16 @@ def test_step_metrics_of_two_processes_by_hand():
 def test_throughput_is_per_device():
   # 1000 prompt and response tokens in 2 s on 4 devices: 125 tokens/s a device (verl's perf/throughput).
   assert step_metrics.perf_metrics(1000, 2.0, 4) == {"perf/time_per_step": 2.0, "perf/throughput": 125.0}
+
+
+def test_mfu_over_the_published_peak_and_none_on_cpu():
+  from dapo_jax.model.config import get_preset
+  assert step_metrics.peak_flops("TPU v5 lite") == 197e12 and step_metrics.peak_flops("TPU v5p") == 459e12
+  assert step_metrics.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and step_metrics.peak_flops("cpu") is None
+  mc = get_preset("tiny-demo")
+  # Per layer: q and o 128 x 128, k and v 128 x 64 (2 KV heads of 32), MLP 3 x 128 x 384; 4 layers; head 128 x 32.
+  matmul = 4 * (128 * (2 * 128 + 2 * 64) + 3 * 128 * 384) + 128 * 32
+  expected = 6 * matmul * (3 + 5) + 12 * (9 + 25) * 32 * 4 * 4
+  assert step_metrics.actor_flops(mc, [3, 5]) == expected
+  assert step_metrics.mfu_metrics(2e12, 1.0, "TPU v4", 4) == {"perf/mfu/actor": 2e12 / (4 * 275e12)}
+  assert step_metrics.mfu_metrics(2e12, 1.0, "cpu", 4) == {}

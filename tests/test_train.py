@@ -18,7 +18,7 @@ EXPECTED_METRICS = [
     "train/num_gen_batches", "train/kept_groups", "train/dropped_groups", "train/raw_acc",
     "train/overlong_masked", "reward/timeouts", "rollout/logprob_abs_diff", "rollout/ratio_mean",
     "rollout/ratio_max", "timing_s/gen", "timing_s/old_log_prob", "timing_s/update_actor", "timing_s/step",
-    "perf/throughput", "perf/time_per_step", "train/unshaped_score/mean", "timing_s/reward",
+    "perf/throughput", "perf/time_per_step", "perf/padding_fraction", "train/unshaped_score/mean", "timing_s/reward",
     "prompt_length/clip_ratio",
 ]
 

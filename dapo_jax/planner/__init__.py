@@ -11,7 +11,7 @@ the training program calls it, with the config's worst-case shapes and the progr
            `train.py` does), reading the sampler's copy of the params (`sharding.decode_rules`, in the compute
            dtype);
   update:  the old log-probs, gradients and apply programs of `dapo_jax/rl/step.Updater`, on the
-           micro-batch that `batching.split_by_token_budget` and `batching.collate` make when every trajectory
+           packed micro-batch that `batching.training_batches` makes when every trajectory
            of a mini-batch has the longest prompt and response: on each host its share of the mini-batch
            (actor.ppo_mini_batch_size / hosts groups) split by actor.micro_batch_tokens, every host's rows
            stacked into one global micro-batch as `batch_placement.put_micro_batches` does (hosts = the distinct

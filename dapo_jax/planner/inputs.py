@@ -108,22 +108,21 @@ def num_processes_of(devices: Sequence[jax.Device]) -> int:
   return len({d.process_index for d in devices})
 
 
-def _max_widths(config: ml_collections.ConfigDict) -> dict[str, int]:
-  # train.py's cap on the length buckets (`batching.collate`).
-  return dict(max_prompt_width=config.data.max_prompt_length, max_response_width=config.data.max_response_length)
+def _row_width(config: ml_collections.ConfigDict) -> int:
+  """The packed row width of full-length trajectories (`batching.packed_row_width`, capped as train.py caps it)."""
+  d = config.data
+  longest = d.max_prompt_length + d.max_response_length
+  return batching.packed_row_width([longest], longest)
 
 
 def micro_batch_rows(config: ml_collections.ConfigDict, num_processes: int = 1) -> int:
   """Rows of a process's largest micro-batch: its share of a mini-batch (actor.ppo_mini_batch_size /
-  `num_processes` groups of rollout.n, as `train.py` deals them out) of full-length trajectories, split by the
-  config's token budget (`batching.split_by_token_budget`, which `batching.training_batches` runs on each
-  process's share).
+  `num_processes` groups of rollout.n, as `train.py` deals them out) of full-length trajectories, one a row,
+  packed into micro-batches of actor.micro_batch_tokens // row width rows (`batching.training_batches`, which
+  runs on each process's share).
   Attention makes the longest rows the worst case: its scores grow with the square of the row width."""
-  d = config.data
   count = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
-  groups = batching.split_by_token_budget([d.max_prompt_length] * count, [d.max_response_length] * count,
-                                          config.actor.micro_batch_tokens, **_max_widths(config))
-  return len(groups[0])
+  return min(count, max(1, config.actor.micro_batch_tokens // _row_width(config)))
 
 
 def global_micro_batch_rows(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1
@@ -140,17 +139,16 @@ def global_micro_batch_rows(config: ml_collections.ConfigDict, data_parallel: in
 
 def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1
                            ) -> dict[str, np.ndarray]:
-  """The largest global micro-batch (`global_micro_batch_rows`) padded by `batching.collate` as the training
-  program pads it (length buckets capped at data.max_prompt_length / data.max_response_length), with the arrays
-  it adds (advantages and sampler log-probs in `batching.training_batches`, old log-probs in `train.py`)."""
+  """The largest global micro-batch (`global_micro_batch_rows`) of full-length trajectories packed by
+  `batching.pack` as the training program packs them (one a row), with the arrays it adds (advantages and
+  sampler log-probs in `batching.training_batches`, old log-probs in `train.py`)."""
   d = config.data
   rows = global_micro_batch_rows(config, data_parallel, num_processes)
-  batch = batching.collate([[1] * d.max_prompt_length] * rows, [[1] * d.max_response_length] * rows, pad_id=0,
-                           **_max_widths(config))
-  width = batch["response_ids"].shape[1]
-  batch["advantages"] = np.zeros((rows,), np.float32)
-  batch["sampler_logp"] = np.zeros((rows, width), np.float32)
-  batch["old_logp"] = np.zeros((rows, width), np.float32)
+  batch = batching.pack([[1] * d.max_prompt_length] * rows, [[1] * d.max_response_length] * rows,
+                        [[i] for i in range(rows)], row_width=_row_width(config), pad_id=0,
+                        advantages=np.zeros(rows, np.float32),
+                        sampler_logps=[np.zeros(d.max_response_length, np.float32)] * rows)
+  batch["old_logp"] = np.zeros_like(batch["sampler_logp"])
   return batch
 
 

@@ -143,7 +143,7 @@ class Plan:
   sampler_mesh: dict[str, int]  # the trainer's mesh on one host; else each host's own devices
   model: str
   num_params: int
-  micro_batch: dict[str, Any]   # the global micro-batch: rows, prompt_width, response_width, tokens,
+  micro_batch: dict[str, Any]   # the global micro-batch: rows, width (packed), tokens,
                                 # padding_rows (added to fill the data-parallel shards), rows_per_device,
                                 # data_parallel; and each host's part: rows_per_host (the token budget's rows,
                                 # unpadded), mini_batch_rows_per_host, micro_batches_per_update (per host)
@@ -226,12 +226,11 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   batch_np = worst_case_micro_batch(config, data_parallel, num_processes)
   process_rows = micro_batch_rows(config, num_processes)
   process_share = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
-  rows, prompt_width = batch_np["prompt_ids"].shape
-  response_width = batch_np["response_ids"].shape[1]
+  rows, width = batch_np["input_ids"].shape
   update_batch = {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
       ("batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape)) for k, v in batch_np.items()}
   old_logp_batch = {k: v for k, v in update_batch.items() if k != "old_logp"}
-  rows_per_device = update_batch["prompt_ids"].sharding.shard_shape(update_batch["prompt_ids"].shape)[0]
+  rows_per_device = update_batch["input_ids"].sharding.shard_shape(update_batch["input_ids"].shape)[0]
   totals = {"num_tokens": _abstract((), jnp.float32, replicated), "num_seqs": _abstract((), jnp.float32, replicated)}
   loss_config = step.LossConfig.from_config(config)
   # The update's programs as the training program builds them (params and optimizer state come back in place).
@@ -258,8 +257,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
                             top_k=config.rollout.top_k)
 
   programs: dict[str, ProgramMemory] = {}
-  length = prompt_width + response_width
-  fwd = forward_flops(mc, rows, length, response_width)
+  fwd = forward_flops(mc, rows, width, width)  # packed rows: the LM head runs on every position
   functions = sampler.functions
   # The decode weights: the arrays `new_decode_arrays` lays out anew, and the sampler params' own head.
   programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.new_decode_arrays,
@@ -319,7 +317,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
       config_error=config_error(config, model_name, num_processes),
       sampler_mesh=dict(sampler_mesh.shape),
       model=model_name, num_params=mc.num_params(),
-      micro_batch=dict(rows=rows, prompt_width=prompt_width, response_width=response_width, tokens=rows * length,
+      micro_batch=dict(rows=rows, width=width, tokens=rows * width,
                        padding_rows=rows - num_processes * process_rows, rows_per_device=rows_per_device,
                        data_parallel=data_parallel, rows_per_host=process_rows,
                        mini_batch_rows_per_host=process_share,

@@ -29,7 +29,7 @@ def format_plan(p: Plan) -> str:
       f"{p.topology}: {p.num_devices} x {p.device_kind}, {gib(p.hbm_bytes)} GiB HBM each ({p.hbm_source}); "
       f"mesh {mesh}; model {p.model} ({p.num_params / 1e9:.2f}B params)",
       f"  mesh layout: {p.mesh_layout}",
-      f"  micro-batch: {mb['rows']} rows x ({mb['prompt_width']} + {mb['response_width']}) tokens, {sharded};",
+      f"  micro-batch: {mb['rows']} packed rows x {mb['width']} tokens, {sharded};",
       made,
       f"  rollout: {dec['slots']} decode slots{where} x {dec['cache_length']} cache entries, "
       f"{dec['steps_per_call']} decode step{'s' if dec['steps_per_call'] > 1 else ''} per call; "

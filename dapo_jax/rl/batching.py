@@ -1,11 +1,11 @@
-"""Trajectories -> padded arrays for the jitted passes, and micro-batches formed by a token budget.
+"""Trajectories -> arrays for the jitted passes: packed micro-batches formed by a token budget, and `collate`.
 
-The layout is `dapo_jax/rl/step.py`'s: prompts left-padded, responses right-padded. Widths are rounded up to
-powers of two (length buckets) so that the jitted passes compile once per bucket rather than once per batch,
-and capped at the longest width the config allows (data.max_prompt_length / data.max_response_length): a
-20,480-token response then pads to 20,480 columns, not 32,768 (attention's memory grows with the width squared).
-Micro-batches are packed like verl's dynamic batch size: consecutive trajectories in the batch's own order (so
-a run is reproducible), until the padded token count would pass the budget.
+Training (`training_batches`) packs trajectories, prompt then response, one after another into rows, as verl's
+remove-padding does (`pack`: segment ids, positions restarting per trajectory, per-token values aligned to the
+token predicted). Row widths are length buckets (powers of two) capped at the longest trajectory the config
+allows (data.max_prompt_length + data.max_response_length), so the jitted passes compile once per bucket
+rather than once per batch. Rows are filled first-fit in the batch's own order (so a run is reproducible).
+`collate` is the unpacked layout (prompts left-padded, responses right-padded) that SFT uses.
 """
 from collections.abc import Sequence
 
@@ -63,30 +63,10 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
           "response_mask": response_mask}
 
 
-def split_by_token_budget(prompt_lengths: Sequence[int], response_lengths: Sequence[int], token_budget: int, *,
-                          max_prompt_width: int | None = None, max_response_width: int | None = None
-                          ) -> list[list[int]]:
-  """Consecutive index groups whose padded size (rows x bucketed prompt + response width) fits the budget.
-
-  Widths are counted as `collate` pads them, given the same `max_prompt_width` / `max_response_width`. A single
-  trajectory longer than the budget gets a micro-batch of its own (the config check makes the budget hold one
-  full-length trajectory, so this happens only for budgets set by hand).
-  """
-  groups: list[list[int]] = []
-  current: list[int] = []
-  widest_prompt = widest_response = 0
-  for index, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
-    new_prompt, new_response = max(widest_prompt, p), max(widest_response, r)
-    padded = (len(current) + 1) * (capped_bucket_length(new_prompt, max_prompt_width)
-                                   + capped_bucket_length(new_response, max_response_width))
-    if current and padded > token_budget:
-      groups.append(current)
-      current, new_prompt, new_response = [], p, r
-    current.append(index)
-    widest_prompt, widest_response = new_prompt, new_response
-  if current:
-    groups.append(current)
-  return groups
+def packed_row_width(lengths: Sequence[int], max_width: int) -> int:
+  """The row width of packed micro-batches: the length bucket (`capped_bucket_length`) of the longest trajectory
+  (prompt + response), capped at `max_width` (data.max_prompt_length + data.max_response_length)."""
+  return capped_bucket_length(max(lengths, default=1), max_width)
 
 
 def training_batches(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -94,25 +74,92 @@ def training_batches(prompts: Sequence[Sequence[int]], responses: Sequence[Seque
                      rows_per_update: int, micro_batch_tokens: int, pad_id: int, max_prompt_width: int,
                      max_response_width: int) -> list[list[dict[str, np.ndarray]]]:
   """A rollout step's trajectories as mini-batches of `rows_per_update` consecutive trajectories, each a list of
-  micro-batches (`collate`d, split by `micro_batch_tokens`) with `advantages` [B], `sampler_logp` [B, R], and
-  the response mask zeroed on the rows of `loss_masked` (overlong filtering).
+  packed micro-batches (`pack`) with the response mask zeroed on the trajectories of `loss_masked` (overlong
+  filtering).
 
-  Widths stop at `max_prompt_width` / `max_response_width`, the longest lengths the config allows.
+  The token budget, actor.micro_batch_tokens: the tokens, real and padding, of one micro-batch on one host,
+  rows x row width. The row width is `packed_row_width` of the mini-batch's trajectories (so at most
+  `max_prompt_width + max_response_width`); the mini-batch's trajectories are packed into rows first-fit in
+  their order (`pack_rows`), and consecutive rows form micro-batches of `micro_batch_tokens // width` rows (at
+  least one; the last may have fewer).
   """
-  widths = dict(max_prompt_width=max_prompt_width, max_response_width=max_response_width)
   mini_batches = []
   for start in range(0, len(responses), rows_per_update):
-    rows = list(range(start, min(start + rows_per_update, len(responses))))
-    micro_rows = split_by_token_budget([len(prompts[i]) for i in rows], [len(responses[i]) for i in rows],
-                                       micro_batch_tokens, **widths)
-    micro_batches = []
-    for micro in micro_rows:
-      picked = [rows[i] for i in micro]
-      mb = collate([prompts[i] for i in picked], [responses[i] for i in picked], pad_id=pad_id, **widths)
-      width = mb["response_ids"].shape[1]
-      mb["response_mask"] = mb["response_mask"] * (~loss_masked[picked])[:, None].astype(np.int32)
-      mb["advantages"] = advantages[picked]
-      mb["sampler_logp"] = np.stack([np.pad(sampler_logps[i], (0, width - len(sampler_logps[i]))) for i in picked])
-      micro_batches.append(mb)
-    mini_batches.append(micro_batches)
+    picked = list(range(start, min(start + rows_per_update, len(responses))))
+    lengths = [len(prompts[i]) + len(responses[i]) for i in picked]
+    for i in picked:
+      if len(prompts[i]) > max_prompt_width or len(responses[i]) > max_response_width:
+        raise ValueError(f"training_batches: trajectory {i} ({len(prompts[i])} prompt + {len(responses[i])} "
+                         f"response tokens) is longer than data.max_prompt_length ({max_prompt_width}) or "
+                         f"data.max_response_length ({max_response_width})")
+    width = packed_row_width(lengths, max_prompt_width + max_response_width)
+    rows = [[picked[j] for j in row] for row in pack_rows(lengths, width)]
+    rows_per_micro = max(1, micro_batch_tokens // width)
+    mini_batches.append([pack(prompts, responses, rows[first:first + rows_per_micro], row_width=width,
+                              pad_id=pad_id, advantages=advantages, sampler_logps=sampler_logps,
+                              loss_masked=loss_masked)
+                         for first in range(0, len(rows), rows_per_micro)])
   return mini_batches
+
+
+def pack_rows(lengths: Sequence[int], row_width: int) -> list[list[int]]:
+  """First-fit packing in the given order: each trajectory goes into the first row with room for it (rows of
+  `row_width` tokens), so the layout is reproducible. Returns each row's trajectory indices in order."""
+  rows: list[list[int]] = []
+  free: list[int] = []
+  for index, length in enumerate(lengths):
+    if length > row_width:
+      raise ValueError(f"pack_rows: a trajectory of {length} tokens is longer than the row width {row_width}")
+    for r, room in enumerate(free):
+      if length <= room:
+        rows[r].append(index)
+        free[r] -= length
+        break
+    else:
+      rows.append([index])
+      free.append(row_width - length)
+  return rows
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], rows: Sequence[Sequence[int]], *,
+         row_width: int, pad_id: int, advantages: Sequence[float] | None = None,
+         sampler_logps: Sequence[np.ndarray] | None = None, loss_masked: Sequence[bool] | None = None
+         ) -> dict[str, np.ndarray]:
+  """Trajectories (prompt + response) laid out one after another in rows of `row_width` tokens (`rows`: each
+  row's trajectory indices, e.g. from `pack_rows`), verl's remove-padding layout:
+
+    input_ids [N, W]: the tokens, `pad_id` after the last trajectory of a row;
+    segment_ids [N, W]: the trajectory's number within its row, 1-based; 0 on padding;
+    positions [N, W]: rotary positions, counting from 0 at each trajectory's first token;
+    response_mask [N, W]: 1 where the token is a response token. Per-token values are aligned to the token they
+      are about: logp[t] = log p(input_ids[t] | the trajectory's tokens before t), predicted from position t - 1
+      (a trajectory's first token is a prompt token, so no response token is predicted across trajectories);
+    advantages [N, W] and sampler_logp [N, W] (when given): each response token's value, 0 elsewhere.
+  A trajectory of `loss_masked` (overlong filtering) is laid out as the others, with response_mask 0.
+  """
+  ids = np.full((len(rows), row_width), pad_id, np.int32)
+  out = {"input_ids": ids, "segment_ids": np.zeros_like(ids), "positions": np.zeros_like(ids),
+         "response_mask": np.zeros_like(ids)}
+  if advantages is not None:
+    out["advantages"] = np.zeros(ids.shape, np.float32)
+  if sampler_logps is not None:
+    out["sampler_logp"] = np.zeros(ids.shape, np.float32)
+  for r, row in enumerate(rows):
+    start = 0
+    for segment, i in enumerate(row, start=1):
+      prompt, response = prompts[i], responses[i]
+      if len(prompt) == 0:
+        raise ValueError("pack: empty prompt (a response needs at least one token to condition on)")
+      length, resp = len(prompt) + len(response), slice(start + len(prompt), start + len(prompt) + len(response))
+      if start + length > row_width:
+        raise ValueError(f"pack: row {r} holds {start + length} tokens, more than its width {row_width}")
+      ids[r, start:start + length] = np.concatenate([np.asarray(prompt, np.int32), np.asarray(response, np.int32)])
+      out["segment_ids"][r, start:start + length] = segment
+      out["positions"][r, start:start + length] = np.arange(length)
+      out["response_mask"][r, resp] = 0 if loss_masked is not None and loss_masked[i] else 1
+      if advantages is not None:
+        out["advantages"][r, resp] = advantages[i]
+      if sampler_logps is not None:
+        out["sampler_logp"][r, resp] = sampler_logps[i]
+      start += length
+  return out

@@ -42,7 +42,8 @@ def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
   return numerator / jnp.where(denominator > 0, denominator, jnp.ones_like(denominator))
 
 
-def aggregate(values: Any, mask: Any, agg_mode: str, *, num_tokens: Any = None, num_seqs: Any = None) -> jax.Array:
+def aggregate(values: Any, mask: Any, agg_mode: str, *, num_tokens: Any = None, num_seqs: Any = None,
+              segment_ids: Any = None) -> jax.Array:
   """Reduces per-token `values` `[B, L]` to a scalar over the valid tokens (`mask > 0`), docs/algorithm.md section 5.
 
   Modes:
@@ -55,6 +56,8 @@ def aggregate(values: Any, mask: Any, agg_mode: str, *, num_tokens: Any = None, 
   out of the seq means (it contributes 0 to the sum and is not counted), so no NaN. Pass the mini-batch
   totals for micro-batches (see the module docstring). Values at padding positions are ignored (selected away,
   not multiplied by 0, so garbage there cannot turn into NaN), but they should be finite for gradients.
+  A response is a row, or with `segment_ids` `[B, L]` (packed rows, `rl/batching.pack`) a run of one segment id
+  within a row: the per-response sums are segment sums within each row.
   """
   values = _float_array(values)
   valid = jnp.asarray(mask) > 0
@@ -67,8 +70,15 @@ def aggregate(values: Any, mask: Any, agg_mode: str, *, num_tokens: Any = None, 
     return _safe_divide(masked.sum(), num_tokens)
   if agg_mode not in AGG_MODES:
     raise ValueError(f"unknown loss aggregation mode {agg_mode!r} (actor.loss_agg_mode); expected one of {AGG_MODES}")
-  tokens_per_seq = valid.sum(axis=-1)
-  per_seq = masked.sum(axis=-1)
+  if segment_ids is None:
+    tokens_per_seq = valid.sum(axis=-1)
+    per_seq = masked.sum(axis=-1)
+  else:
+    # Segment ids of a row are at most its length; 0 (padding, never valid) is a segment of its own.
+    row_sums = jax.vmap(lambda x, ids: jax.ops.segment_sum(x, ids, num_segments=values.shape[1] + 1))
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    tokens_per_seq = row_sums(valid.astype(jnp.int32), segment_ids)
+    per_seq = row_sums(masked, segment_ids)
   if agg_mode == "seq-mean-token-mean":
     per_seq = _safe_divide(per_seq, tokens_per_seq)
   if num_seqs is None:
@@ -103,6 +113,7 @@ def policy_loss(
     num_seqs: Any = None,
     sampler_logp: Any = None,
     tis_cap: float | None = None,
+    segment_ids: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Clipped policy-gradient loss with decoupled clip ranges and dual clip, docs/algorithm.md section 5.
 
@@ -126,6 +137,7 @@ def policy_loss(
     num_tokens, num_seqs: mini-batch totals for micro-batch accumulation (module docstring); None = this batch.
     sampler_logp: `[B, L]` the sampler's own log-probabilities; used only with `tis_cap`.
     tis_cap: truncation `C` of the importance-sampling weight; None disables it.
+    segment_ids: `[B, L]` for packed rows: which response each token belongs to (`aggregate`).
 
   Returns:
     `(loss, metrics)`. `metrics` has `actor/pg_loss` (the loss), `actor/pg_clipfrac` (share of valid tokens with
@@ -177,7 +189,7 @@ def policy_loss(
     metrics["actor/tis_weight_mean"] = aggregate(weight, valid, "token-mean", num_tokens=num_tokens)
     metrics["actor/tis_clipfrac"] = aggregate(weight >= tis_cap, valid, "token-mean", num_tokens=num_tokens)
 
-  loss = aggregate(per_token, valid, agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
+  loss = aggregate(per_token, valid, agg_mode, num_tokens=num_tokens, num_seqs=num_seqs, segment_ids=segment_ids)
   metrics["actor/pg_loss"] = loss
   return loss, {name: jax.lax.stop_gradient(value) for name, value in metrics.items()}
 

@@ -1,10 +1,14 @@
 """The jitted parts of a DAPO rollout step: log-probabilities of responses and the mini-batch update.
 
-A batch of trajectories is a dict of arrays in verl's layout: the prompt left-padded to P tokens, the response
-right-padded to R tokens, so every response starts at column P:
-  prompt_ids [B, P] int, prompt_mask [B, P], response_ids [B, R] int, response_mask [B, R] (1 on generated
-  tokens, EOS included), and for updates advantages [B] (or [B, R]), old_logp [B, R] and, with truncated
-  importance sampling, sampler_logp [B, R].
+A batch of trajectories is a dict of arrays in one of two layouts:
+  * packed (training, `rl/batching.pack`): trajectories one after another in rows of W tokens, input_ids,
+    segment_ids, positions [N, W] and, aligned to the token predicted, response_mask, advantages, old_logp and
+    sampler_logp [N, W];
+  * unpacked (verl's padded layout, `rl/batching.collate`, SFT): the prompt left-padded to P tokens, the
+    response right-padded to R tokens, so every response starts at column P: prompt_ids [B, P] int,
+    prompt_mask [B, P], response_ids [B, R] int, response_mask [B, R] (1 on generated tokens, EOS included),
+    and for updates advantages [B] (or [B, R]), old_logp [B, R] and, with truncated importance sampling,
+    sampler_logp [B, R].
 
 One optimizer update consumes one mini-batch, given as a list of micro-batches (each its own padded shape, so
 micro-batches packed by a token budget need no common length). Their gradients are summed: the loss of each
@@ -108,18 +112,29 @@ def _chunked(fn, h: jax.Array, targets: jax.Array, chunk_size: int):
 def response_logprobs(params: qwen2.Params, model_config: Qwen2Config, batch: Batch, *, temperature: float,
                       chunk_size: int = 0, with_entropy: bool = False,
                       mesh_layout: attention_lib.MeshLayout | None = None):
-  """log p(response token | everything before it) [B, R] (and the entropy of each position's distribution).
+  """log p(token | everything before it in its trajectory) (and the entropy of that distribution), per token.
 
-  Logits are divided by `temperature` before the log-softmax (docs/algorithm.md section 6), in float32.
-  `mesh_layout`: the mesh the batch is on, for the attention kernels (`qwen2.hidden_states`).
+  Unpacked batches (prompt_ids / response_ids): [B, R], one per response column. Packed batches
+  (`rl/batching.pack`: input_ids, segment_ids, positions): [N, W], aligned to the token predicted, so
+  meaningful where `response_mask` is 1. Logits are divided by `temperature` before the log-softmax
+  (docs/algorithm.md section 6), in float32. `mesh_layout`: the mesh the batch is on, for the attention
+  kernels (`qwen2.hidden_states`).
   """
-  prompt_len = batch["prompt_ids"].shape[1]
-  response_len = batch["response_ids"].shape[1]
-  tokens = jnp.concatenate([batch["prompt_ids"], batch["response_ids"]], axis=1)
-  mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
-  h = qwen2.hidden_states(params, model_config, tokens, mask, mesh_layout=mesh_layout)
-  # Position t predicts token t + 1: the response tokens are predicted from columns P-1 .. P+R-2.
-  h = h[:, prompt_len - 1: prompt_len + response_len - 1]
+  if "segment_ids" in batch:
+    targets = batch["input_ids"]
+    h = qwen2.hidden_states(params, model_config, targets, positions=batch["positions"],
+                            segment_ids=batch["segment_ids"], mesh_layout=mesh_layout)
+    # Token t is predicted at position t - 1; position 0 predicts nothing (its values are masked away).
+    h = jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
+  else:
+    prompt_len = batch["prompt_ids"].shape[1]
+    response_len = batch["response_ids"].shape[1]
+    tokens = jnp.concatenate([batch["prompt_ids"], batch["response_ids"]], axis=1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["response_mask"]], axis=1)
+    h = qwen2.hidden_states(params, model_config, tokens, mask, mesh_layout=mesh_layout)
+    # Position t predicts token t + 1: the response tokens are predicted from columns P-1 .. P+R-2.
+    h = h[:, prompt_len - 1: prompt_len + response_len - 1]
+    targets = batch["response_ids"]
 
   def logprob_and_entropy(h_chunk, targets):
     logits = qwen2.logits_from_hidden(params, model_config, h_chunk).astype(jnp.float32) / temperature
@@ -129,7 +144,7 @@ def response_logprobs(params: qwen2.Params, model_config: Qwen2Config, batch: Ba
       return (token_logp,)
     return token_logp, loss_lib.entropy_from_logits(logits)
 
-  out = _chunked(logprob_and_entropy, h, batch["response_ids"], chunk_size)
+  out = _chunked(logprob_and_entropy, h, targets, chunk_size)
   return out if with_entropy else out[0]
 
 
@@ -158,24 +173,33 @@ def micro_batch_loss(params: qwen2.Params, batch: Batch, totals: dict[str, jax.A
                                     chunk_size=loss_config.logits_chunk_size, with_entropy=True,
                                     mesh_layout=mesh_layout)
   mask = batch["response_mask"]
+  segments = batch.get("segment_ids")
   tis = {}
   if loss_config.tis_cap is not None:
     tis = dict(sampler_logp=batch["sampler_logp"], tis_cap=loss_config.tis_cap)
   pg_loss, metrics = loss_lib.policy_loss(
       logp, batch["old_logp"], batch["advantages"], mask, clip_low=loss_config.clip_low,
       clip_high=loss_config.clip_high, clip_c=loss_config.clip_c, agg_mode=loss_config.agg_mode,
-      num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], **tis)
+      num_tokens=totals["num_tokens"], num_seqs=totals["num_seqs"], segment_ids=segments, **tis)
   entropy = loss_lib.aggregate(entropy, mask, loss_config.agg_mode, num_tokens=totals["num_tokens"],
-                               num_seqs=totals["num_seqs"])
+                               num_seqs=totals["num_seqs"], segment_ids=segments)
   metrics["actor/entropy"] = jax.lax.stop_gradient(entropy)
   total = pg_loss - loss_config.entropy_coeff * entropy if loss_config.entropy_coeff else pg_loss
   return total, metrics
 
 
-@jax.jit
-def _mask_counts(response_mask):
+def _counts(xp, response_mask, segment_ids=None):
+  """(valid tokens, responses with a valid token) of a micro-batch, with numpy or jax.numpy as `xp`."""
   valid = response_mask > 0
-  return {"num_tokens": valid.sum().astype(jnp.float32), "num_seqs": valid.any(axis=1).sum().astype(jnp.float32)}
+  if segment_ids is None:
+    seqs = valid.any(axis=1).sum()
+  else:  # packed: a response is a (row, segment id) pair; response tokens start where the prompt ends
+    starts = valid & xp.concatenate([xp.ones_like(valid[:, :1]), ~valid[:, :-1]], axis=1)
+    seqs = starts.sum()
+  return {"num_tokens": valid.sum().astype(xp.float32), "num_seqs": seqs.astype(xp.float32)}
+
+
+_device_counts = jax.jit(functools.partial(_counts, jnp))
 
 
 def mini_batch_totals(micro_batches: Sequence[Batch]) -> dict[str, Any]:
@@ -184,12 +208,11 @@ def mini_batch_totals(micro_batches: Sequence[Batch]) -> dict[str, Any]:
   Host arrays are counted on the host; arrays on a mesh (which on several hosts no process holds whole) on the
   devices, giving replicated scalars.
   """
-  masks = [mb["response_mask"] for mb in micro_batches]
-  if all(isinstance(m, np.ndarray) for m in masks):
-    masks = [m > 0 for m in masks]
-    return {"num_tokens": np.float32(sum(m.sum() for m in masks)),
-            "num_seqs": np.float32(sum(m.any(axis=1).sum() for m in masks))}
-  counts = [_mask_counts(m) for m in masks]
+  parts = [(mb["response_mask"], mb.get("segment_ids")) for mb in micro_batches]
+  if all(isinstance(m, np.ndarray) for m, _ in parts):
+    counts = [_counts(np, m, s) for m, s in parts]
+    return {k: np.float32(sum(c[k] for c in counts)) for k in ("num_tokens", "num_seqs")}
+  counts = [_device_counts(m, s) for m, s in parts]
   return jax.tree.map(lambda *values: functools.reduce(jnp.add, values), *counts)
 
 
@@ -305,6 +328,20 @@ class Updater:
     metrics.update({"actor/grad_norm": grad_norm, "actor/lr": jnp.asarray(learning_rate, jnp.float32),
                     "actor/skipped_updates": skipped.astype(jnp.int32)})
     return params, opt_state, metrics
+
+
+@jax.jit
+def _slot_counts(segment_ids):
+  return (segment_ids > 0).sum(), segment_ids.size
+
+
+def padding_fraction(micro_batches: Sequence[Batch]) -> float:
+  """`perf/padding_fraction`: the share of the packed micro-batches' token slots (rows x width, the rows
+  `batch_placement.put_micro_batches` adds included) that hold no trajectory token. Counted on the devices, so
+  every process gets the whole update's number."""
+  counts = jax.device_get([_slot_counts(mb["segment_ids"]) for mb in micro_batches])
+  slots = sum(int(total) for _, total in counts)
+  return 1.0 - sum(int(real) for real, _ in counts) / slots if slots else 0.0
 
 
 @jax.jit

@@ -27,15 +27,6 @@ def test_collate_errors():
     batching.collate([[]], [[1]], pad_id=0)
 
 
-def test_split_by_token_budget():
-  # Each trajectory pads to 8 + 8 = 16 tokens while all fit in 8-wide buckets: a budget of 48 holds 3.
-  assert batching.split_by_token_budget([3] * 7, [5] * 7, 48) == [[0, 1, 2], [3, 4, 5], [6]]
-  # A long response widens its micro-batch's bucket: [8 + 32] per row, so it closes the group early.
-  assert batching.split_by_token_budget([3, 3, 3, 3], [5, 20, 5, 5], 48) == [[0], [1], [2, 3]]
-  # A trajectory alone over the budget still gets its own micro-batch.
-  assert batching.split_by_token_budget([3, 3], [100, 2], 32) == [[0], [1]]
-
-
 def test_capped_bucket_length_stops_at_the_longest_allowed_length():
   # DAPO's 20,480-token responses: the power-of-two bucket would be 32,768.
   assert batching.capped_bucket_length(20480, 20480) == 20480
@@ -60,11 +51,41 @@ def test_collate_caps_widths_at_the_maximum_lengths():
     batching.collate([[1]], [[3] * 25], pad_id=0, max_response_width=24)
 
 
-def test_split_by_token_budget_counts_capped_widths_like_collate():
-  # Rows of 3 + 20 tokens: uncapped each pads to 8 + 32 = 40 (a budget of 48 holds one); capped at 4 + 20 = 24
-  # it holds two, and collate pads each group to exactly that.
-  assert batching.split_by_token_budget([3] * 4, [20] * 4, 48) == [[0], [1], [2], [3]]
-  groups = batching.split_by_token_budget([3] * 4, [20] * 4, 48, max_prompt_width=4, max_response_width=20)
-  assert groups == [[0, 1], [2, 3]]
-  out = batching.collate([[1] * 3] * 2, [[2] * 20] * 2, pad_id=0, max_prompt_width=4, max_response_width=20)
-  assert out["prompt_ids"].size + out["response_ids"].size == 48
+def test_training_batches_pack_rows_of_the_bucket_width_into_the_token_budget():
+  # Trajectories of 5, 4, 3, 3, 4 tokens (2-token prompts): the longest, 5, buckets to 8 (under the cap of
+  # 4 + 6 = 10), so rows are 8 wide and a budget of 20 takes 2 rows; first-fit gives rows [0, 2], [1, 3], [4].
+  prompts = [[9, 9]] * 5
+  responses = [[1, 2, 3], [4, 5], [6], [7], [8, 8]]
+  sampler = [-np.arange(1, len(r) + 1, dtype=np.float32) for r in responses]
+  advantages = np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32)
+  masked = np.array([False, False, False, True, False])
+  out = batching.training_batches(prompts, responses, sampler, advantages, masked, rows_per_update=5,
+                                  micro_batch_tokens=20, pad_id=0, max_prompt_width=4, max_response_width=6)
+  assert len(out) == 1 and [mb["input_ids"].shape for mb in out[0]] == [(2, 8), (1, 8)]
+  first, second = out[0]
+  np.testing.assert_array_equal(first["input_ids"], [[9, 9, 1, 2, 3, 9, 9, 6], [9, 9, 4, 5, 9, 9, 7, 0]])
+  np.testing.assert_array_equal(first["segment_ids"], [[1, 1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 2, 2, 2, 0]])
+  # Trajectory 3 (the second of row 1) is overlong-filtered: laid out, but no valid token.
+  np.testing.assert_array_equal(first["response_mask"], [[0, 0, 1, 1, 1, 0, 0, 1], [0, 0, 1, 1, 0, 0, 0, 0]])
+  np.testing.assert_allclose(first["advantages"][1], [0, 0, 2, 2, 0, 0, 4, 0])
+  np.testing.assert_allclose(first["sampler_logp"][0], [0, 0, -1, -2, -3, 0, 0, -1])
+  np.testing.assert_array_equal(second["input_ids"], [[9, 9, 8, 8, 0, 0, 0, 0]])
+
+
+def test_pack_rows_is_first_fit_in_order():
+  # Row width 8: 5 opens row 0, 4 opens row 1, 3 fits row 0 (5 + 3), 2 fits row 1, 4 opens row 2.
+  assert batching.pack_rows([5, 4, 3, 2, 4], 8) == [[0, 2], [1, 3], [4]]
+  with pytest.raises(ValueError, match="longer than the row width"):
+    batching.pack_rows([9], 8)
+
+
+def test_pack_layout_by_hand():
+  out = batching.pack([[5, 6], [7], [8, 9]], [[1, 2], [3], [4]], [[0, 1], [2]], row_width=6, pad_id=0,
+                      advantages=[0.5, -1.0, 2.0], sampler_logps=[np.array([-0.1, -0.2]), np.array([-0.3]),
+                                                                  np.array([-0.4])])
+  np.testing.assert_array_equal(out["input_ids"], [[5, 6, 1, 2, 7, 3], [8, 9, 4, 0, 0, 0]])
+  np.testing.assert_array_equal(out["segment_ids"], [[1, 1, 1, 1, 2, 2], [1, 1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(out["positions"], [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 0]])
+  np.testing.assert_array_equal(out["response_mask"], [[0, 0, 1, 1, 0, 1], [0, 0, 1, 0, 0, 0]])
+  np.testing.assert_allclose(out["advantages"], [[0, 0, 0.5, 0.5, 0, -1.0], [0, 0, 2.0, 0, 0, 0]])
+  np.testing.assert_allclose(out["sampler_logp"], [[0, 0, -0.1, -0.2, 0, -0.3], [0, 0, -0.4, 0, 0, 0]])

@@ -8,6 +8,7 @@ from flax import nnx
 
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import get_preset
+from dapo_jax.rl import batching
 from dapo_jax.rl import step
 
 CONFIG = get_preset("tiny").replace(vocab_size=64)
@@ -184,3 +185,77 @@ def test_logprob_mismatch_over_every_valid_token():
   empty = dict(first, response_mask=np.zeros_like(first["response_mask"]))
   assert step.logprob_mismatch([empty]) == {"rollout/logprob_abs_diff": 0.0, "rollout/ratio_mean": 1.0,
                                             "rollout/ratio_max": 1.0}
+
+
+def _packed(batch, row_width, masked=()):
+  """`batch` (unpacked, with RL fields) as packed rows of `row_width` tokens (`batching.pack`), first-fit; the
+  per-token fields moved to the packed token positions; `masked` trajectories get no valid token. Returns the
+  packed batch and, per trajectory, (packed row, first response column)."""
+  prompts = [p[m > 0].tolist() for p, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+  responses = [r[m > 0].tolist() for r, m in zip(batch["response_ids"], batch["response_mask"])]
+  sampler = [s[m > 0] for s, m in zip(batch["sampler_logp"], batch["response_mask"])]
+  rows = batching.pack_rows([len(p) + len(r) for p, r in zip(prompts, responses)], row_width)
+  packed = batching.pack(prompts, responses, rows, row_width=row_width, pad_id=0, advantages=batch["advantages"],
+                         sampler_logps=sampler)
+  places, packed["old_logp"] = {}, np.zeros(packed["input_ids"].shape, np.float32)
+  for r, row in enumerate(rows):
+    start = 0
+    for i in row:
+      places[i] = (r, start + len(prompts[i]))
+      n = len(responses[i])
+      packed["old_logp"][r, places[i][1]:places[i][1] + n] = batch["old_logp"][i, :n]
+      if i in masked:
+        packed["response_mask"][r, places[i][1]:places[i][1] + n] = 0
+      start += len(prompts[i]) + n
+  return packed, places
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_packed_micro_batches_equal_unpacked(agg_mode):
+  base = _params(7)
+  batch = _with_rl_fields(_batch(7, batch_size=8), base, [1.0, -0.5, 2.0, -1.5, 0.3, -0.7, 1.1, -2.0])
+  rng = np.random.default_rng(1)
+  batch["old_logp"] = ((batch["old_logp"] + rng.normal(0, 0.3, batch["old_logp"].shape)) * batch["response_mask"]
+                       ).astype(np.float32)
+  batch["sampler_logp"] = ((batch["old_logp"] + rng.normal(0, 0.3, batch["old_logp"].shape))
+                           * batch["response_mask"]).astype(np.float32)
+  packed, places = _packed(batch, 16, masked=(3,))
+  assert packed["input_ids"].shape[0] < 8  # several trajectories share a row
+  # Per-token log-probs and entropy, at each response token's packed position.
+  logp, entropy = step.response_logprobs(base, CONFIG, batch, temperature=0.7, with_entropy=True)
+  packed_logp, packed_entropy = step.response_logprobs(base, CONFIG, packed, temperature=0.7, chunk_size=5,
+                                                       with_entropy=True)
+  lengths = _batch(7, batch_size=8)["response_mask"].sum(1)
+  for i, (r, column) in places.items():
+    span = slice(column, column + lengths[i])
+    np.testing.assert_allclose(np.asarray(packed_logp)[r, span], np.asarray(logp)[i, :lengths[i]], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(packed_entropy)[r, span], np.asarray(entropy)[i, :lengths[i]], rtol=1e-5)
+
+  batch["response_mask"] = batch["response_mask"].copy()
+  batch["response_mask"][3] = 0  # overlong-filtered: counts in neither mode's totals
+  for name, expected in step.mini_batch_totals([batch]).items():
+    assert step.mini_batch_totals([packed])[name] == expected, name
+
+  optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+  updater = step.Updater(optimizer=optimizer, model_config=CONFIG,
+                         loss_config=step.LossConfig(agg_mode=agg_mode, entropy_coeff=0.01, tis_cap=2.0))
+  grads, metrics = updater.gradients(base, [batch])
+  packed_grads, packed_metrics = updater.gradients(base, [packed])
+  assert float(metrics["actor/pg_clipfrac"]) > 0
+  for name in metrics:
+    np.testing.assert_allclose(np.asarray(packed_metrics[name]), np.asarray(metrics[name]), rtol=1e-5, atol=1e-7,
+                               err_msg=name)
+  # Summation order differs between the layouts: entries near 0 are compared at 1e-5 of their leaf's largest.
+  for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(b)).max())
+  params, _, _ = updater(_copy(base), optimizer.init(base), [batch], learning_rate=1.0)
+  packed_params, _, _ = updater(_copy(base), optimizer.init(base), [packed], learning_rate=1.0)
+  for a, b, g in zip(jax.tree.leaves(packed_params), jax.tree.leaves(params), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * np.abs(np.asarray(g)).max())
+
+
+def test_padding_fraction_counts_every_slot_without_a_trajectory_token():
+  packed = batching.pack([[1, 2], [3]], [[4], [5, 6]], [[0], [1]], row_width=4, pad_id=0)
+  # 3 + 3 real tokens in 2 x 4 slots; a second micro-batch of 1 x 2 slots, full.
+  full = batching.pack([[1]], [[2]], [[0]], row_width=2, pad_id=0)
+  assert step.padding_fraction([packed, full]) == pytest.approx(1 - 8 / 10)
