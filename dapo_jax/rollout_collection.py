@@ -79,6 +79,11 @@ class CollectedBatch:
     return [np.asarray(r.logp_full, np.float32) for g in self.groups for r in g.responses]
 
   @property
+  def group_index(self) -> np.ndarray:
+    """Each trajectory's group: its position in `groups`."""
+    return np.repeat(np.arange(len(self.groups)), [len(g.responses) for g in self.groups])
+
+  @property
   def rewards(self) -> np.ndarray:
     return np.concatenate([g.rewards for g in self.groups])
 

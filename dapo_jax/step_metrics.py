@@ -56,9 +56,9 @@ def _summary(name: str, values) -> dict[str, float]:
 
 
 def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int, max_response_length: int
-                 ) -> tuple[dict[str, float], np.ndarray, int]:
-  """The step's batch metrics over every process's groups (in process order), every response length, and the
-  number of prompt and response tokens.
+                 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+  """The step's batch metrics over every process's groups (in process order), every response length, and every
+  trajectory's length (prompt + response tokens).
 
   verl's names with verl's meanings: `critic/score` and `critic/rewards` are the shaped sequence scores (score
   plus overlong penalty); `critic/advantages` are over valid response tokens (a response's advantage counts once
@@ -96,7 +96,7 @@ def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int
       out[name] = float(sum(s[name] for s in selections))
   out["train/overlong_masked"] = float(sum(p.overlong_masked for p in per_process))
   out["reward/timeouts"] = float(sum(p.timeouts for p in per_process))
-  return out, response_lengths, int(response_lengths.sum() + prompt_lengths.sum())
+  return out, response_lengths, prompt_lengths + response_lengths
 
 
 def perf_metrics(num_tokens: int, step_seconds: float, num_devices: int) -> dict[str, float]:

@@ -193,8 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # 4-5. Group advantages, then old log-probs (before any update of this step). Each process places its own
     # rows; every mini-batch is global, and the old log-probs stay on the devices.
     old_start = time.time()
-    advantages = advantages_lib.group_advantages(batch.rewards, np.repeat(np.arange(len(batch.groups)),
-                                                                          config.rollout.n),
+    advantages = advantages_lib.group_advantages(batch.rewards, batch.group_index,
                                                  norm_by_std=config.algorithm.norm_adv_by_std)
     loss_masked = batch.truncated if config.reward.overlong_filter else np.zeros(len(advantages), bool)
     mini_batches = batching.training_batches(
@@ -203,10 +202,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         micro_batch_tokens=config.actor.micro_batch_tokens, pad_id=tokenizer.pad_id,
         max_prompt_width=config.data.max_prompt_length, max_response_width=config.data.max_response_length)
     mini_batches = [batch_placement.put_micro_batches(micro_batches, mesh) for micro_batches in mini_batches]
-    for mb in (mb for micro_batches in mini_batches for mb in micro_batches):
+    placed = [mb for micro_batches in mini_batches for mb in micro_batches]
+    for mb in placed:
       mb["old_logp"] = updater.old_log_probs(params, mb)
-    mismatch = step.logprob_mismatch([mb for micro_batches in mini_batches for mb in micro_batches])
-    padding = step.padding_fraction([mb for micro_batches in mini_batches for mb in micro_batches])
+    mismatch, padding = step.logprob_mismatch(placed), step.padding_fraction(placed)
     old_time = time.time() - old_start
 
     # 6. One optimizer update per mini-batch (ppo_epochs passes, no shuffle).
@@ -217,13 +216,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for micro_batches in mini_batches:
         params, opt_state, m = updater(params, opt_state, micro_batches, learning_rate=learning_rate)
         update_metrics.append(jax.device_get(m))
-    del mini_batches
+    del mini_batches, placed  # the device arrays of the step
     update_time = time.time() - update_start
     rollout_step += 1
 
     # 7. Metrics (docs/algorithm.md section 10) of the whole step: every process's batch statistics.
     step_time = time.time() - step_start
-    batch_metrics, response_lengths, num_tokens = step_metrics.step_metrics(step_metrics.gather(
+    batch_metrics, response_lengths, lengths = step_metrics.step_metrics(step_metrics.gather(
         step_metrics.ProcessStatistics(
             scores=np.concatenate([g.scores for g in batch.groups]), rewards=batch.rewards, advantages=advantages,
             response_lengths=np.concatenate([g.lengths for g in batch.groups]),
@@ -236,12 +235,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     out.update(mismatch)
     out.update({"timing_s/gen": gen_time, "timing_s/reward": scorer.seconds - reward_seconds_before,
                 "timing_s/old_log_prob": old_time, "timing_s/update_actor": update_time, "timing_s/step": step_time})
-    out.update(step_metrics.perf_metrics(num_tokens, step_time, jax.device_count()))
+    out.update(step_metrics.perf_metrics(int(lengths.sum()), step_time, jax.device_count()))
     out["perf/padding_fraction"] = padding
-    flops = sum(distributed.allgather_json(step_metrics.actor_flops(
-        model_config, [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)])))
-    out.update(step_metrics.mfu_metrics(flops * config.actor.ppo_epochs, update_time, jax.devices()[0].device_kind,
-                                        jax.device_count()))
+    out.update(step_metrics.mfu_metrics(step_metrics.actor_flops(model_config, lengths) * config.actor.ppo_epochs,
+                                        update_time, jax.devices()[0].device_kind, jax.device_count()))
     writer.write_scalars(rollout_step, out)
     writer.write_histograms(rollout_step, {"response_length": response_lengths})
     first_step_done = first_step_done or time.time()

@@ -23,9 +23,9 @@ def test_step_metrics_of_two_processes_by_hand():
   second = _process_share([1.0, 1.0], [9, 9], [6, 6], [0.5, 0.5], _selection(2.0, 3.0, 3.0, 0.0, 0.5),
                           timeouts=2)
   lengths = dict(max_prompt_length=6, max_response_length=9)
-  out, response_lengths, num_tokens = step_metrics.step_metrics([first, second], **lengths)
+  out, response_lengths, trajectory_lengths = step_metrics.step_metrics([first, second], **lengths)
   np.testing.assert_array_equal(response_lengths, [3, 9, 9, 9])
-  assert num_tokens == 30 + 20
+  np.testing.assert_array_equal(trajectory_lengths, [3 + 4, 9 + 4, 9 + 6, 9 + 6])
   assert (out["response_length/mean"], out["response_length/max"], out["response_length/min"]) == (7.5, 9.0, 3.0)
   assert out["response_length/clip_ratio"] == 0.75 and out["prompt_length/mean"] == 5.0
   assert out["prompt_length/clip_ratio"] == 0.5  # the two prompts of 6 tokens, the maximum
