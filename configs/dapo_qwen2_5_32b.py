@@ -22,11 +22,10 @@ def get_config(arg: str | None = None):
   c.rollout.val_kwargs.n = 32
   c.rollout.val_kwargs.top_p = 0.7
   c.actor.ppo_mini_batch_size = 32
-  # Per host (train.py splits each host's share of a mini-batch by this budget): one full-length trajectory,
-  # 2048 + 20480 tokens (length buckets stop at the maximum lengths). With tensor 4 a v5p host holds one block
-  # of batch rows, so a global micro-batch is one row per data-parallel shard on any v5p slice: 16 rows on
-  # v5p-128, 32 on v5p-256 (scripts/plan_memory.py; README, "Memory plan of the 32B recipe").
-  c.actor.micro_batch_tokens = 2048 + 20480
+  # Per host (train.py packs each host's share of a mini-batch into micro-batches of this many tokens): four
+  # full-length trajectories of 2048 + 20480 tokens, the largest budget whose update fits v5p-64 in the memory
+  # plan (scripts/plan_memory.py; README, "Memory plan of the 32B recipe"), with splash attention and remat.
+  c.actor.micro_batch_tokens = 4 * (2048 + 20480)
   c.actor.loss_agg_mode = "token-mean"
   c.actor.clip_ratio_low, c.actor.clip_ratio_high, c.actor.clip_ratio_c = 0.2, 0.28, 10.0
   c.actor.optim.lr = 1e-6

@@ -67,12 +67,12 @@ def test_worst_case_micro_batch_stacks_every_hosts_rows():
   c.actor.micro_batch_tokens = 60 * 100
   assert plan_inputs.micro_batch_rows(c) == 100 and plan_inputs.micro_batch_rows(c, num_processes=2) == 64
   assert plan_inputs.global_micro_batch_rows(c, data_parallel=4, num_processes=2) == 128
-  # The 32B recipe on v5p:4x4x4: 16 hosts, 2 groups (32 rows) each; its budget of one full-length row makes
-  # micro-batches of one row per host, one per data-parallel shard (fsdp 16).
+  # The 32B recipe on v5p:4x4x4: 16 hosts, 2 groups (32 rows) each; its budget of four full-length rows makes
+  # micro-batches of four rows per host, four per data-parallel shard (fsdp 16).
   big = config_lib.load_config_file(str(REPO / "configs" / "dapo_qwen2_5_32b.py"))
-  assert big.actor.micro_batch_tokens == 2048 + 20480
-  assert plan_inputs.micro_batch_rows(big, num_processes=16) == 1
-  assert plan_inputs.global_micro_batch_rows(big, data_parallel=16, num_processes=16) == 16
+  assert big.actor.micro_batch_tokens == 4 * (2048 + 20480)
+  assert plan_inputs.micro_batch_rows(big, num_processes=16) == 4
+  assert plan_inputs.global_micro_batch_rows(big, data_parallel=16, num_processes=16) == 64
   with pytest.raises(ValueError, match="cannot split 6 blocks of batch rows"):
     plan_inputs.global_micro_batch_rows(c, data_parallel=6, num_processes=4)
 
