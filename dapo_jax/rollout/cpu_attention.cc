@@ -1,22 +1,25 @@
 // Decode-step attention for XLA:CPU, called through XLA's FFI (`cpu_attention.py` builds and registers it).
 //
 // One token per decode slot: its query heads and key are rotated by position (RoPE), its key and value are
-// written into the slot's cache in place, and its queries attend to the slot's cached keys and values. XLA:CPU
-// runs that attention as two batched matrix products over (slot, KV head) of a few rows each, which its YNNPACK
-// backend executes on one core, reading every cache entry, visible or not. This kernel reads only the entries a
-// slot can see, keeps the accumulators of all the group's query heads in vector registers (so each key and value
-// is read once), and shares the (slot, KV head) pairs between the calling thread and XLA's intra-op thread pool.
-// The rotation and the cache writes, done here, were five small XLA operations per layer and step.
+// written into the slot's pages of the paged KV cache in place, and its queries attend to the slot's cached keys
+// and values. XLA:CPU runs that attention as a gather of the slot's pages and two batched matrix products over
+// (slot, KV head) of a few rows each, which its YNNPACK backend executes on one core, reading every gathered
+// entry, visible or not. This kernel reads only the entries a slot can see, straight from its pages, keeps the
+// accumulators of all the group's query heads in vector registers (so each key and value is read once), and
+// shares the (slot, KV head) pairs between the calling thread and XLA's intra-op thread pool. The rotation and
+// the cache writes, done here, were five small XLA operations per layer and step.
 //
-// Layouts (decode_state.py's CPU decode state): qkv [slots, kv_heads, group + 2, head_dim] (per KV head its group
-// of query heads, then its key, then its value, before RoPE), cos and sin [slots, head_dim] (the rotate-half
-// tables of each slot's position), keys [slots, kv_heads, head_dim, max_length] (transposed), values [slots,
-// kv_heads, max_length, head_dim], lengths [slots] int32 (the cache index of the token being fed: entries
-// 0 .. lengths[slot] are visible once it is written; a write at or past max_length is dropped). The results are
-// the attention output [slots, kv_heads, group, head_dim] and the keys and values, updated in place (XLA aliases
-// them to the inputs). The arithmetic is qwen2.apply_rotary's and decoding._slot_attention's: x cos +
-// rotate_half(x) sin, then float32 scores q . k / sqrt(head_dim), a softmax over the visible entries (maximum
-// subtracted, normalised), then the probability-weighted sum of the values.
+// Layouts (decode_state.py's CPU pool): qkv [slots, kv_heads, group + 2, head_dim] (per KV head its group of
+// query heads, then its key, then its value, before RoPE), cos and sin [slots, head_dim] (the rotate-half tables
+// of each slot's position), keys [kv_heads, num_pages, head_dim, page_size] (each page's keys transposed),
+// values [kv_heads, num_pages, page_size, head_dim], lengths [slots] int32 (the cache index of the token being
+// fed: entries 0 .. lengths[slot] are visible once it is written), page_table [slots, table_width] int32 (entry
+// j: the page of the slot's entries j * page_size ...; a write to an entry whose page is out of the pool, or past
+// the table, is dropped). The results are the attention output [slots, kv_heads, group, head_dim] and the keys
+// and values, updated in place (XLA aliases them to the inputs). The arithmetic is qwen2.apply_rotary's and
+// paged_attention.py's: x cos + rotate_half(x) sin, then float32 scores q . k / sqrt(head_dim), a softmax over
+// the visible entries (maximum subtracted, normalised), then the probability-weighted sum of the values, in
+// position order whatever the pages (so the page size and the pages a slot holds do not change a result).
 
 #include <algorithm>
 #include <atomic>
@@ -86,20 +89,22 @@ struct Problem {
   float* keys;
   float* values;
   const int32_t* lengths;
+  const int32_t* page_table;
   float* out;
-  int64_t kv_heads, max_length;
+  int64_t kv_heads, num_pages, page_size, table_width;
 };
 
-// Scores of N vectors of positions, from vector `first` on, for all G query heads of one (slot, KV head) pair:
-// scratch[g * row + first + j] = scale * (q[g] . keys[:, positions]). Every vector lies within the key rows.
+// Scores of N vectors of positions for all G query heads of one (slot, KV head) pair, from a page's key block
+// `keys` [D, page_size] whose column 0 is the first position scored: scores[g * row + j] = scale * (q[g] .
+// keys[:, j * kLanes ...]). Every vector lies within the page (page_size is a multiple of kLanes).
 template <int G, int D, int64_t N>
-inline void ScoreVectors(const float* __restrict__ q, const float* __restrict__ keys, int64_t max_length,
-                         int64_t first, float scale, Vec* __restrict__ scratch, int64_t row) {
+inline void ScoreVectors(const float* __restrict__ q, const float* __restrict__ keys, int64_t page_size,
+                         float scale, Vec* __restrict__ scores, int64_t row) {
   Vec acc[G][N];
   for (int g = 0; g < G; ++g)
     for (int64_t j = 0; j < N; ++j) acc[g][j] = Vec{};
   for (int64_t i = 0; i < D; ++i) {
-    const float* krow = keys + i * max_length + first * kLanes;
+    const float* krow = keys + i * page_size;
     Vec key[N];
     for (int64_t j = 0; j < N; ++j) key[j] = LoadFull(krow + j * kLanes);
     for (int g = 0; g < G; ++g) {
@@ -108,34 +113,40 @@ inline void ScoreVectors(const float* __restrict__ q, const float* __restrict__ 
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int64_t j = 0; j < N; ++j) scratch[g * row + first + j] = acc[g][j] * scale;
+    for (int64_t j = 0; j < N; ++j) scores[g * row + j] = acc[g][j] * scale;
 }
 
 // ScoreVectors for a count n of vectors known only at run time (1 <= n <= N).
 template <int G, int D, int64_t N>
-inline void ScoreVectorsUpTo(int64_t n, const float* q, const float* keys, int64_t max_length, int64_t first,
-                             float scale, Vec* scratch, int64_t row) {
+inline void ScoreVectorsUpTo(int64_t n, const float* q, const float* keys, int64_t page_size, float scale,
+                             Vec* scores, int64_t row) {
   if constexpr (N >= 1) {
-    if (n == N) return ScoreVectors<G, D, N>(q, keys, max_length, first, scale, scratch, row);
-    ScoreVectorsUpTo<G, D, N - 1>(n, q, keys, max_length, first, scale, scratch, row);
+    if (n == N) return ScoreVectors<G, D, N>(q, keys, page_size, scale, scores, row);
+    ScoreVectorsUpTo<G, D, N - 1>(n, q, keys, page_size, scale, scores, row);
   }
 }
 
 // One (slot, KV head) pair: G query heads of size D (a multiple of kLanes: C vectors). `scratch` holds G rows of
-// scores, each ceil(max_length / kLanes) vectors.
+// scores, each table_width * page_size / kLanes vectors.
 template <int G, int D>
 void AttendPair(const Problem& p, int64_t pair, Vec* __restrict__ scratch) {
   static_assert(D % kLanes == 0, "head sizes are whole vectors");
   constexpr int64_t d = D;
   constexpr int64_t C = D / kLanes;
-  const int64_t max_length = p.max_length;
-  const int64_t slot = pair / p.kv_heads;
+  const int64_t page_size = p.page_size, num_pages = p.num_pages;
+  const int64_t capacity = p.table_width * page_size;  // entries the slot's page table can address
+  const int64_t slot = pair / p.kv_heads, head = pair % p.kv_heads;
   const int64_t length = p.lengths[slot];
-  const int64_t visible = std::clamp<int64_t>(length + 1, 1, max_length);
+  const int64_t visible = std::clamp<int64_t>(length + 1, 1, capacity);
   const int64_t blocks = (visible + kLanes - 1) / kLanes;  // vectors of scores per query head
-  const int64_t row = (max_length + kLanes - 1) / kLanes;
-  float* __restrict__ keys = p.keys + pair * d * max_length;
-  float* __restrict__ values = p.values + pair * max_length * d;
+  const int64_t row = capacity / kLanes;
+  const int64_t vectors_per_page = page_size / kLanes;
+  const int32_t* table = p.page_table + slot * p.table_width;
+  // The page holding column `column` of the table, clamped into the pool (entries past the visible ones may be
+  // anything; they are never read, but a clamped index keeps every address inside the pool).
+  auto page_at = [&](int64_t column) { return std::clamp<int64_t>(table[column], 0, num_pages - 1); };
+  auto key_block = [&](int64_t page) { return p.keys + (head * num_pages + page) * d * page_size; };
+  auto value_block = [&](int64_t page) { return p.values + (head * num_pages + page) * page_size * d; };
   float* __restrict__ out = p.out + pair * G * d;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
 
@@ -151,31 +162,30 @@ void AttendPair(const Problem& p, int64_t pair, Vec* __restrict__ scratch) {
     for (int64_t i = d / 2; i < d; ++i) r[i] = x[i] * cos[i] + x[i - d / 2] * sin[i];
   }
   const float* __restrict__ q = rotated;
-  if (length >= 0 && length < max_length) {
+  // The fed token's key and value go to entry `length`, unless the table has no page there (a free slot, a
+  // response past its end): such a write is dropped.
+  if (length >= 0 && length < capacity && table[length / page_size] >= 0 &&
+      table[length / page_size] < num_pages) {
+    const int64_t page = table[length / page_size], offset = length % page_size;
     const float* key = rotated + G * d;
     const float* value = qkv + (G + 1) * d;
-    for (int64_t i = 0; i < d; ++i) keys[i * max_length + length] = key[i];
-    std::memcpy(values + length * d, value, d * sizeof(float));
+    float* keys = key_block(page);
+    for (int64_t i = 0; i < d; ++i) keys[i * page_size + offset] = key[i];
+    std::memcpy(value_block(page) + offset * d, value, d * sizeof(float));
   }
 
-  // Scores, KB vectors of positions at a time (a contiguous run of each key row) for all G query heads; the
-  // last pass takes the vectors left over. A vector that would run past the end of a key row (only where
-  // max_length is not a multiple of kLanes) is computed entry by entry.
+  // Scores, page by page, KB vectors of positions at a time (a contiguous run of each key row of the page) for
+  // all G query heads; the last pass of a page takes the vectors left over.
   constexpr int64_t KB = std::max<int64_t>(1, kRegisters / G);
-  const int64_t whole = blocks * kLanes <= max_length ? blocks : blocks - 1;
-  int64_t b0 = 0;
-  for (; b0 + KB <= whole; b0 += KB) ScoreVectors<G, D, KB>(q, keys, max_length, b0, scale, scratch, row);
-  if (b0 < whole) ScoreVectorsUpTo<G, D, KB - 1>(whole - b0, q, keys, max_length, b0, scale, scratch, row);
-  if (whole < blocks) {
-    for (int g = 0; g < G; ++g) {
-      float* s = reinterpret_cast<float*>(scratch + g * row + whole);
-      for (int64_t t = whole * kLanes; t < whole * kLanes + kLanes; ++t) {
-        float score = 0.0f;
-        if (t < max_length)
-          for (int64_t i = 0; i < d; ++i) score += q[g * d + i] * keys[i * max_length + t];
-        s[t - whole * kLanes] = score * scale;
-      }
-    }
+  for (int64_t first = 0; first < blocks; first += vectors_per_page) {
+    const float* keys = key_block(page_at(first / vectors_per_page));
+    const int64_t count = std::min(vectors_per_page, blocks - first);
+    int64_t b0 = 0;
+    for (; b0 + KB <= count; b0 += KB)
+      ScoreVectors<G, D, KB>(q, keys + b0 * kLanes, page_size, scale, scratch + first + b0, row);
+    if (b0 < count)
+      ScoreVectorsUpTo<G, D, KB - 1>(count - b0, q, keys + b0 * kLanes, page_size, scale, scratch + first + b0,
+                                     row);
   }
 
   // Softmax over each query head's visible entries (the last vector's entries past `visible` are masked out).
@@ -200,20 +210,24 @@ void AttendPair(const Problem& p, int64_t pair, Vec* __restrict__ scratch) {
     for (int64_t b = 0; b < blocks; ++b) s[b] *= inverse;
   }
 
-  // Weighted sums of the values, CB vectors of features at a time, position by position.
+  // Weighted sums of the values, CB vectors of features at a time, position by position (page by page).
   constexpr int64_t CB = std::min<int64_t>(C, std::max<int64_t>(1, kRegisters / G));
   for (int64_t c0 = 0; c0 < C; c0 += CB) {
     Vec acc[G][CB];
     for (int g = 0; g < G; ++g)
       for (int64_t j = 0; j < CB; ++j) acc[g][j] = Vec{};
     const int64_t width = std::min<int64_t>(CB, C - c0);  // vectors in this pass
-    for (int64_t t = 0; t < visible; ++t) {
-      const float* vrow = values + t * d + c0 * kLanes;
-      Vec value[CB];
-      for (int64_t j = 0; j < CB; ++j) value[j] = j < width ? LoadFull(vrow + j * kLanes) : Vec{};
-      for (int g = 0; g < G; ++g) {
-        const float weight = reinterpret_cast<const float*>(scratch + g * row)[t];
-        for (int64_t j = 0; j < CB; ++j) acc[g][j] += weight * value[j];
+    for (int64_t start = 0; start < visible; start += page_size) {
+      const float* values = value_block(page_at(start / page_size));
+      const int64_t stop = std::min(visible, start + page_size);
+      for (int64_t t = start; t < stop; ++t) {
+        const float* vrow = values + (t - start) * d + c0 * kLanes;
+        Vec value[CB];
+        for (int64_t j = 0; j < CB; ++j) value[j] = j < width ? LoadFull(vrow + j * kLanes) : Vec{};
+        for (int g = 0; g < G; ++g) {
+          const float weight = reinterpret_cast<const float*>(scratch + g * row)[t];
+          for (int64_t j = 0; j < CB; ++j) acc[g][j] += weight * value[j];
+        }
       }
     }
     for (int g = 0; g < G; ++g)
@@ -271,42 +285,50 @@ struct SharedWork {
 
 ffi::Error DecodeAttention(ffi::ThreadPool thread_pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> cos,
                            ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> keys, ffi::Buffer<ffi::F32> values,
-                           ffi::Buffer<ffi::S32> lengths, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> keys_out, ffi::ResultBuffer<ffi::F32> values_out) {
+                           ffi::Buffer<ffi::S32> lengths, ffi::Buffer<ffi::S32> page_table,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> keys_out,
+                           ffi::ResultBuffer<ffi::F32> values_out) {
   const auto qkv_shape = qkv.dimensions();
   const auto key_shape = keys.dimensions();
   const auto value_shape = values.dimensions();
+  const auto table_shape = page_table.dimensions();
   if (qkv_shape.size() != 4 || key_shape.size() != 4 || value_shape.size() != 4 || cos.dimensions().size() != 2 ||
-      sin.dimensions().size() != 2 || lengths.dimensions().size() != 1) {
+      sin.dimensions().size() != 2 || lengths.dimensions().size() != 1 || table_shape.size() != 2) {
     return ffi::Error::InvalidArgument(
-        "decode attention: expected 4-D qkv, keys and values, 2-D cos and sin, and 1-D lengths");
+        "decode attention: expected 4-D qkv, keys and values, 2-D cos, sin and page table, and 1-D lengths");
   }
   const int64_t slots = qkv_shape[0], kv_heads = qkv_shape[1], group = qkv_shape[2] - 2, head_dim = qkv_shape[3];
-  const int64_t max_length = key_shape[3];
-  if (key_shape[0] != slots || key_shape[1] != kv_heads || key_shape[2] != head_dim || value_shape[0] != slots ||
-      value_shape[1] != kv_heads || value_shape[2] != max_length || value_shape[3] != head_dim ||
+  const int64_t num_pages = key_shape[1], page_size = key_shape[3], table_width = table_shape[1];
+  if (key_shape[0] != kv_heads || key_shape[2] != head_dim || value_shape[0] != kv_heads ||
+      value_shape[1] != num_pages || value_shape[2] != page_size || value_shape[3] != head_dim ||
       cos.dimensions()[0] != slots || cos.dimensions()[1] != head_dim || sin.dimensions()[0] != slots ||
-      sin.dimensions()[1] != head_dim || lengths.dimensions()[0] != slots || max_length < 1) {
-    return ffi::Error::InvalidArgument("decode attention: qkv, cos, sin, keys, values and lengths disagree in shape");
+      sin.dimensions()[1] != head_dim || lengths.dimensions()[0] != slots || table_shape[0] != slots ||
+      num_pages < 1 || table_width < 1) {
+    return ffi::Error::InvalidArgument(
+        "decode attention: qkv, cos, sin, keys, values, lengths and page table disagree in shape");
+  }
+  if (page_size % kLanes != 0) {
+    return ffi::Error::InvalidArgument("decode attention: the page size must be a multiple of the vector width (16 floats at most)");
   }
   const PairFunction attend = PairFunctionFor(group, head_dim);
   if (attend == nullptr) {
     return ffi::Error::InvalidArgument(
         "decode attention: needs 1 to 8 query heads per KV head and a head size of 16, 32, 64, 128 or 256");
   }
-  // The caches are updated in place: XLA gives the results the inputs' buffers (input_output_aliases). Should
-  // it ever not, the results start as copies of the inputs.
+  // The pool is updated in place: XLA gives the results the inputs' buffers (input_output_aliases). Should it
+  // ever not, the results start as copies of the inputs.
   if (keys_out->typed_data() != keys.typed_data())
     std::memcpy(keys_out->typed_data(), keys.typed_data(), keys.size_bytes());
   if (values_out->typed_data() != values.typed_data())
     std::memcpy(values_out->typed_data(), values.typed_data(), values.size_bytes());
   auto work = std::make_shared<SharedWork>();
-  work->problem = Problem{qkv.typed_data(),      cos.typed_data(),        sin.typed_data(),
-                          keys_out->typed_data(), values_out->typed_data(), lengths.typed_data(),
-                          out->typed_data(),      kv_heads,                max_length};
+  work->problem = Problem{qkv.typed_data(),       cos.typed_data(),         sin.typed_data(),
+                          keys_out->typed_data(),  values_out->typed_data(), lengths.typed_data(),
+                          page_table.typed_data(), out->typed_data(),        kv_heads,
+                          num_pages,               page_size,                table_width};
   work->attend = attend;
   work->num_pairs = slots * kv_heads;
-  work->scratch_vectors = group * ((max_length + kLanes - 1) / kLanes);
+  work->scratch_vectors = group * (table_width * page_size / kLanes);
   const int64_t helpers = std::min<int64_t>(thread_pool.num_threads(), work->num_pairs) - 1;
   for (int64_t i = 0; i < helpers; ++i) {
     thread_pool.Schedule([work] { work->Run(); });
@@ -328,6 +350,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DapoDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // keys
                                   .Arg<ffi::Buffer<ffi::F32>>()   // values
                                   .Arg<ffi::Buffer<ffi::S32>>()   // lengths
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // page table
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // keys, updated (aliases the input)
                                   .Ret<ffi::Buffer<ffi::F32>>());  // values, updated (aliases the input)

@@ -1,17 +1,17 @@
 """The decode-step attention kernel for XLA:CPU (`cpu_attention.cc`), built on first use and called through XLA's FFI.
 
-On CPU, XLA runs a decode step's attention (one query per slot against its cache) as two batched matrix
-products of a few rows each; its YNNPACK backend executes them on one core while the other waits, and reads
-every cache entry, visible or not. The kernel reads only the entries each slot can see, once for all query heads
-of a KV head, and shares the slots between the calling thread and XLA's intra-op thread pool. It also applies
-RoPE to the fed token's queries and key and writes its key and value into the cache in place, which as XLA ops
-were five small operations per layer. Its vectors match the machine's registers (`cpu_attention.cc`). A decode
+On CPU, XLA runs a decode step's attention (one query per slot against its pages of the KV cache) as a gather
+and two batched matrix products of a few rows each; its YNNPACK backend executes them on one core while the
+other waits, and reads every gathered entry, visible or not. The kernel reads only the entries each slot can
+see, straight from its pages, once for all query heads of a KV head, and shares the slots between the calling
+thread and XLA's intra-op thread pool. It also applies RoPE to the fed token's queries and key and writes its
+key and value into the pool in place, which as XLA ops were five small operations per layer. Its vectors match the machine's registers (`cpu_attention.cc`). A decode
 step with it is faster than with XLA's RoPE, cache writes and attention on every CPU it was measured on
 (docs/benchmarks.md, "Measurements behind design choices").
 
-Decoding uses it where it applies (`decoding.attention_kernel_on`: one CPU device, float32, a supported group
-and head size) and it builds; anywhere else XLA's attention computes the same values. The shared library is
-compiled with the C++ compiler (`$CXX`, else `c++`) for this machine's CPU (`-march=native`) into
+Decoding uses it where it applies (`decoding.attention_kernel_on`: one CPU device, float32, a supported group,
+head size and page size) and it builds; anywhere else XLA's attention computes the same values. The shared
+library is compiled with the C++ compiler (`$CXX`, else `c++`) for this machine's CPU (`-march=native`) into
 `$DAPO_JAX_CACHE` (default `~/.cache/dapo_jax`), once per source, jaxlib version and CPU. Set
 `DAPO_JAX_CPU_ATTENTION=0` never to use it.
 """
@@ -38,9 +38,12 @@ _TARGET = "dapo_decode_attention"
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
-def supports(group: int, head_dim: int) -> bool:
-  """Whether the kernel handles this shape of grouped-query attention."""
-  return group in SUPPORTED_GROUPS and head_dim in SUPPORTED_HEAD_DIMS
+PAGE_SIZE_MULTIPLE = 16  # pages are whole vectors of positions, for the widest vectors (AVX-512's 16 floats)
+
+
+def supports(group: int, head_dim: int, page_size: int) -> bool:
+  """Whether the kernel handles this shape of grouped-query attention and this page size."""
+  return group in SUPPORTED_GROUPS and head_dim in SUPPORTED_HEAD_DIMS and page_size % PAGE_SIZE_MULTIPLE == 0
 
 
 def available() -> bool:
@@ -49,23 +52,24 @@ def available() -> bool:
 
 
 def decode_attention_step(qkv: jax.Array, cos: jax.Array, sin: jax.Array, keys: jax.Array, values: jax.Array,
-                          lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                          lengths: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode step's attention for one layer, in one call: RoPE on the fed token's queries and key, its key and
-  value written into each slot's cache at index `lengths[slot]` (dropped at or past the cache's end), and
-  attention of its queries to cache entries 0 .. lengths[slot].
+  value written into each slot's pages at cache index `lengths[slot]` (dropped where the slot's page table has no
+  page there), and attention of its queries to cache entries 0 .. lengths[slot].
 
   qkv [slots, kv_heads, group + 2, head_dim]: per KV head its query heads, key and value, before RoPE; cos and
-  sin [slots, head_dim] (`qwen2.rotary_cos_sin` of each slot's position); keys [slots, kv_heads, head_dim,
-  max_length]; values [slots, kv_heads, max_length, head_dim]; all float32; lengths [slots] int32. Returns the
-  attention output [slots, kv_heads, group, head_dim] and the updated keys and values (the input caches' buffers,
-  written in place where XLA can donate them).
+  sin [slots, head_dim] (`qwen2.rotary_cos_sin` of each slot's position); keys [kv_heads, num_pages, head_dim,
+  page_size]; values [kv_heads, num_pages, page_size, head_dim]; all float32; lengths [slots] int32; page_table
+  [slots, table_width] int32 (entries outside [0, num_pages) mean "no page"). Returns the attention output
+  [slots, kv_heads, group, head_dim] and the updated keys and values (the input pool's buffers, written in place
+  where XLA can donate them).
   """
   if _load() is None:
     raise RuntimeError("the CPU decode attention kernel is not available (the log says why)")
   results = (jax.ShapeDtypeStruct(qkv.shape[:2] + (qkv.shape[2] - 2, qkv.shape[3]), jnp.float32),
              jax.ShapeDtypeStruct(keys.shape, jnp.float32), jax.ShapeDtypeStruct(values.shape, jnp.float32))
   call = jax.ffi.ffi_call(_TARGET, results, input_output_aliases={3: 1, 4: 2})
-  return call(qkv, cos, sin, keys, values, lengths.astype(jnp.int32))
+  return call(qkv, cos, sin, keys, values, lengths.astype(jnp.int32), page_table.astype(jnp.int32))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,31 +1,37 @@
-"""The device side of rollouts: prefill, insert into decode slots, and k fused decode steps.
+"""The device side of rollouts: prefill, insert into decode slots and their pages, and k fused decode steps.
 
 Pure functions over arrays (no JetStream here, so the training program can import them cheaply); the group
 sampler (`sampler.py`) and the JetStream engine (`engine.py`) are two drivers of the same three functions:
 
     weights = decode_weights(params, config)                                   # once per run of decoding
     prefix = prefill(params, config, padded_prompts, prompt_lengths)           # once per prompt
-    state = insert(prefix, state, prefix_rows, slots, response_keys, sampling)  # into n slots: a group
-    state, out = decode_steps(weights, config, state, num_steps, sampling)      # all slots, num_steps tokens
+    state = insert(prefix, state, writes, starts, sampling)                    # into pages, then n slots: a group
+    state, out = decode_steps(weights, config, state, page_table, num_steps, sampling)  # all slots, num_steps tokens
 
-(`decode_weights` is in `weight_layout.py`, the decode state in `decode_state.py`.)
+(`decode_weights` is in `weight_layout.py`, the decode state in `decode_state.py`, the host's page bookkeeping
+in `page_table.py`.)
 
 Decode state. Each slot holds the *next token* of its response: already sampled but not yet returned or fed to
 the model. A decode step returns the next tokens, feeds them, and samples the following ones; `insert` samples a
 response's first token from the prefill's logits. So a step's output is exactly the tokens of the responses in
 order, and JetStream's orchestrator, which streams only what `generate` returns, loses no first token.
 
+Paged KV cache. Keys and values live in a pool of pages; the page table (the host's, passed to every call)
+names each slot's pages. `insert` copies a prefix into pages: the n samples of a group share its prompt's full
+pages, so those are written once, and each sample gets its own copy of the last, partial page. A decode step
+writes each slot's new key and value into the page its table names for that cache index (dropped where the
+table names none) and attends over the slot's pages: on one CPU device with the C++ kernel
+(`cpu_attention.py`, `attention_kernel_on`), elsewhere with `paged_attention.py` (JAX's TPU or GPU
+paged-attention kernel, or XLA), run per device on a mesh, where each device holds its slots' pages.
+
 Randomness. The token at response position t is drawn with `fold_in(response_key, t)`, and the response key
 comes from (seed, prompt index, sample index) (`sampling.response_key`), so a response does not depend on the
-slot it runs in or on what runs beside it.
+slot it runs in, the pages it holds, or on what runs beside it.
 
 Speed (decode is most of an RL step). Decode steps read `DecodeWeights` (`weight_layout.py`: unstacked layers,
-fused matrices). The layer loop is unrolled in Python (not scanned) so that each layer's KV cache is its own
-buffer, updated in place across steps, where a scan over stacked layers copies every layer's cache in and out of
-the loop on every step. The caches are laid out so that both attention contractions are batched matrix products
-(`decode_state.py`). On one CPU device attention runs in a C++ kernel that also applies RoPE and writes the caches
-in place (`cpu_attention.py`, `attention_kernel_on`). The prefill applies the LM head to each prompt's last token
-only.
+fused matrices). The layer loop is unrolled in Python (not scanned) so that each layer's pool is its own buffer,
+updated in place across steps, where a scan over stacked layers copies every layer's pool in and out of the loop
+on every step. The prefill applies the LM head to each prompt's last token only.
 """
 from collections.abc import Callable
 import functools
@@ -33,11 +39,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from dapo_jax.model import attention as attention_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
 from dapo_jax.rollout import cpu_attention
+from dapo_jax.rollout import decode_state as decode_state_lib
+from dapo_jax.rollout import paged_attention as paged_attention_lib
 from dapo_jax.rollout import sampling as sampling_lib
 from dapo_jax.rollout.decode_state import DecodeOutput, DecodeState, Prefix
 from dapo_jax.rollout.sampling import SamplingParams
@@ -48,18 +57,18 @@ MIN_PREFILL_BUCKET = 16
 power of two of at least this many tokens, which bounds the number of prefill compilations."""
 
 
-def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config) -> bool:
+def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config, page_size: int) -> bool:
   """Whether decode steps of `config` on `num_devices` devices of `platform` run attention with the CPU kernel
   (`cpu_attention.py`: RoPE, the cache writes and attention in one call, which made decode steps faster on every
   CPU measured: docs/benchmarks.md) rather than XLA's ops.
 
-  The kernel needs one CPU device (it does not split across a mesh), float32 compute and caches, the transposed
-  key cache of `decode_state.keys_transposed_on("cpu")`, a supported shape, and a C++ compiler to build it
-  (checked here, so the first call may take a few seconds).
+  The kernel needs one CPU device (it does not split across a mesh), float32 compute and pages, the transposed
+  keys of `decode_state.keys_transposed_on("cpu")`, a supported shape and page size, and a C++ compiler to build
+  it (checked here, so the first call may take a few seconds).
   """
   group = config.num_heads // config.num_kv_heads
   return (platform == "cpu" and num_devices == 1 and config.dtype == jnp.float32
-          and cpu_attention.supports(group, config.head_dim) and cpu_attention.available())
+          and cpu_attention.supports(group, config.head_dim, page_size) and cpu_attention.available())
 
 
 def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
@@ -80,65 +89,87 @@ def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, length
   return Prefix(k=k, v=jnp.swapaxes(cache.v, 2, 3), lengths=lengths.astype(jnp.int32), logits=logits)
 
 
-def insert(prefix: Prefix, state: DecodeState, prefix_rows: jax.Array, slots: jax.Array,
-           response_keys: jax.Array, sampling: SamplingParams, keys_transposed: bool = True) -> DecodeState:
-  """Starts responses: slot `slots[j]` gets prompt `prefix_rows[j]` of the prefix and the key `response_keys[j]`.
+class PageWrites(NamedTuple):
+  """Prefix rows to copy into pages: row `rows[i]` of a prefix, its j-th page of `page_size` entries into pool page
+  `pages[i, j]` (a global page index; one past the pool's last page drops that page, e.g. padding of the
+  prompt bucket, or full prompt pages another write already put in shared pages)."""
+  rows: jax.Array   # [W] int32
+  pages: jax.Array  # [W, bucket_length // page_size] int32
 
-  Several slots may take the same prefix row (the samples of one group share one prefill). A slot index
-  >= num_slots marks an unused entry (padding the call to a fixed size) and is dropped. Each response's first
-  token is sampled here, from the prefix logits, with the key of response position 0.
+
+class SlotStarts(NamedTuple):
+  """Responses to start: slot `slots[i]` (>= num_slots: an unused entry, dropped) continues from prefix row
+  `rows[i]` at response position `positions[i]` (0 for a new response; a readmitted response continues where it
+  was preempted), with key `response_keys[i]`; its cache holds the row's `lengths` entries."""
+  rows: jax.Array           # [S] int32
+  slots: jax.Array          # [S] int32
+  positions: jax.Array      # [S] int32
+  response_keys: jax.Array  # [S, 2] uint32
+
+
+def insert(prefix: Prefix, state: DecodeState, writes: PageWrites, starts: SlotStarts, sampling: SamplingParams,
+           keys_transposed: bool = True) -> DecodeState:
+  """Copies prefix rows into pages (`writes`) and starts responses in slots (`starts`).
+
+  Several slots may start from the same prefix row (the samples of one group share one prefill and its full
+  prompt pages). Each response's next token is sampled here, from the prefix logits, with the key of its
+  response position.
   """
+  page_size = state.page_size
   bucket_length = prefix.v.shape[3]
-  if bucket_length > state.max_length:
-    raise ValueError(f"insert: the prefix holds {bucket_length} positions but the decode cache only "
-                     f"{state.max_length}; make the cache longer than the prompt bucket")
-  rows = jnp.asarray(prefix_rows, jnp.int32)
-  slots = jnp.asarray(slots, jnp.int32)
+  if bucket_length % page_size:
+    raise ValueError(f"insert: the prefix holds {bucket_length} positions, not a whole number of {page_size}-entry "
+                     "pages; prefill buckets must be multiples of the page size")
+  num_writes, bucket_pages = writes.pages.shape
+  pages = writes.pages.reshape(-1)
+
+  def put(pool, prefix_layer, transposed):
+    rows = prefix_layer[writes.rows].astype(pool.dtype)  # [W, kv, bucket, d] or [W, kv, d, bucket]
+    kv_heads, head_dim = rows.shape[1], pool.shape[3] if not transposed else pool.shape[2]
+    if transposed:  # -> [kv, W * bucket_pages, d, page_size]
+      blocks = rows.reshape(num_writes, kv_heads, head_dim, bucket_pages, page_size).transpose(1, 0, 3, 2, 4)
+      return pool.at[:, pages].set(blocks.reshape(kv_heads, -1, head_dim, page_size), mode="drop")
+    blocks = rows.reshape(num_writes, kv_heads, bucket_pages, page_size, head_dim).transpose(1, 0, 2, 3, 4)
+    return pool.at[:, pages].set(blocks.reshape(kv_heads, -1, page_size, head_dim), mode="drop")
+
+  rows, slots = starts.rows.astype(jnp.int32), starts.slots.astype(jnp.int32)
   first = sampling_lib.sample_tokens(
-      prefix.logits[rows], sampling_lib.token_keys(response_keys, jnp.zeros_like(rows)), sampling)
-
-  def put_keys(cache_layer, prefix_layer):
-    if not keys_transposed:
-      return put_values(cache_layer, prefix_layer)
-    return cache_layer.at[slots, :, :, :bucket_length].set(prefix_layer[rows].astype(cache_layer.dtype),
-                                                           mode="drop")
-
-  def put_values(cache_layer, prefix_layer):
-    return cache_layer.at[slots, :, :bucket_length].set(prefix_layer[rows].astype(cache_layer.dtype), mode="drop")
+      prefix.logits[rows], sampling_lib.token_keys(starts.response_keys, starts.positions), sampling)
 
   def set_rows(values, new_values):
     return values.at[slots].set(new_values.astype(values.dtype), mode="drop")
 
   return DecodeState(
-      k=tuple(put_keys(cache, prefix.k[i]) for i, cache in enumerate(state.k)),
-      v=tuple(put_values(cache, prefix.v[i]) for i, cache in enumerate(state.v)),
+      k=tuple(put(pool, prefix.k[i], keys_transposed) for i, pool in enumerate(state.k)),
+      v=tuple(put(pool, prefix.v[i], False) for i, pool in enumerate(state.v)),
       lengths=set_rows(state.lengths, prefix.lengths[rows]),
       tokens=set_rows(state.tokens, first.tokens),
       logp_sampled=set_rows(state.logp_sampled, first.logp_sampled),
       logp_full=set_rows(state.logp_full, first.logp_full),
-      positions=set_rows(state.positions, jnp.zeros_like(rows)),
-      response_keys=set_rows(state.response_keys, response_keys))
+      positions=set_rows(state.positions, starts.positions),
+      response_keys=set_rows(state.response_keys, starts.response_keys))
 
 
-def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, num_steps: int,
-                 sampling: SamplingParams, attend_length: int | None = None, keys_transposed: bool = True,
-                 attention_kernel: bool = False) -> tuple[DecodeState, DecodeOutput]:
+def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, page_table: jax.Array,
+                 num_steps: int, sampling: SamplingParams, keys_transposed: bool = True,
+                 attention_kernel: bool = False, mesh_layout: attention_lib.MeshLayout | None = None
+                 ) -> tuple[DecodeState, DecodeOutput]:
   """`num_steps` decode steps for every slot in one device call.
 
   Each step returns the slots' next tokens, feeds them to the model and samples the following ones. Slots
-  whose response has ended keep going (their tokens are junk the caller ignores); a slot's cache writes past
-  the cache's end are dropped.
+  whose response has ended keep going (their tokens are junk the caller ignores); a write to a cache entry for
+  which `page_table` names no page is dropped.
 
-  `attend_length` (static; default: the whole cache) bounds the cache entries attention reads: the caller
-  passes one that covers every live slot's cache through these steps (`attention_window`), so early in a long
-  rollout a step reads the few thousand entries in use rather than all 22k of a 2k + 20k cache.
-  `attention_kernel` (`attention_kernel_on`) runs attention with the CPU kernel, which reads exactly the
-  entries each slot can see (`attend_length` is then not needed).
+  `page_table` [slots, width] int32 names each slot's pages (within the slot's block of pages on a mesh:
+  `decode_state.state_layout`); entries outside the block mean "no page". Its width bounds what attention may
+  read: the caller passes the columns that cover every live slot's cache through these steps
+  (`page_table.PageTable.window`), so early in a long rollout the XLA path gathers the pages in use rather than
+  all pages a full-length response could hold. `attention_kernel` (`attention_kernel_on`) runs attention with
+  the CPU kernel; `mesh_layout` is the state's mesh, on which attention runs per device.
   """
-  attend_length = state.max_length if attend_length is None else min(attend_length, state.max_length)
-
   def step(state: DecodeState, _):
-    logits, k, v = _decode_forward(weights, config, state, attend_length, keys_transposed, attention_kernel)
+    logits, k, v = _decode_forward(weights, config, state, page_table, keys_transposed, attention_kernel,
+                                   mesh_layout)
     if "unembed" in weights.head:
       if not sampling.greedy:
         raise ValueError("decode_steps: these weights were made for greedy decoding (decode_weights(greedy=True))")
@@ -156,50 +187,32 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
   return state, DecodeOutput(tokens=tokens.T, logp_sampled=logp_sampled.T, logp_full=logp_full.T)
 
 
-def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, attend_length: int,
-                    keys_transposed: bool, attention_kernel: bool = False
+def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeState, page_table: jax.Array,
+                    keys_transposed: bool, attention_kernel: bool, mesh_layout: attention_lib.MeshLayout | None
                     ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """One token per slot through the model: logits (float32; [slots, vocab], or [vocab, slots] with weights made
-  for greedy decoding) and the updated per-layer caches.
+  for greedy decoding) and the updated per-layer pools.
 
-  The arithmetic of `qwen2.extend` for one new token, on `DecodeWeights`, attending to the first
-  `attend_length` cache entries.
+  The arithmetic of `qwen2.extend` for one new token, on `DecodeWeights`, attending to each slot's pages.
   """
   num_slots, dtype = state.num_slots, config.dtype
-  num_heads, head_dim = config.num_heads, config.head_dim
-  group = num_heads // config.num_kv_heads
-  slots = jnp.arange(num_slots)
   positions = state.lengths[:, None]  # [slots, 1]: the fed token's position is its cache index
-  cos, sin = qwen2.rotary_cos_sin(positions, head_dim, config.rope_theta)
-  visible = jnp.arange(attend_length)[None, :] <= state.lengths[:, None]  # [slots, attend_length]
+  cos, sin = qwen2.rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+  attend = _per_device(functools.partial(_attend_layer, keys_transposed=keys_transposed,
+                                         attention_kernel=attention_kernel),
+                       config, mesh_layout, num_slots)
   h = qwen2.embed_tokens(weights.head, config, state.tokens)  # [slots, embed]
   new_k, new_v = [], []
-  for layer, k_cache, v_cache in zip(weights.layers, state.k, state.v):
+  for layer, k_pool, v_pool in zip(weights.layers, state.k, state.v):
     x = qwen2.rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
     qkv = jnp.einsum("be,ekhd->bkhd", x, layer["qkv_kernel"]) + layer["qkv_bias"]
-    if attention_kernel:  # RoPE, the cache writes and attention in one call
-      attn, k_cache, v_cache = cpu_attention.decode_attention_step(qkv, cos[:, 0], sin[:, 0], k_cache, v_cache,
-                                                                   state.lengths)
-      attn = attn.reshape(num_slots, -1)
-    else:
-      # RoPE on the queries and the key at once: [slots, 1 position, kv_heads * (group + 1) heads, head_dim].
-      qk = qwen2.apply_rotary(qkv[:, :, :group + 1].reshape(num_slots, 1, -1, head_dim), cos, sin)
-      qk = qk.reshape(num_slots, -1, group + 1, head_dim)
-      q, k, v = qk[:, :, :group], qk[:, :, group], qkv[:, :, group + 1]  # [slots, kv, group, d], [slots, kv, d] x2
-      if keys_transposed:
-        k_cache = k_cache.at[slots, :, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
-      else:
-        k_cache = k_cache.at[slots, :, state.lengths].set(k.astype(k_cache.dtype), mode="drop")
-      v_cache = v_cache.at[slots, :, state.lengths].set(v.astype(v_cache.dtype), mode="drop")
-      keys = k_cache[..., :attend_length] if keys_transposed else k_cache[:, :, :attend_length]
-      attn = _slot_attention(q, keys.astype(dtype), v_cache[:, :, :attend_length].astype(dtype), visible,
-                             keys_transposed)
-    h = h + attn @ layer["o_kernel"]
+    attn, k_pool, v_pool = attend(qkv, cos[:, 0], sin[:, 0], k_pool, v_pool, state.lengths, page_table)
+    h = h + attn.reshape(num_slots, -1).astype(dtype) @ layer["o_kernel"]
     x = qwen2.rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
     gate_up = jnp.einsum("be,etm->btm", x, layer["gate_up_kernel"])
     h = h + (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ layer["down_kernel"]
-    new_k.append(k_cache)
-    new_v.append(v_cache)
+    new_k.append(k_pool)
+    new_v.append(v_pool)
   if "unembed" not in weights.head:
     return qwen2.logits_from_hidden(weights.head, config, h).astype(jnp.float32), tuple(new_k), tuple(new_v)
   # Greedy decoding: the LM head as [vocab, embed] @ [embed, slots], which measured faster on CPU than
@@ -211,44 +224,61 @@ def _decode_forward(weights: DecodeWeights, config: Qwen2Config, state: DecodeSt
   return logits, tuple(new_k), tuple(new_v)
 
 
-def _slot_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
-                    keys_transposed: bool = True) -> jax.Array:
-  """Grouped-query attention of one query per slot: q [slots, kv_heads, group, d], k [slots, kv_heads, d, length]
-  (keys_transposed) or [slots, kv_heads, length, d], v [slots, kv_heads, length, d], visible [slots, length];
-  returns [slots, heads * d] (heads kv-major, as the model numbers them).
+def _attend_layer(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pool: jax.Array, v_pool: jax.Array,
+                  lengths: jax.Array, page_table: jax.Array, *, keys_transposed: bool, attention_kernel: bool
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One layer's attention of the fed tokens on one device's slots and pages: RoPE on the queries and key, the
+  key and value written at each slot's cache index `lengths`, attention to entries 0 .. lengths.
 
-  The same arithmetic as `qwen2.cache_attention` (float32 scores and softmax), in the cache's layout.
+  qkv [slots, kv_heads, group + 2, head_dim] (per KV head its query heads, key and value); returns the output
+  [slots, kv_heads, group, head_dim] and the updated pools.
   """
-  num_slots, num_kv_heads, group, head_dim = q.shape
-  scores = jnp.einsum("bkgd,bkdt->bkgt" if keys_transposed else "bkgd,bktd->bkgt", q, k,
-                      preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-  scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgt,bktd->bkgd", probs, v)
-  return out.reshape(num_slots, num_kv_heads * group * head_dim)
+  if attention_kernel:  # RoPE, the cache writes and attention in one call
+    return cpu_attention.decode_attention_step(qkv, cos, sin, k_pool, v_pool, lengths, page_table)
+  num_slots, kv_heads, group = qkv.shape[0], qkv.shape[1], qkv.shape[2] - 2
+  head_dim, num_pages, page_size = qkv.shape[3], v_pool.shape[1], v_pool.shape[2]
+  # RoPE on the queries and the key at once: [slots, 1 position, kv_heads * (group + 1) heads, head_dim].
+  qk = qwen2.apply_rotary(qkv[:, :, :group + 1].reshape(num_slots, 1, -1, head_dim), cos[:, None], sin[:, None])
+  qk = qk.reshape(num_slots, kv_heads, group + 1, head_dim)
+  q, k, v = qk[:, :, :group], qk[:, :, group], qkv[:, :, group + 1]  # [slots, kv, group, d], [slots, kv, d] x2
+  # The page of each slot's cache index (none past the table: the write is then dropped) and the entry in it.
+  column = lengths // page_size
+  page = jnp.where(column < page_table.shape[1],
+                   page_table[jnp.arange(num_slots), jnp.minimum(column, page_table.shape[1] - 1)], num_pages)
+  page = jnp.where((page >= 0) & (page < num_pages), page, num_pages)
+  offset = lengths % page_size
+  if keys_transposed:  # [kv, pages, d, page_size][:, page, :, offset] is [slots, kv, d]
+    k_pool = k_pool.at[:, page, :, offset].set(k.astype(k_pool.dtype), mode="drop")
+  else:  # [kv, pages, page_size, d][:, page, offset] is [kv, slots, d]
+    k_pool = k_pool.at[:, page, offset].set(jnp.swapaxes(k, 0, 1).astype(k_pool.dtype), mode="drop")
+  v_pool = v_pool.at[:, page, offset].set(jnp.swapaxes(v, 0, 1).astype(v_pool.dtype), mode="drop")
+  out = paged_attention_lib.paged_attention(
+      q.reshape(num_slots, kv_heads * group, head_dim), k_pool, v_pool, lengths + 1,
+      jnp.clip(page_table, 0, num_pages - 1), keys_transposed=keys_transposed)
+  return out.reshape(num_slots, kv_heads, group, head_dim), k_pool, v_pool
 
 
-def attention_window(cache_lengths_needed: int, max_length: int, minimum: int = 64) -> int:
-  """The `attend_length` for decode steps that will use up to `cache_lengths_needed` cache entries: the next power
-  of two (at least `minimum`), so a rollout compiles a handful of window sizes; or the whole cache
-  (`max_length`) where a window would not pay for itself.
-
-  XLA materialises the window (a slice of each layer's key and value caches) before attention reads it, on CPU
-  and on TPU alike, so a window of w entries costs about 3w entry reads (the copy's read and write, then
-  attention's) against `max_length` for attending to the whole cache. Windows longer than a third of the cache
-  are therefore not used (on CPU such a window measured slower than attending to the whole cache:
-  docs/benchmarks.md).
-  """
-  window = max(minimum, 1 << max(cache_lengths_needed - 1, 0).bit_length())
-  return window if 3 * window <= max_length else max_length
+def _per_device(attend, config: Qwen2Config, mesh_layout: attention_lib.MeshLayout | None, num_slots: int):
+  """`attend` (`_attend_layer`) run by each device of the state's mesh on its own slots, KV heads and pages
+  (page table entries number pages within a device's block), since XLA cannot see that a slot's pages are on
+  its own devices, and the TPU and GPU kernels cannot be partitioned automatically."""
+  if mesh_layout is None:
+    return attend
+  layout = decode_state_lib.state_layout(config, mesh_layout.mesh, num_slots, mesh_layout.rules)
+  slots, heads = layout.slot_spec[0], layout.pool_spec[0]
+  qkv_spec = PartitionSpec(slots, heads, None, None)
+  in_specs = (qkv_spec, PartitionSpec(slots, None), PartitionSpec(slots, None), layout.pool_spec,
+              layout.pool_spec, PartitionSpec(slots), PartitionSpec(slots, None))
+  return jax.shard_map(attend, mesh=mesh_layout.mesh, in_specs=in_specs,
+                       out_specs=(qkv_spec, layout.pool_spec, layout.pool_spec), check_vma=False)
 
 
 class JittedFunctions(NamedTuple):
   """`new_decode_arrays(params, greedy=False)`, `prefill(params, tokens, lengths)`,
-  `insert(prefix, state, prefix_rows, slots, response_keys, sampling)` and
-  `decode_steps(weights, state, num_steps, sampling, attend_length=None)`, jitted for one config (and
-  decode-state sharding); `decode_weights(params, greedy=False)` assembles `new_decode_arrays`' output with the
-  params' own head arrays (a jitted function would return copies of those)."""
+  `insert(prefix, state, writes, starts, sampling)` and `decode_steps(weights, state, page_table, num_steps,
+  sampling)`, jitted for one config (and decode-state sharding); `decode_weights(params, greedy=False)` assembles
+  `new_decode_arrays`' output with the params' own head arrays (a jitted function would return copies of
+  those)."""
   decode_weights: Callable
   new_decode_arrays: Callable
   prefill: Callable
@@ -262,11 +292,11 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
                      mesh_layout: attention_lib.MeshLayout | None = None) -> JittedFunctions:
   """The device functions jitted for one model config; cached, so samplers and engines share compilations.
 
-  `insert` and `decode_steps` donate the decode state, whose caches are then updated in place; with
+  `insert` and `decode_steps` donate the decode state, whose pool is then updated in place; with
   `state_shardings` (`decode_state.decode_state_shardings`), the state they return keeps that sharding.
-  `keys_transposed` is the key cache layout of `decode_state.keys_transposed_on` the platform; `attention_kernel`
+  `keys_transposed` is the key layout of `decode_state.keys_transposed_on` the platform; `attention_kernel`
   (`attention_kernel_on`) has decode steps run attention with the CPU kernel; `mesh_layout` is the decode
-  state's mesh, on which the prefill runs the attention kernels per device.
+  state's mesh, on which the prefill runs the attention kernels, and decode steps their attention, per device.
   """
   def constrain(state: DecodeState) -> DecodeState:
     if state_shardings is None:
@@ -276,12 +306,12 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
   def prefill_fn(params, tokens, lengths):
     return prefill(params, config, tokens, lengths, keys_transposed, mesh_layout)
 
-  def insert_fn(prefix, state, prefix_rows, slots, response_keys, sampling):
-    return constrain(insert(prefix, state, prefix_rows, slots, response_keys, sampling, keys_transposed))
+  def insert_fn(prefix, state, writes, starts, sampling):
+    return constrain(insert(prefix, state, writes, starts, sampling, keys_transposed))
 
-  def decode_fn(weights, state, num_steps, sampling, attend_length=None):
-    state, output = decode_steps(weights, config, state, num_steps, sampling, attend_length, keys_transposed,
-                                 attention_kernel)
+  def decode_fn(weights, state, page_table, num_steps, sampling):
+    state, output = decode_steps(weights, config, state, page_table, num_steps, sampling, keys_transposed,
+                                 attention_kernel, mesh_layout)
     return constrain(state), output
 
   new_arrays_fn = jax.jit(functools.partial(new_decode_arrays, config=config), static_argnames=("greedy",))
@@ -294,5 +324,4 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
       new_decode_arrays=new_arrays_fn,
       prefill=jax.jit(prefill_fn),
       insert=jax.jit(insert_fn, static_argnames=("sampling",), donate_argnames=("state",)),
-      decode_steps=jax.jit(decode_fn, static_argnames=("num_steps", "sampling", "attend_length"),
-                           donate_argnames=("state",)))
+      decode_steps=jax.jit(decode_fn, static_argnames=("num_steps", "sampling"), donate_argnames=("state",)))

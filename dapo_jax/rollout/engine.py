@@ -53,6 +53,7 @@ from dapo_jax.model.tokenizer import Tokenizer
 from dapo_jax.rl import batching
 from dapo_jax.rollout import decode_state as decode_state_lib
 from dapo_jax.rollout import decoding
+from dapo_jax.rollout import page_table
 from dapo_jax.rollout import weight_layout
 from dapo_jax.rollout.decode_state import DecodeState
 from dapo_jax.rollout import sampling as sampling_lib
@@ -138,7 +139,7 @@ class QwenEngine(engine_api.Engine):
                params: qwen2.Params | None = None, checkpoint: str | os.PathLike | None = None,
                tokenizer: Tokenizer | None = None, eos_ids: Iterable[int] | None = None,
                sampling: SamplingParams = sampling_lib.GREEDY, steps_per_generate: int = 1, seed: int = 0,
-               mesh: jax.sharding.Mesh | None = None, rules=sharding_lib.DEFAULT_RULES):
+               mesh: jax.sharding.Mesh | None = None, rules=sharding_lib.DEFAULT_RULES, page_size: int = 16):
     """Configures the engine.
 
     Args:
@@ -157,6 +158,8 @@ class QwenEngine(engine_api.Engine):
       seed: with the prompt number and sample index, decides every random draw.
       mesh: where params and the decode state live (default: the first device).
       rules: logical-axis rules for the decode state's sharding.
+      page_size: cache entries per page of the KV pool. JetStream's orchestrator cannot requeue a preempted
+        request, so each slot owns the pages of a full-length response for good (`page_table.full_length_table`).
     """
     if params is None and checkpoint is None:
       raise ValueError("QwenEngine needs params or a checkpoint directory to load them from")
@@ -176,13 +179,21 @@ class QwenEngine(engine_api.Engine):
     self.seed = seed
     self._mesh = mesh or sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     self.cache_length = max_prefill_length + max_response_length
+    if page_size < 1 or page_size & (page_size - 1) or page_size > max_prefill_length:
+      raise ValueError(f"QwenEngine: page_size must be a power of two no longer than max_prefill_length, got "
+                       f"{page_size}")
+    self.page_size = page_size
     platform = self._mesh.devices.flat[0].platform
     self._keys_transposed = decode_state_lib.keys_transposed_on(platform)
-    self._state_shardings = decode_state_lib.decode_state_shardings(config, self._mesh, num_slots, self.cache_length,
-                                                                    rules, self._keys_transposed)
+    self._page_shards = decode_state_lib.state_layout(config, self._mesh, num_slots, rules).page_shards
+    pages_per_slot = -(-self.cache_length // page_size)
+    # Each slot owns its pages; on a mesh, page numbers count within the slot's shard of the pool.
+    self._page_table = page_table.full_length_table(num_slots, pages_per_slot)
+    self._decode_page_table = self._page_table % (num_slots // self._page_shards * pages_per_slot)
+    self._state_shardings = decode_state_lib.decode_state_shardings(config, self._mesh, num_slots, rules)
     self._functions = decoding.jitted_functions(
         config, self._state_shardings, self._keys_transposed,
-        decoding.attention_kernel_on(platform, self._mesh.size, config),
+        decoding.attention_kernel_on(platform, self._mesh.size, config, page_size),
         attention_lib.MeshLayout(self._mesh, tuple(rules)))
     self._response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, None, 0)))
     self._result_data = jax.jit(_result_data, static_argnames=("num_steps",))
@@ -208,7 +219,7 @@ class QwenEngine(engine_api.Engine):
 
   def init_decode_state(self, *args, **kwargs) -> DecodeState:
     del args, kwargs
-    return decode_state_lib.init_decode_state(self.config, self._num_slots, self.cache_length,
+    return decode_state_lib.init_decode_state(self.config, self._num_slots, self._page_table.size, self.page_size,
                                               shardings=self._state_shardings, keys_transposed=self._keys_transposed)
 
   # -----------------------------------------------------------------------------------------------------------
@@ -225,7 +236,7 @@ class QwenEngine(engine_api.Engine):
     if not 1 <= tokens.size <= self._max_prefill_length:
       raise ValueError(f"QwenEngine.prefill: the prompt has {tokens.size} tokens; 1 to {self._max_prefill_length} "
                        "are accepted")
-    bucket = batching.bucket_length(tokens.size, decoding.MIN_PREFILL_BUCKET)
+    bucket = batching.bucket_length(tokens.size, max(decoding.MIN_PREFILL_BUCKET, self.page_size))
     padded = np.zeros((1, bucket), np.int32)
     padded[0, :tokens.size] = tokens
     prefix = self._functions.prefill(params.model, padded, np.array([tokens.size], np.int32))
@@ -245,8 +256,9 @@ class QwenEngine(engine_api.Engine):
     if not slots or len(set(slots)) != len(slots) or not all(0 <= s < self._num_slots for s in slots):
       raise ValueError(f"bulk_insert: slots must be distinct, in [0, {self._num_slots}), got {slots}")
     keys = self._response_keys(np.uint32(self.seed), prefix.prompt_number, np.arange(len(slots), dtype=np.int32))
-    return self._functions.insert(prefix.prefix, decode_state, np.zeros(len(slots), np.int32),
-                                  np.asarray(slots, np.int32), keys, sampling=self.sampling)
+    writes, starts = page_table.prefix_into_slots(self._page_table, np.zeros(len(slots), np.int32), slots,
+                                                  prefix.prefix.v.shape[3], self.page_size, keys)
+    return self._functions.insert(prefix.prefix, decode_state, writes, starts, sampling=self.sampling)
 
   def insert(self, prefix: EnginePrefix, decode_state: DecodeState, slot: int) -> DecodeState:
     """Starts the prefix's (first) response in `slot`, sampling its first token."""
@@ -256,8 +268,8 @@ class QwenEngine(engine_api.Engine):
                decode_state: DecodeState) -> tuple[DecodeState, engine_api.ResultTokens]:
     """`steps_per_generate` tokens for every slot."""
     num_steps = self.steps_per_generate
-    decode_state, output = self._functions.decode_steps(params.decode, decode_state, num_steps=num_steps,
-                                                        sampling=self.sampling)
+    decode_state, output = self._functions.decode_steps(params.decode, decode_state, self._decode_page_table,
+                                                        num_steps=num_steps, sampling=self.sampling)
     data = self._result_data(output.tokens, decode_state.positions, num_steps=num_steps)
     return decode_state, engine_api.ResultTokens(
         data=data, tokens_idx=(0, num_steps), valid_idx=(num_steps, 2 * num_steps),

@@ -13,6 +13,7 @@ from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
 from dapo_jax.rollout import decode_state
 from dapo_jax.rollout import decoding
+from dapo_jax.rollout import page_table
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout import sampling as sampling_lib
 from dapo_jax.rollout.responses import Group
@@ -54,20 +55,34 @@ def test_greedy_matches_transformers_generate(checkpoints, name, with_eos):
       assert response.logp_full.shape == response.token_ids.shape and np.all(response.logp_full <= 0)
 
 
-def test_attention_window_grows_with_the_responses_and_matches_generate(checkpoints):
-  # Windows are powers of two, used only while three times the window fits in the cache (slicing one out copies
-  # it); beyond that the whole cache is read.
-  assert [decoding.attention_window(n, 170) for n in (1, 64, 65, 400)] == [170, 170, 170, 170]
-  assert [decoding.attention_window(n, 420) for n in (1, 64, 65, 129, 400)] == [64, 64, 128, 420, 420]
-  # A cache of 20 + 400 entries: decode steps attend to a 64-, then 128-entry window, then the whole cache as
-  # the responses grow; the tokens are still transformers' greedy ones.
+def test_page_table_windows_grow_with_the_responses():
+  # XLA's attention gathers every page passed: decode calls pass a power of two of page table columns that
+  # covers the live responses, or all columns where attention reads only visible entries anyway.
+  table = page_table.PageTable(num_slots=2, page_shards=1, pages_per_shard=60, page_size=16, pages_per_slot=27)
+  assert [table.window(n, whole=False).shape[1] for n in (1, 16, 17, 33, 65, 400)] == [1, 1, 2, 4, 8, 27]
+  assert table.window(1, whole=True).shape[1] == 27
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_long_responses_over_many_pages_match_generate(checkpoints, page_size):
+  # A cache of 20 + 400 entries: responses cross page after page (and, with XLA's attention, windows of 1 .. 32
+  # pages); the tokens are still transformers' greedy ones.
   checkpoint = checkpoints["tied_gqa"]
   prompts = random_prompts(checkpoint.vocab_size, PROMPT_LENGTHS, seed=2)
   sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=2, max_prompt_length=20, max_response_length=400,
-                                     steps_per_call=8)
+                                     steps_per_call=8, page_size=page_size)
   groups = sampler.sample(checkpoint.params, prompts, n=1, seed=0, sampling=GREEDY)
   for group, prompt in zip(groups, prompts):
     assert group.responses[0].token_ids.tolist() == checkpoint.greedy(prompt, 400)
+
+
+def _start(functions, prefix, state, num_slots, bucket_length, keys, sampling, page_size=16):
+  """Inserts prefix row i into slot i, each slot owning a full-length run of pages; returns the state and the
+  page table."""
+  table = page_table.full_length_table(num_slots, state.num_pages // num_slots)
+  writes, starts = page_table.prefix_into_slots(table, np.arange(num_slots), np.arange(num_slots), bucket_length,
+                                                page_size, keys)
+  return functions.insert(prefix, state, writes, starts, sampling=sampling), table
 
 
 @pytest.mark.parametrize("name", ["tied_gqa", "untied_mha"])
@@ -86,23 +101,23 @@ def test_greedy_decode_weights_give_the_same_steps_and_refuse_sampling(checkpoin
     assert ("unembed" in weights.head) == greedy
     if greedy and config.tie_word_embeddings:
       assert weights.head["unembed"] is params["embed"]
-    state = decode_state.init_decode_state(config, 3, 32)
-    state = functions.insert(prefix, state, jnp.arange(3), jnp.arange(3), keys, sampling=GREEDY)
-    state, out = functions.decode_steps(weights, state, num_steps=6, sampling=GREEDY)
+    state = decode_state.init_decode_state(config, 3, 3 * 4, 8)  # 8-entry pages: the prompts' bucket is one
+    state, table = _start(functions, prefix, state, 3, 8, keys, GREEDY, page_size=8)
+    state, out = functions.decode_steps(weights, state, table, num_steps=6, sampling=GREEDY)
     outputs.append(out)
   np.testing.assert_array_equal(outputs[0].tokens, outputs[1].tokens)
   np.testing.assert_allclose(outputs[0].logp_full, outputs[1].logp_full, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="greedy"):
-    functions.decode_steps(weights, state, num_steps=1, sampling=SamplingParams(temperature=1.0))
+    functions.decode_steps(weights, state, table, num_steps=1, sampling=SamplingParams(temperature=1.0))
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, top_p=0.9)])
 @pytest.mark.parametrize("name", ["untied_mqa", "tied_gqa"])
 def test_key_cache_layouts_and_the_cpu_attention_kernel_decode_the_same_tokens(checkpoints, name, sampling):
-  # CPU stores keys [slots, kv_heads, head_dim, length]; TPU and GPU store them like the values
+  # CPU stores keys [kv_heads, pages, head_dim, page_size]; TPU and GPU store them like the values
   # (`decode_state.keys_transposed_on`). Forced here on CPU, the second layout gives the same responses, and so does
   # the CPU attention kernel (`cpu_attention.py`) on the first, where it applies (tied_gqa's head size 16; not
-  # untied_mqa's 8) and builds.
+  # untied_mqa's 8) and builds; so does a window of the page table.
   checkpoint = checkpoints[name]
   config, params = checkpoint.config, checkpoint.params
   assert decode_state.keys_transposed_on("cpu") and not decode_state.keys_transposed_on("tpu")
@@ -112,17 +127,17 @@ def test_key_cache_layouts_and_the_cpu_attention_kernel_decode_the_same_tokens(c
     tokens[row, :len(prompt)] = prompt
   lengths = np.asarray([len(p) for p in prompts] + [1], np.int32)
   keys = jax.vmap(sampling_lib.response_key, in_axes=(None, 0, None))(0, jnp.arange(4), 0)
-  variants = [(True, False), (False, False)] + ([(True, True)] if decoding.attention_kernel_on("cpu", 1, config)
+  variants = [(True, False), (False, False)] + ([(True, True)] if decoding.attention_kernel_on("cpu", 1, config, 16)
                                                  else [])
   outputs = []
   for keys_transposed, attention_kernel in variants:
     functions = decoding.jitted_functions(config, None, keys_transposed, attention_kernel)
     weights = functions.decode_weights(params, greedy=sampling.greedy)
-    state = decode_state.init_decode_state(config, 4, 48, keys_transposed=keys_transposed)
+    state = decode_state.init_decode_state(config, 4, 4 * 3, 16, keys_transposed=keys_transposed)
     prefix = functions.prefill(params, tokens, lengths)
-    state = functions.insert(prefix, state, jnp.arange(4), jnp.arange(4), keys, sampling=sampling)
-    state, first = functions.decode_steps(weights, state, num_steps=8, sampling=sampling, attend_length=32)
-    state, second = functions.decode_steps(weights, state, num_steps=8, sampling=sampling)
+    state, table = _start(functions, prefix, state, 4, 16, keys, sampling)
+    state, first = functions.decode_steps(weights, state, table[:, :2], num_steps=8, sampling=sampling)
+    state, second = functions.decode_steps(weights, state, table, num_steps=8, sampling=sampling)
     outputs.append(jax.tree.map(lambda a, b: np.concatenate([a, b], axis=1), tuple(first), tuple(second)))
   for output in outputs[1:]:
     np.testing.assert_array_equal(output[0], outputs[0][0])
@@ -363,15 +378,15 @@ def test_greedy_on_a_mesh_matches_one_device(one_device_greedy, mesh_shape):
   for leaf, target in zip(jax.tree.leaves(params), jax.tree.leaves(decode_shardings)):
     assert leaf.sharding.is_equivalent_to(target, leaf.ndim)
   sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=8, mesh=mesh, **one_device_greedy["kwargs"])
-  expected_cache = sampler.state_shardings.k[0]
-  assert expected_cache.spec[0] is not None or mesh_shape["data"] * mesh_shape["fsdp"] == 1
+  expected_pool = sampler.state_shardings.k[0]  # [kv_heads, pages, ...]: pages over the slots' axes
+  assert expected_pool.spec[1] is not None or mesh_shape["data"] * mesh_shape["fsdp"] == 1
   with sampler.start(params, n=2, seed=0, sampling=GREEDY) as run:
     for index, prompt in enumerate(one_device_greedy["prompts"]):
       run.submit(index, prompt)
     groups = []
     while not run.idle:
       groups += run.step()
-      # The KV caches stay in their declared sharding (slots over data x fsdp, KV heads over tensor).
+      # The KV pool stays in its declared sharding (pages over data x fsdp, KV heads over tensor).
       for cache, target in zip(run._state.k + run._state.v, sampler.state_shardings.k + sampler.state_shardings.v):
         assert cache.sharding.is_equivalent_to(target, cache.ndim)
   groups.sort(key=lambda group: group.prompt_index)
