@@ -52,7 +52,7 @@ def get_config(arg: str | None = None):
   # Per host (each host samples on its own chips): two groups of rollout.n. Decode reads every weight once per
   # step whatever the number of slots, so more slots is more tokens per weight read; 64 slots' KV caches do not
   # fit beside the rest (scripts/plan_memory.py).
-  c.rollout.max_concurrent_decodes = 32
+  c.rollout.max_num_seqs = 32
   # One decode step per device call: a call that scans several steps holds temporaries larger than the KV caches
   # themselves, which the plan has no room for (docs/benchmarks.md).
   c.rollout.decode_steps_per_call = 1

@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   # starts at 32, so it acts only on responses that run on towards truncation, as in DAPO (20,480 / 4,096).
   c.data.max_response_length = 40
   c.rollout.n = 8
-  c.rollout.max_concurrent_decodes = 256
+  c.rollout.max_num_seqs = 256
   c.rollout.decode_steps_per_call = 8
   c.rollout.val_kwargs.n = 4
   c.rollout.val_kwargs.temperature = 1.0

@@ -51,7 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.temperature = 1.0
   c.rollout.top_p = 1.0
   c.rollout.top_k = 0               # 0: no top-k
-  c.rollout.max_concurrent_decodes = 256   # decode slots of the continuous-batching sampler
+  c.rollout.max_num_seqs = 256   # decode slots of the continuous-batching sampler (vLLM's max_num_seqs)
+  c.rollout.page_size = 16       # KV cache entries per page of the rollout's paged cache (a power of two)
+  c.rollout.gpu_memory_utilization = 0.5  # share of the devices' free memory the KV pool may take
+  c.rollout.num_pages = 0        # pages in the KV pool; 0: sized by gpu_memory_utilization
   c.rollout.decode_steps_per_call = 8      # decode steps fused per device call (EOS checked between calls)
   c.rollout.val_kwargs = ml_collections.ConfigDict()
   c.rollout.val_kwargs.n = 32
@@ -234,9 +237,14 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
   _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
   _check(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 disables top-k), got {r.top_k}")
   _check(r.val_kwargs.n >= 1, "rollout.val_kwargs.n", f"must be >= 1, got {r.val_kwargs.n}")
-  _check(r.max_concurrent_decodes >= r.n, "rollout.max_concurrent_decodes",
-         f"({r.max_concurrent_decodes}) must hold at least one group of rollout.n ({r.n}) responses")
+  _check(r.max_num_seqs >= r.n, "rollout.max_num_seqs",
+         f"({r.max_num_seqs}) must hold at least one group of rollout.n ({r.n}) responses")
   _check(r.decode_steps_per_call >= 1, "rollout.decode_steps_per_call", "must be >= 1")
+  _check(r.page_size >= 1 and not r.page_size & (r.page_size - 1), "rollout.page_size",
+         f"must be a power of two, got {r.page_size}")
+  _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+         f"must be in (0, 1], got {r.gpu_memory_utilization}")
+  _check(r.num_pages >= 0, "rollout.num_pages", f"must be >= 0 (0: sized by gpu_memory_utilization), got {r.num_pages}")
   _check(0 < a.ppo_mini_batch_size <= d.train_batch_size, "actor.ppo_mini_batch_size",
          f"({a.ppo_mini_batch_size}) must be in 1..data.train_batch_size ({d.train_batch_size})")
   _check(d.train_batch_size % a.ppo_mini_batch_size == 0, "actor.ppo_mini_batch_size",
@@ -387,6 +395,6 @@ def single_host_recipe(full_recipe: ml_collections.ConfigDict, *, train_batch_si
   # takes the base config's: FSDP over all its chips, the default decode slots and steps per call.
   base = base_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = base.mesh.data, base.mesh.fsdp, base.mesh.tensor
-  c.rollout.max_concurrent_decodes = base.rollout.max_concurrent_decodes
+  c.rollout.max_num_seqs = base.rollout.max_num_seqs
   c.rollout.decode_steps_per_call = base.rollout.decode_steps_per_call
   return c

@@ -67,7 +67,7 @@ RUN_SETTINGS = {"k": "rollout.val_kwargs.n", "temperature": "rollout.val_kwargs.
                 "top_p": "rollout.val_kwargs.top_p", "top_k": "rollout.top_k",
                 "max_prompt_length": "data.max_prompt_length", "max_response_length": "data.max_response_length",
                 "reward_function": "reward.function", "strict_box": "reward.strict_box",
-                "reward_timeout_s": "reward.timeout_s", "num_slots": "rollout.max_concurrent_decodes",
+                "reward_timeout_s": "reward.timeout_s", "num_slots": "rollout.max_num_seqs",
                 "decode_steps_per_call": "rollout.decode_steps_per_call", "dtype": "model.dtype",
                 "reward_workers": "reward.num_workers"}
 

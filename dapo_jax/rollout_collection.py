@@ -35,6 +35,7 @@ from dapo_jax.data import prompts as prompts_lib
 from dapo_jax.rl import filtering
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import SamplingParams
+from dapo_jax.rollout.sampling_run import SamplerStats
 
 
 class Outcome(enum.IntEnum):
@@ -58,10 +59,12 @@ class CollectedBatch:
     groups: the selected groups, in draw order.
     selection_metrics: dynamic sampling's counts of this step (`rl.filtering.SelectedBatch.metrics`).
     num_timeouts: responses whose scoring timed out, over every group scored this step (selected or not).
+    sampler_stats: the sampling run's counts (device calls, the KV pool's use, preemptions).
   """
   groups: list[scoring.ScoredGroup]
   selection_metrics: dict[str, float]
   num_timeouts: int
+  sampler_stats: SamplerStats
 
   # The trajectories, group after group, each group's responses in sample order.
 
@@ -151,8 +154,9 @@ class RolloutCollector:
       if selection is None:
         self.dynamic.abandon_step()
       return None
+    warn_on_preemptions(run.stats, rollout_step)
     return CollectedBatch(groups=list(selection.payloads), selection_metrics=selection.metrics,
-                          num_timeouts=num_timeouts)
+                          num_timeouts=num_timeouts, sampler_stats=run.stats)
 
   def state_dict(self) -> dict[str, Any]:
     """This process's loop state, as JSON values (between rollout steps only)."""
@@ -164,27 +168,35 @@ class RolloutCollector:
     self.dynamic.load_state_dict(state["dynamic_sampling"], decode_payload=scoring.ScoredGroup.from_json)
 
 
+def make_sampler(config, model_config, mesh, eos_ids) -> sampler_lib.GroupSampler:
+  """The rollout's group sampler on `mesh` as the config's `rollout` section sets it up, its KV pool sized at
+  start (`check_rollout_memory`)."""
+  r = config.rollout
+  sampler = sampler_lib.GroupSampler(
+      model_config, num_slots=r.max_num_seqs, max_prompt_length=config.data.max_prompt_length,
+      max_response_length=config.data.max_response_length, eos_ids=eos_ids, steps_per_call=r.decode_steps_per_call,
+      mesh=mesh, page_size=r.page_size, num_pages=r.num_pages or None, memory_utilization=r.gpu_memory_utilization)
+  check_rollout_memory(sampler)
+  return sampler
+
+
 def check_rollout_memory(sampler: sampler_lib.GroupSampler) -> None:
-  """Says how much memory the rollout's KV caches take while sampling, and refuses a sampler whose caches alone
-  exceed what its devices hold (rather than being killed mid-run by the out-of-memory killer)."""
-  needed, available = sampler.decode_state_bytes(), sampler.available_memory_bytes()
-  logging.info("Rollout: %d decode slots of %d tokens each: %.2f GiB of KV cache while sampling (of %s)",
-               sampler.num_slots, sampler.cache_length, needed / 2**30,
-               "unknown memory" if available is None else f"{available / 2**30:.1f} GiB")
-  if available is not None and needed > available:
-    raise config_lib.ConfigError(
-        f"rollout.max_concurrent_decodes: {sampler.num_slots} decode slots of data.max_prompt_length + "
-        f"data.max_response_length = {sampler.cache_length} tokens need {needed / 2**30:.1f} GiB of KV cache, "
-        f"more than the {available / 2**30:.1f} GiB the sampler's devices have: lower rollout.max_concurrent_decodes")
+  """Sizes the rollout's KV pool now and says how large it is; refuses a pool that cannot hold one response of
+  the longest prompt and response (which would otherwise preempt it forever)."""
+  try:
+    num_pages = sampler.pool_pages(decode_weights_made=False)
+  except sampler_lib.PoolTooSmall as error:
+    raise config_lib.ConfigError(str(error)) from None
+  full_length = sampler.num_slots * sampler.pages_per_slot
+  logging.info("Rollout: %d decode slots over a KV pool of %d pages of %d entries (%.2f GiB while sampling); at "
+               "full length (%d tokens) it holds %d responses%s", sampler.num_slots, num_pages, sampler.page_size,
+               sampler.decode_state_bytes() / 2**30, sampler.cache_length, num_pages // sampler.pages_per_slot,
+               "" if num_pages >= full_length else ", shorter ones take fewer pages")
 
 
-def own_loop_state(meta: dict) -> dict:
-  """This process's `RolloutCollector.state_dict` from a checkpoint's metadata: a list indexed by process
-  (checkpoints of single-process runs saved before multi-host support keep it at the top level)."""
-  states = meta.get("processes") or [{"data_iterator": meta["data_iterator"],
-                                      "dynamic_sampling": meta["dynamic_sampling"]}]
-  if len(states) != jax.process_count():
-    raise ValueError(
-        f"The checkpoint was saved by {len(states)} processes and this run has {jax.process_count()}: each "
-        "process's data stream and dynamic-sampling state resume only with the process count they were saved with")
-  return states[jax.process_index()]
+def warn_on_preemptions(stats: SamplerStats, rollout_step: int) -> None:
+  """Warns when the KV pool ran dry often enough that recomputing preempted responses costs real time."""
+  if stats.readmissions and stats.preemptions * 10 > stats.prefilled_prompts:
+    logging.warning("Rollout step %d: %d responses preempted (the KV pool ran dry) and recomputed; raise "
+                    "rollout.gpu_memory_utilization or rollout.num_pages, or lower rollout.max_num_seqs",
+                    rollout_step, stats.preemptions)

@@ -23,6 +23,8 @@ class ProcessStatistics:
     overlong_masked: responses overlong filtering masked out of the loss.
     timeouts: responses whose scoring timed out this step.
     selection: dynamic sampling's metrics (`rl.filtering.SelectedBatch.metrics`).
+    preemptions: responses the sampler preempted this step (its KV pool ran dry).
+    kv_pool_utilization: the mean share of the sampler's KV pool held during its decode calls.
   """
   scores: np.ndarray
   rewards: np.ndarray
@@ -32,6 +34,8 @@ class ProcessStatistics:
   overlong_masked: int
   timeouts: int
   selection: dict[str, float]
+  preemptions: int = 0
+  kv_pool_utilization: float = 0.0
 
   def to_json(self) -> dict[str, Any]:
     return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in dataclasses.asdict(self).items()}
@@ -96,6 +100,8 @@ def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int
       out[name] = float(sum(s[name] for s in selections))
   out["train/overlong_masked"] = float(sum(p.overlong_masked for p in per_process))
   out["reward/timeouts"] = float(sum(p.timeouts for p in per_process))
+  out["rollout/preemptions"] = float(sum(p.preemptions for p in per_process))
+  out["rollout/kv_pool_utilization"] = float(np.mean([p.kv_pool_utilization for p in per_process]))
   return out, response_lengths, prompt_lengths + response_lengths
 
 

@@ -18,7 +18,7 @@ data-parallel up to the update:
     docs/algorithm.md section 4 apply to each process's stream, and max_num_gen_batches bounds each process;
   * the update is global: mini-batch i is every process's i-th share of actor.ppo_mini_batch_size / P groups,
     and token-mean divides by the token count of the whole mini-batch (docs/algorithm.md section 5);
-    actor.micro_batch_tokens and rollout.max_concurrent_decodes are per process;
+    actor.micro_batch_tokens and rollout.max_num_seqs are per process;
   * the processes stop together: when the data of one runs out, when one has spent its generation batches
     (the run fails everywhere), or after the step in which one was sent SIGTERM;
   * metrics are the whole step's (group counts summed, scores and lengths over every process's groups, raw
@@ -121,11 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sampler_mesh = mesh if num_processes == 1 else sharding.process_local_mesh()
   sampler_shardings = sharding.param_shardings(qwen2.abstract_model(model_config), sampler_mesh,
                                                sharding.DECODE_RULES)
-  sampler = sampler_lib.GroupSampler(
-      model_config, num_slots=config.rollout.max_concurrent_decodes,
-      max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length,
-      eos_ids=tokenizer.eos_ids, steps_per_call=config.rollout.decode_steps_per_call, mesh=sampler_mesh)
-  rollout_collection.check_rollout_memory(sampler)
+  sampler = rollout_collection.make_sampler(config, model_config, sampler_mesh, tokenizer.eos_ids)
   train_sampling = sampler_lib.SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                                               top_k=config.rollout.top_k)
   fg = config.algorithm.filter_groups
@@ -227,7 +223,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             scores=np.concatenate([g.scores for g in batch.groups]), rewards=batch.rewards, advantages=advantages,
             response_lengths=np.concatenate([g.lengths for g in batch.groups]),
             prompt_lengths=np.array([len(p) for p in batch.prompts]), overlong_masked=int(loss_masked.sum()),
-            timeouts=batch.num_timeouts, selection=batch.selection_metrics)),
+            timeouts=batch.num_timeouts, selection=batch.selection_metrics,
+            preemptions=batch.sampler_stats.preemptions,
+            kv_pool_utilization=batch.sampler_stats.kv_pool_utilization)),
         max_prompt_length=config.data.max_prompt_length, max_response_length=config.data.max_response_length)
     out = {name: float(np.mean([m[name] for m in update_metrics])) for name in update_metrics[0]}
     out["actor/skipped_updates"] = float(sum(m["actor/skipped_updates"] for m in update_metrics))

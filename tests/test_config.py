@@ -273,7 +273,7 @@ def test_single_host_recipes_do_not_inherit_the_pod_slice_layout(name):
   c = config_lib.load_config_file(os.path.join(CONFIG_DIR, name))
   base = config_lib.base_config()
   assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (base.mesh.data, base.mesh.fsdp, base.mesh.tensor)
-  assert c.rollout.max_concurrent_decodes == base.rollout.max_concurrent_decodes
+  assert c.rollout.max_num_seqs == base.rollout.max_num_seqs
 
 
 def test_no_validation_files_is_allowed_when_said_explicitly():

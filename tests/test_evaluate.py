@@ -353,7 +353,7 @@ def test_evaluating_a_training_run_with_no_flags_reproduces_its_last_validation(
   c.warmup.batch_size = 8
   c.data.train_batch_size = c.data.gen_batch_size = 4
   c.rollout.n = 4
-  c.rollout.max_concurrent_decodes = 16
+  c.rollout.max_num_seqs = 16
   c.rollout.val_kwargs.n = 2
   c.rollout.val_kwargs.top_p = 0.9  # not the evaluator's own default (0.7): it must come from the run
   c.actor.ppo_mini_batch_size = 4

@@ -119,7 +119,7 @@ def tiny_plan():
     pytest.skip(reason)
   command = [sys.executable, str(REPO / "scripts" / "plan_memory.py"), "--config", str(REPO / "configs" / "default.py"),
              "--topology", "v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
-             f"--config.rollout.max_concurrent_decodes={1 << 20}", f"--config.actor.micro_batch_tokens={63 * 72}",
+             f"--config.rollout.max_num_seqs={1 << 20}", f"--config.actor.micro_batch_tokens={63 * 72}",
              "--json"]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]

@@ -20,7 +20,7 @@ FLAGS = [
     f"--config.trainer.total_training_steps={TOTAL_STEPS}", "--config.trainer.save_freq=2",
     "--config.trainer.test_freq=3", "--config.trainer.log_freq=1", "--config.warmup.steps=20",
     "--config.synthetic.num_heldout=16", "--config.data.train_batch_size=4", "--config.data.gen_batch_size=4",
-    "--config.rollout.n=4", "--config.actor.ppo_mini_batch_size=2", "--config.rollout.max_concurrent_decodes=16",
+    "--config.rollout.n=4", "--config.actor.ppo_mini_batch_size=2", "--config.rollout.max_num_seqs=16",
     "--config.rollout.val_kwargs.n=2",
     # A deterministic reward with spread inside groups, so updates are real and dynamic sampling keeps groups
     # without the long warm-up a correct base model needs.

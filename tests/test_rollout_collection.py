@@ -76,5 +76,5 @@ def test_a_rollout_whose_kv_caches_exceed_the_memory_is_refused(monkeypatch):
   monkeypatch.setattr(sampler, "available_memory_bytes", lambda: 10 * sampler.decode_state_bytes())
   rollout_collection.check_rollout_memory(sampler)
   monkeypatch.setattr(sampler, "available_memory_bytes", lambda: kv_bytes // 2)
-  with pytest.raises(config_lib.ConfigError, match=r"rollout\.max_concurrent_decodes: 4 decode slots .* 64 tokens"):
+  with pytest.raises(config_lib.ConfigError, match=r"rollout\.max_num_seqs: 4 decode slots .* 64 tokens"):
     rollout_collection.check_rollout_memory(sampler)

@@ -35,7 +35,7 @@ def _short_config(**overrides):
   c.data.train_batch_size = c.data.gen_batch_size = 4
   c.rollout.n = 4
   c.actor.ppo_mini_batch_size = 4
-  c.rollout.max_concurrent_decodes = 16
+  c.rollout.max_num_seqs = 16
   c.algorithm.filter_groups.enable = False  # a random model solves nothing: keep every group
   c.trainer.total_training_steps = 1
   c.trainer.save_freq = 1

@@ -32,7 +32,7 @@ FLAGS = [
     "--config.trainer.total_training_steps=2", "--config.trainer.save_freq=1", "--config.trainer.test_freq=2",
     "--config.trainer.val_before_train=False", "--config.trainer.log_freq=1", "--config.warmup.steps=2",
     "--config.synthetic.num_heldout=8", "--config.data.train_batch_size=4", "--config.data.gen_batch_size=4",
-    "--config.rollout.n=4", "--config.actor.ppo_mini_batch_size=2", "--config.rollout.max_concurrent_decodes=8",
+    "--config.rollout.n=4", "--config.actor.ppo_mini_batch_size=2", "--config.rollout.max_num_seqs=8",
     "--config.rollout.val_kwargs.n=2", "--config.reward.function=tests.test_resume:even_length_reward",
     "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1",
 ]

@@ -238,7 +238,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
                          params_shardings=param_shardings, opt_state_shardings=opt_state_shardings, rules=rules)
 
   # The sampler as the training program builds it, on the sampler's mesh.
-  sampler = sampler_lib.GroupSampler(mc, num_slots=config.rollout.max_concurrent_decodes,
+  sampler = sampler_lib.GroupSampler(mc, num_slots=config.rollout.max_num_seqs,
                                      max_prompt_length=d.max_prompt_length,
                                      max_response_length=d.max_response_length,
                                      steps_per_call=config.rollout.decode_steps_per_call, mesh=sampler_mesh)
