@@ -1,7 +1,9 @@
-"""Rollout throughput: our group sampler against transformers' `generate`, side by side on the same machine.
+"""Rollout throughput: our group sampler against transformers' `generate` (or, for long-tailed response lengths,
+its continuous batching), side by side on the same machine.
 
     .venv/bin/python scripts/bench_rollout.py [--configs tiny,60m] [--batches 1,16,64] [--modes greedy,sample]
         [--prompt_length 64] [--new_tokens 128] [--repeats 3] [--output results.json]
+    .venv/bin/python scripts/bench_rollout.py --scenario long_tail [--batches 64] [--num_slots 64] [--page_size 16] ...
 
 Both run the same random-weight Qwen2 configuration (the weights are made by transformers, saved, and loaded into
 our model), in float32 on the CPU, on the same random prompts, every response forced to `new_tokens` tokens (no
@@ -23,9 +25,30 @@ run reaches. Where a setting is bound by the matmul peak (batch 64), that is abo
 allow on this machine if attention, norms and the choice of tokens were free; where it is bound by streaming the
 weights (batch 1), ours can match it, as its products stream the same weights.
 
+With `--scenario long_tail` it measures instead what DAPO's rollouts look like: response lengths are long-tailed
+(most responses short, a few running to the length limit), and a slotted KV cache reserves every slot's memory at
+full length however short its response is, where a paged one reserves pages as a response grows, per live token.
+`--batches` prompts (default 64), one response each, each request i with its own maximum response length L_i
+(vLLM's `max_tokens`): lognormal draws with a fixed seed, median `new_tokens / 4` and sigma 1, rounded and
+clipped to [1, new_tokens]; no eos, so every response runs exactly its L_i tokens. `--num_slots` (default: one per
+prompt) sets our decode slots and transformers' requests per forward pass; `--page_size` and `--num_pages` the
+KV page pool of both (default: enough for every slot at full length, so neither ever waits for a page). Ours runs
+the sampler with `max_tokens`; transformers runs its continuous batching (the paged-cache manager that
+`generate_batch` wraps, one `add_request` per prompt with its own `max_new_tokens`: `generate_batch` itself takes
+one `max_new_tokens` for every input; `transformers_note` in the JSON says so). Throughput is the sum of the L_i
+over the call's wall time (prefill and setup included; transformers' thread stop and teardown after the last
+result left out), the best of `repeats` after a warm-up run;
+`*_kv_reserved_per_live_token` is the KV cache reserved per cache entry in use, summed over the run's decode calls
+(ours) or forward passes (transformers): 1.0 is perfect; the page rounding of short responses keeps it above.
+Each result also gives the lengths' min, median, mean, max and total. The machine's limit and the matmuls-only
+program assume uniform lengths and are not run in this scenario.
+
 The machine may be shared: the load average before and after is recorded; compare figures from one run only.
 """
+import inspect
 import json
+import logging
+import math
 import os
 import pathlib
 import sys
@@ -58,8 +81,17 @@ CONFIGS = {
 }
 MODES = {"greedy": GREEDY, "sample": SamplingParams(temperature=1.0, top_p=1.0, top_k=0)}
 
+SCENARIOS = ("uniform", "long_tail")
+# The long-tailed maximum response lengths: lognormal with this seed and sigma, median new_tokens / 4.
+LONG_TAIL_SEED = 15
+LONG_TAIL_SIGMA = 1.0
+
+_SCENARIO = flags.DEFINE_enum("scenario", "uniform", SCENARIOS,
+                              "uniform: every response new_tokens long, against transformers' generate; long_tail: "
+                              "one long-tailed maximum length per request, against transformers' continuous batching.")
 _CONFIGS = flags.DEFINE_list("configs", ["tiny", "60m"], f"Model shapes to run, of {sorted(CONFIGS)}.")
-_BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"], "Batch sizes (prompts decoded together).")
+_BATCHES = flags.DEFINE_list("batches", ["1", "16", "64"],
+                             "Batch sizes (prompts decoded together); long_tail: prompts per run, 64 unless given.")
 _MODES = flags.DEFINE_list("modes", ["greedy", "sample"], f"Of {sorted(MODES)}.")
 _PROMPT_LENGTH = flags.DEFINE_integer("prompt_length", 64, "Prompt tokens.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "New tokens per response (forced: no eos).")
@@ -67,6 +99,11 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per setting and framew
 _STEPS_PER_CALL = flags.DEFINE_integer("steps_per_call", 16, "Our decode steps per device call.")
 _BANDWIDTH = flags.DEFINE_float("bandwidth_gbs", 0.0, "Memory bandwidth in GB/s; 0 measures it.")
 _PEAK = flags.DEFINE_float("peak_gflops", 0.0, "float32 matmul peak in GFLOP/s; 0 measures it.")
+_NUM_SLOTS = flags.DEFINE_integer("num_slots", 0, "long_tail: our decode slots and transformers' requests per "
+                                   "forward pass (vLLM's max_num_seqs); 0: one per prompt.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "long_tail: tokens per KV page, ours and transformers'.")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "long_tail: KV pages in the pool, ours and transformers'; 0: "
+                                  "enough for every slot at full length (prompt_length + new_tokens).")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
@@ -192,11 +229,172 @@ def run_ours(sampler: sampler_lib.GroupSampler, params, prompts: np.ndarray, mod
   return seconds
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The long-tailed scenario
+
+# FALLBACK until GroupSampler has per-request max_tokens and a paged KV cache (delete this constant and every use
+# of it marked FALLBACK once it has): without them every response runs to the longest L_i and the KV figure is None.
+OURS_HAS_MAX_TOKENS = "max_tokens" in inspect.signature(sampler_lib.GroupSampler.sample).parameters
+
+TRANSFORMERS_NOTE = (
+    "generate_batch(inputs, generation_config, continuous_batching_config, max_new_tokens=...) takes one "
+    "max_new_tokens for every input; the ContinuousBatchingManager it wraps takes one per request "
+    "(add_request(input_ids, request_id, max_new_tokens)). This run drives that manager as generate_batch does "
+    "(continuous_batching_context_manager, one add_request per prompt with its own max_new_tokens, get_result until "
+    "all have finished), eos_token_id -1 (no early stop), sdpa attention over its paged cache (page_size, num_blocks "
+    "as ours; max_batch_tokens min(8192, slots * prompt_length); max_requests_per_batch = slots). Timed from the "
+    "manager's setup to the last result: the thread stop and teardown generate_batch adds after it are left out "
+    "(fixed waits, no work). Its KV figure "
+    "is counted by a hook on the batch processor's prepare_next_batch (transformers internals): per forward pass, "
+    "the blocks in the active requests' block tables times page_size, over their cache lengths.")
+
+
+def long_tail_lengths(count: int, new_tokens: int) -> np.ndarray:
+  """Each request's maximum response length: lognormal draws (fixed seed) of median new_tokens / 4 and sigma
+  LONG_TAIL_SIGMA, rounded and clipped to [1, new_tokens]. One stream of draws: a smaller batch's lengths are the
+  first of a larger one's."""
+  draws = np.random.default_rng(LONG_TAIL_SEED).lognormal(np.log(new_tokens / 4), LONG_TAIL_SIGMA, count)
+  return np.clip(np.rint(draws), 1, new_tokens).astype(np.int64)
+
+
+def length_summary(lengths: np.ndarray) -> dict:
+  return {"min": int(lengths.min()), "median": float(np.median(lengths)), "mean": round(float(lengths.mean()), 2),
+          "max": int(lengths.max()), "total": int(lengths.sum())}
+
+
+def run_ours_long_tail(sampler: sampler_lib.GroupSampler, params, prompts: np.ndarray, lengths: np.ndarray,
+                       mode: str, seed: int) -> tuple[float, float | None]:
+  """One run with each prompt's max_tokens; returns its seconds and the KV cache entries reserved per live entry
+  over its decode calls (None where the sampler does not count them)."""
+  max_tokens = {"max_tokens": [int(length) for length in lengths]}
+  if not OURS_HAS_MAX_TOKENS:  # FALLBACK: every response runs to max(lengths), the sampler's max_response_length
+    max_tokens = {}
+  start = time.perf_counter()
+  groups = sampler.sample(params, prompts.tolist(), n=1, seed=seed, sampling=MODES[mode], **max_tokens)
+  seconds = time.perf_counter() - start
+  expected = lengths.tolist() if OURS_HAS_MAX_TOKENS else [int(lengths.max())] * len(lengths)  # FALLBACK: lengths
+  assert [len(g.responses[0].token_ids) for g in groups] == expected
+  stats = getattr(sampler, "last_run_stats", None)  # FALLBACK: always there
+  if stats is None or not stats.live_kv_entries:
+    return seconds, None
+  return seconds, stats.reserved_kv_entries / stats.live_kv_entries
+
+
+def _count_transformers_kv(processor, counts: dict) -> None:
+  """Wraps `processor.prepare_next_batch` (a ContinuousBatchProcessor of transformers 5.24; internals) so that
+  every forward pass adds to `counts` the cache entries its active requests' blocks hold ("reserved") and those
+  they fill once the pass has run ("live"): blocks are allocated, and position offsets advanced, when the batch is
+  prepared."""
+  prepare = processor.prepare_next_batch
+  cache, scheduler = processor.cache, processor.scheduler
+
+  def prepare_and_count():
+    scheduled = prepare()
+    if scheduled:
+      active = list(scheduler.active_requests.values())
+      for allocator in cache.cache_allocators.values():
+        blocks = {block for state in active for block in allocator.block_table.get(state.request_id, ())}
+        counts["reserved"] += len(blocks) * allocator.tokens_per_page
+      counts["live"] += sum(state.current_len() for state in active)
+    return scheduled
+
+  processor.prepare_next_batch = prepare_and_count
+
+
+def run_transformers_long_tail(hf_model, prompts: np.ndarray, lengths: np.ndarray, mode: str, *, slots: int,
+                               page_size: int, num_pages: int, seed: int) -> tuple[float, float | None]:
+  """One run of transformers' continuous batching, each prompt with its own max_new_tokens (TRANSFORMERS_NOTE);
+  returns its seconds and its KV cache entries reserved per live entry. The seconds run from the manager's setup
+  (its cache allocated, its thread started) to the last result; what `generate_batch` adds after it, stopping the
+  manager's thread and freeing it, is left out: fixed waits (tenths of a second on CPU), no work."""
+  sample_kwargs = dict(temperature=1.0, top_p=1.0, top_k=0) if mode == "sample" else {}
+  generation_config = transformers.GenerationConfig(
+      do_sample=mode == "sample", max_new_tokens=int(lengths.max()), eos_token_id=-1, pad_token_id=0,
+      **sample_kwargs)
+  cb_config = transformers.ContinuousBatchingConfig(
+      page_size=page_size, num_blocks=num_pages, max_requests_per_batch=slots,
+      max_batch_tokens=min(8192, slots * prompts.shape[1]), seed=seed)
+  counts = {"reserved": 0, "live": 0}
+  results = {}
+  start = time.perf_counter()
+  with hf_model.continuous_batching_context_manager(generation_config=generation_config,
+                                                    continuous_batching_config=cb_config, block=True,
+                                                    timeout=5) as manager:
+    _count_transformers_kv(manager.batch_processor, counts)  # made by the manager's warm-up, before any request
+    for i, (prompt, length) in enumerate(zip(prompts.tolist(), lengths.tolist())):
+      manager.add_request(prompt, request_id=f"req_{i}", max_new_tokens=length)
+    while len(results) < len(prompts):
+      result = manager.get_result(timeout=1)
+      if result is not None and result.is_finished():
+        results[result.request_id] = result
+      elif result is None and not manager.is_running():
+        raise RuntimeError("transformers' continuous batching stopped before every request finished")
+    seconds = time.perf_counter() - start  # the manager's stop and teardown (fixed waits, no work) left out
+  errors = [r.error for r in results.values() if r.error is not None]
+  assert not errors, errors
+  got = [len(results[f"req_{i}"].generated_tokens) for i in range(len(prompts))]
+  assert got == lengths.tolist(), got
+  return seconds, counts["reserved"] / counts["live"] if counts["live"] else None
+
+
+def long_tail_results(name: str, hf_model, config, params, batch: int) -> list[dict]:
+  """Per mode: ours and transformers' continuous batching on `batch` prompts of long-tailed maximum lengths."""
+  new_tokens, prompt_length = _NEW_TOKENS.value, _PROMPT_LENGTH.value
+  prompts = np.random.default_rng(batch).integers(0, config.vocab_size, (batch, prompt_length))
+  lengths = long_tail_lengths(batch, new_tokens)
+  slots = _NUM_SLOTS.value or batch
+  page_size = _PAGE_SIZE.value
+  num_pages = _NUM_PAGES.value or slots * math.ceil((prompt_length + new_tokens) / page_size)
+  paged = dict(page_size=page_size, num_pages=num_pages)
+  if not OURS_HAS_MAX_TOKENS:  # FALLBACK: no paged cache; responses run to the longest L_i
+    paged, new_tokens = {}, int(lengths.max())
+  sampler = sampler_lib.GroupSampler(config, num_slots=slots, max_prompt_length=prompt_length,
+                                     max_response_length=new_tokens,
+                                     steps_per_call=min(_STEPS_PER_CALL.value, new_tokens), **paged)
+  tokens = int(lengths.sum())  # what the requests ask for: each response's first L_i tokens
+  theirs_kwargs = dict(slots=slots, page_size=page_size, num_pages=num_pages)
+  results = []
+  for mode in _MODES.value:
+    run_ours_long_tail(sampler, params, prompts, lengths, mode, seed=0)  # compiles
+    transformers_error = None
+    try:
+      run_transformers_long_tail(hf_model, prompts[:2, :8], lengths[:2].clip(max=4), mode, seed=0,
+                                 **theirs_kwargs)  # warms up
+    except Exception as error:  # pylint: disable=broad-except  (recorded in the JSON; ours still runs)
+      transformers_error = f"{type(error).__name__}: {error}"
+    ours, theirs = [], []
+    for repeat in range(_REPEATS.value):
+      ours.append(run_ours_long_tail(sampler, params, prompts, lengths, mode, seed=repeat))
+      if transformers_error is None:
+        theirs.append(run_transformers_long_tail(hf_model, prompts, lengths, mode, seed=repeat, **theirs_kwargs))
+    ours_rate = tokens / min(seconds for seconds, _ in ours)
+    theirs_rate = tokens / min(seconds for seconds, _ in theirs) if theirs else None
+    result = {"scenario": "long_tail", "config": name, "batch": batch, "num_slots": slots, "mode": mode,
+              "lengths": length_summary(lengths), "ours_tokens_per_s": round(ours_rate, 1),
+              "ours_kv_reserved_per_live_token": _rounded(ours[-1][1]),
+              "transformers_tokens_per_s": _rounded(theirs_rate, 1),
+              "transformers_kv_reserved_per_live_token": _rounded(theirs[-1][1]) if theirs else None,
+              "ratio": round(ours_rate / theirs_rate, 2) if theirs_rate else None,
+              "ours_max_tokens": OURS_HAS_MAX_TOKENS}  # FALLBACK: false while every response runs to the longest
+    if transformers_error is not None:
+      result["transformers_error"] = transformers_error
+    print(json.dumps(result), flush=True)
+    results.append(result)
+  return results
+
+
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+  return None if value is None else round(value, digits)
+
+
 def main(argv):
   del argv
   unknown = set(_CONFIGS.value) - set(CONFIGS) | set(_MODES.value) - set(MODES)
   if unknown:
     raise app.UsageError(f"unknown configs or modes: {sorted(unknown)}")
+  if _SCENARIO.value == "long_tail":
+    long_tail_main()
+    return
   load_before = os.getloadavg()
   machine = measure_machine()
   bandwidth = _BANDWIDTH.value or machine["bandwidth_gbs"]
@@ -233,12 +431,40 @@ def main(argv):
         print(json.dumps(result), flush=True)
         results.append(result)
   report = {
-      "prompt_length": prompt_length, "new_tokens": new_tokens, "repeats": _REPEATS.value,
+      "scenario": "uniform", "prompt_length": prompt_length, "new_tokens": new_tokens, "repeats": _REPEATS.value,
       "steps_per_call": _STEPS_PER_CALL.value, "dtype": "float32", "torch_threads": torch.get_num_threads(),
       "cpu_count": os.cpu_count(), "bandwidth_gbs": bandwidth, "peak_gflops": peak, "measured": machine,
       "load_average_before": [round(x, 2) for x in load_before],
       "load_average_after": [round(x, 2) for x in os.getloadavg()], "results": results,
   }
+  write_report(report)
+
+
+def long_tail_main():
+  logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)  # its INFO lines, every run
+  load_before = os.getloadavg()
+  batches = _BATCHES.value if flags.FLAGS["batches"].present else ["64"]
+  results = []
+  for name in _CONFIGS.value:
+    with tempfile.TemporaryDirectory() as directory:
+      hf_model, config, params = make_models(name, directory)
+    for batch in (int(b) for b in batches):
+      results.extend(long_tail_results(name, hf_model, config, params, batch))
+  report = {
+      "scenario": "long_tail", "prompt_length": _PROMPT_LENGTH.value, "new_tokens": _NEW_TOKENS.value,
+      "length_distribution": {"kind": "lognormal", "median": _NEW_TOKENS.value / 4, "sigma": LONG_TAIL_SIGMA,
+                              "seed": LONG_TAIL_SEED, "clipped_to": [1, _NEW_TOKENS.value]},
+      "page_size": _PAGE_SIZE.value, "num_pages": _NUM_PAGES.value or "every slot at full length",
+      "repeats": _REPEATS.value, "steps_per_call": _STEPS_PER_CALL.value, "dtype": "float32",
+      "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+      "transformers_version": transformers.__version__, "transformers_note": TRANSFORMERS_NOTE,
+      "load_average_before": [round(x, 2) for x in load_before],
+      "load_average_after": [round(x, 2) for x in os.getloadavg()], "results": results,
+  }
+  write_report(report)
+
+
+def write_report(report: dict) -> None:
   text = json.dumps(report, indent=1)
   print(text)
   if _OUTPUT.value:

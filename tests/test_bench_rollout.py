@@ -1,4 +1,5 @@
-"""scripts/bench_rollout.py: the machine's limit by hand, and one tiny side-by-side run printing its JSON.
+"""scripts/bench_rollout.py: the machine's limit by hand, one tiny side-by-side run printing its JSON, the
+long-tailed lengths, and one tiny run of the long-tailed scenario.
 
 The script defines absl flags (`--output` among them, as evaluate.py and export_hf.py do), so it is imported only
 in child processes: in the test process its flags would collide with theirs.
@@ -14,13 +15,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "bench_rollout.py")
 
 
-def _seconds_at_the_limit(cases: list[dict]) -> list[float]:
-  """bench_rollout.seconds_at_the_limit(**case) for each case, in one child process."""
+def _in_child(expression: str, cases: list[dict]) -> list:
+  """[expression for case in cases] (JSON-able), evaluated with bench_rollout imported, in one child process."""
   code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_rollout; "
-          "print(json.dumps([bench_rollout.seconds_at_the_limit(**case) for case in json.loads(sys.argv[2])]))")
+          f"print(json.dumps([{expression} for case in json.loads(sys.argv[2])]))")
   result = subprocess.run([sys.executable, "-c", code, os.path.dirname(SCRIPT), json.dumps(cases)], check=True,
                           capture_output=True, text=True, timeout=300)
   return json.loads(result.stdout.splitlines()[-1])
+
+
+def _seconds_at_the_limit(cases: list[dict]) -> list[float]:
+  """bench_rollout.seconds_at_the_limit(**case) for each case, in one child process."""
+  return _in_child("bench_rollout.seconds_at_the_limit(**case)", cases)
 
 
 def test_seconds_at_the_limit_by_hand():
@@ -57,6 +63,44 @@ def test_a_tiny_run_prints_both_figures_their_ratio_and_the_ceiling(tmp_path):
     assert result["matmuls_only_tokens_per_s"] > 0
     _assert_ratio_of_rounded(result["matmuls_only_ratio"], result["matmuls_only_tokens_per_s"],
                              result["transformers_tokens_per_s"])
+
+
+def test_long_tail_lengths_are_fixed_clipped_and_long_tailed():
+  few, many, wide = _in_child("bench_rollout.long_tail_lengths(**case).tolist()",
+                              [dict(count=8, new_tokens=128), dict(count=64, new_tokens=128),
+                               dict(count=4096, new_tokens=128)])
+  assert many[:8] == few  # one stream of draws: a smaller batch's lengths are the first of a larger one's
+  assert wide[:64] == many
+  assert all(1 <= length <= 128 for length in wide)
+  wide.sort()
+  assert 28 <= wide[len(wide) // 2] <= 36  # the median about new_tokens / 4
+  assert wide[-1] == 128 and wide[len(wide) // 2] < sum(wide) / len(wide)  # clipped at the top; a long right tail
+
+
+def test_a_tiny_long_tail_run_prints_both_figures_the_lengths_and_the_kv_figures(tmp_path):
+  output = tmp_path / "bench.json"
+  subprocess.run([sys.executable, SCRIPT, "--configs", "tiny", "--scenario", "long_tail", "--batches", "3",
+                  "--num_slots", "2", "--modes", "greedy", "--prompt_length", "8", "--new_tokens", "8",
+                  "--repeats", "1", "--output", str(output)],
+                 check=True, capture_output=True, text=True, timeout=600)
+  report = json.loads(output.read_text())
+  assert report["scenario"] == "long_tail" and report["new_tokens"] == 8 and report["page_size"] == 16
+  assert report["length_distribution"]["kind"] == "lognormal" and "add_request" in report["transformers_note"]
+  [lengths] = _in_child("bench_rollout.long_tail_lengths(**case).tolist()", [dict(count=3, new_tokens=8)])
+  [result] = report["results"]
+  assert (result["config"], result["batch"], result["num_slots"], result["mode"]) == ("tiny", 3, 2, "greedy")
+  assert result["lengths"] == {"min": min(lengths), "median": float(sorted(lengths)[1]),
+                               "mean": round(sum(lengths) / 3, 2), "max": max(lengths), "total": sum(lengths)}
+  assert result["ours_tokens_per_s"] > 0
+  if result["ours_max_tokens"]:
+    assert result["ours_kv_reserved_per_live_token"] >= 1.0
+  else:  # FALLBACK until the sampler has max_tokens: no KV figure
+    assert result["ours_kv_reserved_per_live_token"] is None
+  if "transformers_error" in result:  # transformers' continuous batching did not run here: said why, no figures
+    assert result["transformers_tokens_per_s"] is None and result["ratio"] is None
+  else:
+    assert result["transformers_tokens_per_s"] > 0 and result["transformers_kv_reserved_per_live_token"] >= 1.0
+    _assert_ratio_of_rounded(result["ratio"], result["ours_tokens_per_s"], result["transformers_tokens_per_s"])
 
 
 def _assert_ratio_of_rounded(ratio: float, numerator: float, denominator: float):
