@@ -45,7 +45,6 @@ program assume uniform lengths and are not run in this scenario.
 
 The machine may be shared: the load average before and after is recorded; compare figures from one run only.
 """
-import inspect
 import json
 import logging
 import math
@@ -232,10 +231,6 @@ def run_ours(sampler: sampler_lib.GroupSampler, params, prompts: np.ndarray, mod
 # ---------------------------------------------------------------------------------------------------------------
 # The long-tailed scenario
 
-# FALLBACK until GroupSampler has per-request max_tokens and a paged KV cache (delete this constant and every use
-# of it marked FALLBACK once it has): without them every response runs to the longest L_i and the KV figure is None.
-OURS_HAS_MAX_TOKENS = "max_tokens" in inspect.signature(sampler_lib.GroupSampler.sample).parameters
-
 TRANSFORMERS_NOTE = (
     "generate_batch(inputs, generation_config, continuous_batching_config, max_new_tokens=...) takes one "
     "max_new_tokens for every input; the ContinuousBatchingManager it wraps takes one per request "
@@ -265,17 +260,14 @@ def length_summary(lengths: np.ndarray) -> dict:
 def run_ours_long_tail(sampler: sampler_lib.GroupSampler, params, prompts: np.ndarray, lengths: np.ndarray,
                        mode: str, seed: int) -> tuple[float, float | None]:
   """One run with each prompt's max_tokens; returns its seconds and the KV cache entries reserved per live entry
-  over its decode calls (None where the sampler does not count them)."""
-  max_tokens = {"max_tokens": [int(length) for length in lengths]}
-  if not OURS_HAS_MAX_TOKENS:  # FALLBACK: every response runs to max(lengths), the sampler's max_response_length
-    max_tokens = {}
+  over its decode calls."""
   start = time.perf_counter()
-  groups = sampler.sample(params, prompts.tolist(), n=1, seed=seed, sampling=MODES[mode], **max_tokens)
+  groups = sampler.sample(params, prompts.tolist(), n=1, seed=seed, sampling=MODES[mode],
+                          max_tokens=[int(length) for length in lengths])
   seconds = time.perf_counter() - start
-  expected = lengths.tolist() if OURS_HAS_MAX_TOKENS else [int(lengths.max())] * len(lengths)  # FALLBACK: lengths
-  assert [len(g.responses[0].token_ids) for g in groups] == expected
-  stats = getattr(sampler, "last_run_stats", None)  # FALLBACK: always there
-  if stats is None or not stats.live_kv_entries:
+  assert [len(g.responses[0].token_ids) for g in groups] == lengths.tolist()
+  stats = sampler.last_run_stats
+  if not stats.live_kv_entries:
     return seconds, None
   return seconds, stats.reserved_kv_entries / stats.live_kv_entries
 
@@ -345,12 +337,10 @@ def long_tail_results(name: str, hf_model, config, params, batch: int) -> list[d
   slots = _NUM_SLOTS.value or batch
   page_size = _PAGE_SIZE.value
   num_pages = _NUM_PAGES.value or slots * math.ceil((prompt_length + new_tokens) / page_size)
-  paged = dict(page_size=page_size, num_pages=num_pages)
-  if not OURS_HAS_MAX_TOKENS:  # FALLBACK: no paged cache; responses run to the longest L_i
-    paged, new_tokens = {}, int(lengths.max())
   sampler = sampler_lib.GroupSampler(config, num_slots=slots, max_prompt_length=prompt_length,
                                      max_response_length=new_tokens,
-                                     steps_per_call=min(_STEPS_PER_CALL.value, new_tokens), **paged)
+                                     steps_per_call=min(_STEPS_PER_CALL.value, new_tokens), page_size=page_size,
+                                     num_pages=num_pages)
   tokens = int(lengths.sum())  # what the requests ask for: each response's first L_i tokens
   theirs_kwargs = dict(slots=slots, page_size=page_size, num_pages=num_pages)
   results = []
@@ -374,8 +364,7 @@ def long_tail_results(name: str, hf_model, config, params, batch: int) -> list[d
               "ours_kv_reserved_per_live_token": _rounded(ours[-1][1]),
               "transformers_tokens_per_s": _rounded(theirs_rate, 1),
               "transformers_kv_reserved_per_live_token": _rounded(theirs[-1][1]) if theirs else None,
-              "ratio": round(ours_rate / theirs_rate, 2) if theirs_rate else None,
-              "ours_max_tokens": OURS_HAS_MAX_TOKENS}  # FALLBACK: false while every response runs to the longest
+              "ratio": round(ours_rate / theirs_rate, 2) if theirs_rate else None}
     if transformers_error is not None:
       result["transformers_error"] = transformers_error
     print(json.dumps(result), flush=True)

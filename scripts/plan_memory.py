@@ -6,11 +6,16 @@
 
 Compiles the rollout step's device functions (decode weights, prefill, decode steps, old log-probs,
 micro-batch gradients, optimizer update) for each topology with the config's mesh, shapes and shardings, and
-reports per-chip params, optimizer state, gradients, decode weights, KV cache, each program's arguments /
-outputs / temporaries, the peak of each phase of a rollout step and whether it fits the chip's HBM
-(`dapo_jax/planner/`). Topologies are named as jax names them: `v5p:4x4x4` is a v5p-128 (64 chips),
-`v5e:4x4` a v5litepod-16, `v6e:4x4` a v6e-16. Override config values with `--config.KEY=VALUE` (e.g.
-`--config.mesh.tensor=2 --config.actor.micro_batch_tokens=45056`). The model shape is the config's
+reports per-chip params, optimizer state, gradients, decode weights, the rollout's KV pool, each program's
+arguments / outputs / temporaries, the peak of each phase of a rollout step and whether it fits the chip's HBM
+(`dapo_jax/planner/`). The KV pool is `rollout.num_pages` pages, else sized as the training program sizes it at
+start (`rollout.gpu_memory_utilization` of each chip's free memory after the params, the optimizer state, the
+sampler's params and the decode weights); the plan says how many sequences of max_prompt_length +
+`--mean_response_length` tokens (default 4096) each host decodes at once: no more than its decode rows
+(`rollout.max_num_seqs`), nor than its pool holds (a group's full prompt pages shared by its samples).
+Topologies are named as jax names them: `v5p:4x4x4` is a v5p-128 (64 chips), `v5e:4x4` a v5litepod-16,
+`v6e:4x4` a v6e-16. Override config values with `--config.KEY=VALUE` (e.g. `--config.mesh.tensor=2
+--config.actor.micro_batch_tokens=45056`). The model shape is the config's
 `model.preset` or `model.hf_checkpoint` config.json, else `--model`, else the Qwen2.5 size in the config's
 file name (configs/dapo_qwen2_5_32b.py: qwen2.5-32b). The mesh is laid out as the training program lays it
 (`sharding.make_mesh`: on several hosts, tensor within a host) and the micro-batch is the one every host's
@@ -41,6 +46,10 @@ from dapo_jax.planner import report as plan_report
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:arg]).", lock_config=False)
 _TOPOLOGIES = flags.DEFINE_multi_string("topology", None, "TPU topology, e.g. v5p:4x4x4 (repeatable).")
 _MODEL = flags.DEFINE_string("model", None, "Model preset or Hugging Face directory (default: from the config).")
+_MEAN_RESPONSE_LENGTH = flags.DEFINE_integer(
+    "mean_response_length", plan_programs.DEFAULT_MEAN_RESPONSE_LENGTH,
+    "Mean response length (tokens) the rollout's concurrent sequences are counted for: how many sequences of "
+    "max_prompt_length + this many tokens the KV pool holds at once, and the decode rows allow.", lower_bound=1)
 _JSON = flags.DEFINE_bool("json", False, "Print the plans as JSON instead of text.")
 flags.mark_flags_as_required(["config", "topology"])
 
@@ -61,7 +70,8 @@ def main(argv):
   plans, failures = [], []
   for topology in _TOPOLOGIES.value:
     try:
-      plans.append(plan_programs.plan(config, topology, model=model))
+      plans.append(plan_programs.plan(config, topology, model=model,
+                                      mean_response_length=_MEAN_RESPONSE_LENGTH.value))
     except ValueError as error:  # e.g. a mesh that cannot be laid out on this slice
       failures.append({"topology": topology, "error": str(error)})
       print(f"{topology}: {error}", file=sys.stderr, flush=True)

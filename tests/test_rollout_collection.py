@@ -67,14 +67,13 @@ def test_carried_over_groups_survive_a_checkpoint_exactly():
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
 
 
-def test_a_rollout_whose_kv_caches_exceed_the_memory_is_refused(monkeypatch):
+def test_a_rollout_whose_kv_pool_cannot_hold_one_response_is_refused_at_start():
   config = get_preset("tiny", dtype=jnp.float32)
-  sampler = sampler_lib.GroupSampler(config, num_slots=4, max_prompt_length=16, max_response_length=48)
-  # Keys and values of every layer, slot and cache entry, float32: at least 2 * L * 4 * kv * d * 64 * 4 bytes.
-  kv_bytes = 2 * config.num_layers * 4 * config.num_kv_heads * config.head_dim * 64 * 4
-  assert sampler.decode_state_bytes() >= kv_bytes
-  monkeypatch.setattr(sampler, "available_memory_bytes", lambda: 10 * sampler.decode_state_bytes())
-  rollout_collection.check_rollout_memory(sampler)
-  monkeypatch.setattr(sampler, "available_memory_bytes", lambda: kv_bytes // 2)
-  with pytest.raises(config_lib.ConfigError, match=r"rollout\.max_num_seqs: 4 decode slots .* 64 tokens"):
+  sampler = sampler_lib.GroupSampler(config, num_slots=4, max_prompt_length=16, max_response_length=48,
+                                     num_pages=16)
+  rollout_collection.check_rollout_memory(sampler)  # 16 pages: four full-length responses
+  assert sampler.decode_state_bytes() >= 2 * config.num_layers * 16 * 16 * config.num_kv_heads * config.head_dim * 4
+  sampler = sampler_lib.GroupSampler(config, num_slots=4, max_prompt_length=16, max_response_length=48,
+                                     num_pages=3)
+  with pytest.raises(config_lib.ConfigError, match=r"64 tokens \(4 pages\).*rollout\.num_pages to at least 4"):
     rollout_collection.check_rollout_memory(sampler)

@@ -175,3 +175,25 @@ def decode_step_flops(mc: Qwen2Config, slots: int, cache_length: int) -> int:
   """FLOPs of one decode step of every slot (attention over the whole cache, masked)."""
   return slots * (2 * (_layer_matmul_params(mc) + mc.hidden_size * mc.vocab_size)
                   + _attention_flops(mc, 1, cache_length))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The rollout's KV pool.
+
+
+def concurrent_sequences(*, num_slots: int, page_shards: int, pages_per_shard: int, page_size: int,
+                         prompt_length: int, response_length: int, group_size: int) -> int:
+  """Sequences of `prompt_length` + `response_length` tokens that decode at once on a sampler's slots and pool:
+  in each of its `page_shards` blocks of pages (a slot takes pages of its own block only: `page_table.py`), no
+  more than the block's slots (num_slots / page_shards), nor more than its pages hold, where the samples of a
+  group of `group_size` share the prompt's full pages (floor(prompt_length / page_size), written once per group
+  and block, as `sampling_run` writes them) and each sequence holds the rest of its pages on its own
+  (ceil((prompt_length + response_length) / page_size) minus the shared ones). Whole groups first; the pages left
+  over hold a last group's first samples."""
+  if min(num_slots, page_shards, page_size, response_length, group_size) < 1 or prompt_length < 0:
+    raise ValueError("concurrent_sequences: sizes must be positive")
+  shared = prompt_length // page_size
+  own = -(-(prompt_length + response_length) // page_size) - shared
+  groups, left = divmod(pages_per_shard, shared + group_size * own)
+  sequences = groups * group_size + max(0, min(group_size - 1, (left - shared) // own))
+  return page_shards * min(num_slots // page_shards, sequences)

@@ -14,8 +14,9 @@ import ml_collections
 
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import qwen2
-from dapo_jax.planner.inputs import (config_error, decode_step_flops, forward_flops, mesh_for, micro_batch_rows,
-                                     model_config, num_processes_of, sampler_mesh_for, worst_case_micro_batch)
+from dapo_jax.planner.inputs import (concurrent_sequences, config_error, decode_step_flops, forward_flops, mesh_for,
+                                     micro_batch_rows, model_config, num_processes_of, sampler_mesh_for,
+                                     worst_case_micro_batch)
 from dapo_jax.rl import batching
 from dapo_jax.rl import step
 from dapo_jax.rollout import decode_state
@@ -147,9 +148,11 @@ class Plan:
                                 # padding_rows (added to fill the data-parallel shards), rows_per_device,
                                 # data_parallel; and each host's part: rows_per_host (the token budget's rows,
                                 # unpadded), mini_batch_rows_per_host, micro_batches_per_update (per host)
-  decode: dict[str, Any]        # slots, cache_length, steps_per_call, prefill_rows, prefill_width
+  rollout: dict[str, Any]       # the sampler of one host (`rollout_section`): its decode rows (slots), steps
+                                # per call, prefill call, KV pool (pages, page size, bytes per chip, how it was
+                                # sized), the rollout's weights per chip and the sequences it decodes at once
   per_chip: dict[str, int | None]  # bytes: params, optimizer_state, gradients, sampler_params, decode_weights,
-                                # kv_cache
+                                # kv_pool (the decode state: the pool and the slots' vectors)
   programs: list[ProgramMemory]
   phases: list[Phase]
   peak_bytes: int | None
@@ -184,8 +187,14 @@ def _compile(name: str, flops: int, jitted, *args, **kwargs) -> tuple[ProgramMem
                        alias_bytes=m.alias_size_in_bytes, peak_bytes=peak), compiled
 
 
-def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None = None) -> Plan:
-  """Compiles the rollout step's device functions of `config` for a TPU `topology` (e.g. "v5p:4x4x4")."""
+DEFAULT_MEAN_RESPONSE_LENGTH = 4096
+"""The mean response length the rollout's concurrency is planned for (`rollout_section`)."""
+
+
+def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None = None,
+         mean_response_length: int = DEFAULT_MEAN_RESPONSE_LENGTH) -> Plan:
+  """Compiles the rollout step's device functions of `config` for a TPU `topology` (e.g. "v5p:4x4x4"); the KV
+  pool's concurrency is reported for responses of `mean_response_length` tokens."""
   # Imported here: jax loads libtpu only for this, so the rest of the module imports without it.
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
@@ -237,18 +246,19 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   updater = step.Updater(optimizer=optimizer, model_config=mc, loss_config=loss_config,
                          params_shardings=param_shardings, opt_state_shardings=opt_state_shardings, rules=rules)
 
-  # The sampler as the training program builds it, on the sampler's mesh.
-  sampler = sampler_lib.GroupSampler(mc, num_slots=config.rollout.max_num_seqs,
-                                     max_prompt_length=d.max_prompt_length,
-                                     max_response_length=d.max_response_length,
-                                     steps_per_call=config.rollout.decode_steps_per_call, mesh=sampler_mesh)
+  # The sampler as the training program builds it (`rollout_collection.make_sampler`), on the sampler's mesh. The
+  # pool is sized below (`pool_pages`): these devices have no memory to ask.
+  r = config.rollout
+
+  def make_sampler(num_pages: int | None) -> sampler_lib.GroupSampler:
+    return sampler_lib.GroupSampler(
+        mc, num_slots=r.max_num_seqs, max_prompt_length=d.max_prompt_length,
+        max_response_length=d.max_response_length, steps_per_call=r.decode_steps_per_call, mesh=sampler_mesh,
+        page_size=r.page_size, num_pages=num_pages, memory_utilization=r.gpu_memory_utilization)
+
+  sampler = make_sampler(r.num_pages or None)
   sampler_replicated = NamedSharding(sampler_mesh, PartitionSpec())
   slots = sampler.num_slots
-  state = _with_shardings(
-      jax.eval_shape(lambda: decode_state.init_decode_state(mc, slots, sampler.cache_length,
-                                                            keys_transposed=sampler.keys_transposed)),
-      sampler.state_shardings)
-  kv_bytes = per_device_bytes(state)
   # A prefill call takes the prompts of one length bucket up to the sampler's token budget, padded to a power
   # of two rows (`SamplingRun._prefill_next`); the longest bucket is the largest call.
   prefill_width = batching.bucket_length(d.max_prompt_length, sampler.min_prefill_bucket)
@@ -263,6 +273,32 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.new_decode_arrays,
                                                           sampler_params, greedy=sampling.greedy)
   weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None
+
+  # The KV pool: rollout.num_pages, else what `GroupSampler.pool_pages(decode_weights_made=False)` takes at the
+  # training program's start, gpu_memory_utilization of each chip's free memory after what is resident then
+  # (the trainer's params and optimizer state, the sampler's params and the decode weights a run lays out).
+  resident_at_sizing = (params_bytes + opt_bytes + sampler_params_bytes
+                        + (weights_bytes if weights_bytes is not None
+                           else sampler._decode_weights_bytes_per_device()))  # pylint: disable=protected-access
+  free_at_sizing = max(hbm - resident_at_sizing, 0)
+  num_pages = r.num_pages or sampler.pages_for_memory(free_at_sizing)
+  # At least one page per shard, so that the programs have a shape to compile for (a pool too small to run is
+  # reported as `pool_error`).
+  num_pages = max(num_pages, sampler.page_shards)
+  sampler = make_sampler(num_pages)
+  try:
+    sampler.pool_pages()
+    pool_error = None
+  except sampler_lib.PoolTooSmall as error:
+    pool_error = str(error)
+  state = _with_shardings(
+      jax.eval_shape(lambda: decode_state.init_decode_state(mc, slots, num_pages, sampler.page_size,
+                                                            keys_transposed=sampler.keys_transposed)),
+      sampler.state_shardings)
+  kv_bytes = per_device_bytes(state)
+  pool_bytes = per_device_bytes((state.k, state.v))
+  page_table = _abstract((slots, sampler.pages_per_slot), jnp.int32, sampler_replicated)
+
   programs["prefill"], _ = _compile(
       "prefill", forward_flops(mc, prefill_rows, prefill_width, 1), functions.prefill, sampler_params,
       _abstract((prefill_rows, prefill_width), jnp.int32, sampler_replicated),
@@ -274,7 +310,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
         sampler_params, _with_shardings(new_arrays, weights_compiled.output_shardings), sampling.greedy)
     programs["decode_steps"], _ = _compile(
         "decode_steps", sampler.steps_per_call * decode_step_flops(mc, slots, sampler.cache_length),
-        functions.decode_steps, weights, state, num_steps=sampler.steps_per_call, sampling=sampling)
+        functions.decode_steps, weights, state, page_table, num_steps=sampler.steps_per_call, sampling=sampling)
   programs["old_log_probs"], _ = _compile("old_log_probs", fwd, updater.old_log_probs_fn, params, old_logp_batch)
   programs["micro_batch_gradients"], _ = _compile("micro_batch_gradients", 3 * fwd, updater.gradients_fn, params,
                                                   update_batch, totals)
@@ -285,14 +321,16 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
                                   _abstract((), jnp.float32, replicated))
 
   # What stays on the chip beside each program. The rollout keeps the trainer's params and optimizer state;
-  # its run holds the decode weights and the decode state from `decode_weights` on, so the prefill phase
-  # covers `insert` too (which writes a prefill's output into that state in place). Summing gradients (sum +
-  # new gradients) holds no more than the gradient phase at its end.
+  # its run holds the decode weights and the decode state (the KV pool) from `decode_weights` on, so the prefill
+  # phase covers `insert` too (which writes a prefill's output into the pool in place). The pool is freed when the
+  # run closes, before the update. Summing gradients (sum + new gradients) holds no more than the gradient phase
+  # at its end.
   trainer = {"params": params_bytes, "optimizer_state": opt_bytes}
   phase_specs = [
       ("rollout: decode weights", "decode_weights", dict(trainer)),
-      ("rollout: prefill", "prefill", dict(trainer, decode_weights=weights_bytes, kv_cache=kv_bytes)),
-      # decode_steps reads the sampler params' head among its arguments; the rest of them stays beside it.
+      ("rollout: prefill", "prefill", dict(trainer, decode_weights=weights_bytes, kv_pool=kv_bytes)),
+      # decode_steps reads the pool, the decode weights and the sampler params' head among its arguments; the
+      # rest of the sampler params stays beside it.
       ("rollout: decode steps", "decode_steps", dict(trainer, sampler_params=sampler_params_bytes - head_bytes)),
       ("old log-probs", "old_log_probs", {"optimizer_state": opt_bytes}),
       ("micro-batch gradients", "micro_batch_gradients", {"optimizer_state": opt_bytes,
@@ -310,6 +348,12 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
     phases.append(Phase(name, program_name, resident, peak, known and program.fits and peak <= hbm))
   sized = [p for p in phases if p.peak_bytes is not None]
   worst = max(sized, key=lambda p: p.peak_bytes) if sized else phases[0]
+  rollout = rollout_section(
+      sampler, num_pages=num_pages, sized_by=("rollout.num_pages" if r.num_pages else "gpu_memory_utilization"),
+      free_bytes_at_sizing=free_at_sizing, pool_bytes=pool_bytes,
+      weight_bytes=None if weights_bytes is None else sampler_params_bytes + weights_bytes,
+      group_size=r.n, mean_response_length=mean_response_length, prefill_rows=prefill_rows,
+      prefill_width=prefill_width, pool_error=pool_error)
   return Plan(
       topology=topology, device_kind=devices[0].device_kind, num_devices=len(devices), hbm_bytes=hbm,
       hbm_source=hbm_source, mesh=dict(mesh.shape), mesh_layout=mesh_layout, num_processes=num_processes,
@@ -322,9 +366,31 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
                        data_parallel=data_parallel, rows_per_host=process_rows,
                        mini_batch_rows_per_host=process_share,
                        micro_batches_per_update=-(-process_share // process_rows)),
-      decode=dict(slots=slots, cache_length=sampler.cache_length, steps_per_call=sampler.steps_per_call,
-                  prefill_rows=prefill_rows, prefill_width=prefill_width),
+      rollout=rollout,
       per_chip=dict(params=params_bytes, optimizer_state=opt_bytes, gradients=grads_bytes,
-                    sampler_params=sampler_params_bytes, decode_weights=weights_bytes, kv_cache=kv_bytes),
+                    sampler_params=sampler_params_bytes, decode_weights=weights_bytes, kv_pool=kv_bytes),
       programs=list(programs.values()), phases=phases, peak_bytes=worst.peak_bytes, peak_phase=worst.name,
-      fits=all(p.fits for p in phases), plan_seconds=time.perf_counter() - plan_start)
+      fits=pool_error is None and all(p.fits for p in phases), plan_seconds=time.perf_counter() - plan_start)
+
+
+def rollout_section(sampler: sampler_lib.GroupSampler, *, num_pages: int, sized_by: str, free_bytes_at_sizing: int,
+                    pool_bytes: int, weight_bytes: int | None, group_size: int, mean_response_length: int,
+                    prefill_rows: int, prefill_width: int, pool_error: str | None = None) -> dict[str, Any]:
+  """The plan's `rollout` section: one host's sampler (its mesh is the host's own devices, or the one host's), its
+  KV pool and the sequences of max_prompt_length + `mean_response_length` tokens it decodes at once
+  (`concurrent_sequences`: no more than its decode rows, nor than its pool's pages hold)."""
+  return dict(
+      decode_rows_per_host=sampler.num_slots, steps_per_call=sampler.steps_per_call,
+      prefill_rows=prefill_rows, prefill_width=prefill_width,
+      page_size=sampler.page_size, pages=num_pages, pages_per_host=num_pages, page_shards=sampler.page_shards,
+      pages_per_slot=sampler.pages_per_slot, cache_length=sampler.cache_length,
+      pool_bytes_per_chip=pool_bytes, pool_gib_per_chip=round(pool_bytes / GIB, 2),
+      page_bytes_per_chip=sampler.page_bytes_per_device(),
+      sized_by=sized_by, memory_utilization=sampler.memory_utilization,
+      free_bytes_per_chip_at_sizing=free_bytes_at_sizing, weight_bytes_per_chip=weight_bytes,
+      mean_response_length=mean_response_length,
+      concurrent_sequences_per_host=concurrent_sequences(
+          num_slots=sampler.num_slots, page_shards=sampler.page_shards,
+          pages_per_shard=num_pages // sampler.page_shards, page_size=sampler.page_size,
+          prompt_length=sampler.max_prompt_length, response_length=mean_response_length, group_size=group_size),
+      pool_error=pool_error)

@@ -12,7 +12,7 @@ def gib(value: int | None) -> str:
 def format_plan(p: Plan) -> str:
   """A human-readable report of one plan (GiB per chip)."""
   mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
-  mb, dec = p.micro_batch, p.decode
+  mb, ro = p.micro_batch, p.rollout
   sharded = f"{mb['rows_per_device']} per device"
   if mb["padding_rows"]:
     sharded += f", {mb['padding_rows']} of them padding (the token budget gives fewer rows than data x fsdp)"
@@ -31,9 +31,15 @@ def format_plan(p: Plan) -> str:
       f"  mesh layout: {p.mesh_layout}",
       f"  micro-batch: {mb['rows']} packed rows x {mb['width']} tokens, {sharded};",
       made,
-      f"  rollout: {dec['slots']} decode slots{where} x {dec['cache_length']} cache entries, "
-      f"{dec['steps_per_call']} decode step{'s' if dec['steps_per_call'] > 1 else ''} per call; "
-      f"prefill {dec['prefill_rows']} x {dec['prefill_width']}",
+      f"  rollout: {ro['decode_rows_per_host']} decode slots{where}, "
+      f"{ro['steps_per_call']} decode step{'s' if ro['steps_per_call'] > 1 else ''} per call; "
+      f"prefill {ro['prefill_rows']} x {ro['prefill_width']}; weights {gib(ro['weight_bytes_per_chip'])} GiB per "
+      "chip (sampler params + decode weights)",
+      f"  KV pool: {ro['pages']} pages of {ro['page_size']} entries, {gib(ro['pool_bytes_per_chip'])} GiB per chip "
+      f"({_sized_by(ro)}); a full-length response ({ro['cache_length']} entries) takes {ro['pages_per_slot']}",
+      f"  concurrent sequences per host: {ro['concurrent_sequences_per_host']} of max_prompt_length + "
+      f"{ro['mean_response_length']} tokens (no more than the decode slots, nor than the pool holds with a group's "
+      "full prompt pages shared)",
       "  per chip (GiB): " + ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in p.per_chip.items()),
       f"  {'program':<22} {'args':>8} {'out':>8} {'temp':>8} {'alias':>8} {'peak':>8} {'compile s':>10} "
       f"{'TFLOP/call':>11}",
@@ -54,6 +60,8 @@ def format_plan(p: Plan) -> str:
   if not p.rows_split_between_hosts:
     lines.append(f"  !! batch_placement.put_micro_batches refuses this mesh on {p.num_processes} hosts: blocks of "
                  "batch rows span several hosts (lay the non-batch mesh axes, e.g. tensor, within a host)")
+  if ro.get("pool_error"):
+    lines.append(f"  !! the training program refuses the KV pool: {ro['pool_error']}")
   if p.config_error:
     lines.append(f"  !! the training program refuses the config on {p.num_processes} hosts: {p.config_error}")
   verdict = "fits in HBM" if p.fits else "DOES NOT FIT in HBM"
@@ -62,16 +70,27 @@ def format_plan(p: Plan) -> str:
   return "\n".join(lines)
 
 
+def _sized_by(ro) -> str:
+  if ro["sized_by"] == "rollout.num_pages":
+    return "rollout.num_pages"
+  return (f"gpu_memory_utilization {ro['memory_utilization']:g} of the {gib(ro['free_bytes_per_chip_at_sizing'])} "
+          "GiB free per chip beside the params, optimizer state, sampler params and decode weights")
+
+
 def format_summary(plans: Sequence[Plan]) -> str:
   """One line per plan: the table of the README."""
   lines = ["| topology | chips (hosts) | mesh (data, fsdp, tensor) | micro-batch rows x tokens (per device) | "
-           "decode slots per host | peak GiB (phase) | HBM GiB | fits | rows placeable |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "decode slots per host (steps per call) | KV pool GiB per chip (pages x entries) | "
+           "concurrent sequences per host (mean response) | peak GiB (phase) | HBM GiB | fits | rows placeable |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for p in plans:
-    mb = p.micro_batch
+    mb, ro = p.micro_batch, p.rollout
     mesh = ", ".join(str(v) for v in p.mesh.values())
     lines.append(f"| {p.topology} | {p.num_devices} ({p.num_processes}) | {mesh} | "
-                 f"{mb['rows']} x {mb['tokens'] // mb['rows']} ({mb['rows_per_device']}) | {p.decode['slots']} | "
+                 f"{mb['rows']} x {mb['tokens'] // mb['rows']} ({mb['rows_per_device']}) | "
+                 f"{ro['decode_rows_per_host']} ({ro['steps_per_call']}) | "
+                 f"{gib(ro['pool_bytes_per_chip'])} ({ro['pages']} x {ro['page_size']}) | "
+                 f"{ro['concurrent_sequences_per_host']} ({ro['mean_response_length']}) | "
                  f"{gib(p.peak_bytes)} ({p.peak_phase}) | {gib(p.hbm_bytes)} | {'yes' if p.fits else 'no'} | "
                  f"{'yes' if p.rows_split_between_hosts else 'no'} |")
   return "\n".join(lines)

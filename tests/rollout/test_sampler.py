@@ -11,6 +11,7 @@ import pytest
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import hf_io
 from dapo_jax.model import qwen2
+from dapo_jax.model.config import get_preset
 from dapo_jax.rollout import decode_state
 from dapo_jax.rollout import decoding
 from dapo_jax.rollout import page_table
@@ -196,6 +197,69 @@ def test_output_does_not_depend_on_slot_count_or_call_length(mixed_run):
                                        **mixed_run["kwargs"])
     groups = sampler.sample(checkpoint.params, mixed_run["prompts"], n=3, seed=7, sampling=mixed_run["sampling"])
     assert [_tokens(group) for group in groups] == [_tokens(group) for group in mixed_run["groups"]]
+
+
+@pytest.mark.parametrize("page_size,num_pages", [(32, 64), (16, 2), (32, 1)], ids=["32x64", "16x2", "32x1"])
+def test_output_does_not_depend_on_pages_pool_size_or_admission_order(mixed_run, page_size, num_pages):
+  # Pool sizes down to one full-length response (20 + 12 entries: two 16-entry pages, where responses grow into
+  # a second page and are preempted and recomputed over and over; or one 32-entry page, where one response runs
+  # at a time); prompts submitted in reverse order.
+  checkpoint = mixed_run["checkpoint"]
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=5, steps_per_call=4, page_size=page_size,
+                                     num_pages=num_pages, **mixed_run["kwargs"])
+  with sampler.start(checkpoint.params, n=3, seed=7, sampling=mixed_run["sampling"]) as run:
+    for index in reversed(range(len(mixed_run["prompts"]))):
+      run.submit(index, mixed_run["prompts"][index])
+    groups = []
+    while not run.idle:
+      groups += run.step()
+  groups.sort(key=lambda group: group.prompt_index)
+  if page_size == 16:
+    assert run.stats.preemptions > 0 and run.stats.readmissions == run.stats.preemptions
+  if num_pages == 1:
+    assert run.stats.used_pages == run.stats.decode_calls
+  assert [_tokens(group) for group in groups] == [_tokens(group) for group in mixed_run["groups"]]
+  for group, reference in zip(groups, mixed_run["groups"]):
+    for ours, theirs in zip(group.responses, reference.responses):
+      assert ours.finish_reason == theirs.finish_reason
+      np.testing.assert_allclose(ours.logp_full, theirs.logp_full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_eos", [False, True], ids=["no_eos", "eos"])
+def test_greedy_with_preemptions_matches_transformers_generate(checkpoints, with_eos):
+  # A pool of two 16-entry pages, the least that holds one response of 24 + 8 entries: the response of the lowest
+  # group id runs, the others wait or are preempted and recomputed, and every response is still transformers'.
+  checkpoint = checkpoints["tied_gqa"]  # head size 16: the CPU attention kernel's paths
+  prompts = random_prompts(checkpoint.vocab_size, PROMPT_LENGTHS, seed=11)
+  references = [checkpoint.greedy(prompt, 8) for prompt in prompts]
+  eos_ids = eos_ids_hit_by(references, positions=(2, 5)) if with_eos else []
+  if with_eos:
+    references = [checkpoint.greedy(prompt, 8, eos_ids) for prompt in prompts]
+  sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=3, max_prompt_length=24, max_response_length=8,
+                                     eos_ids=eos_ids, steps_per_call=3, num_pages=2)
+  groups = sampler.sample(checkpoint.params, prompts, n=2, seed=0, sampling=GREEDY)
+  assert sampler.last_run_stats.preemptions > 0
+  for group, reference in zip(groups, references):
+    assert [response.token_ids.tolist() for response in group.responses] == [reference, reference]
+
+
+def test_a_pool_too_small_for_one_response_is_refused():
+  config = get_preset("tiny", dtype=jnp.float32)
+  sampler = sampler_lib.GroupSampler(config, num_slots=2, max_prompt_length=20, max_response_length=30,
+                                     num_pages=3)  # 50 entries need four 16-entry pages
+  with pytest.raises(sampler_lib.PoolTooSmall, match=r"rollout\.num_pages to at least 4"):
+    sampler.pool_pages()
+  assert sampler_lib.GroupSampler(config, num_slots=2, max_prompt_length=20, max_response_length=30,
+                                  num_pages=4).pool_pages() == 4
+  # Sized from memory: never more than every slot at full length needs; too little memory is refused too.
+  sampler = sampler_lib.GroupSampler(config, num_slots=2, max_prompt_length=20, max_response_length=30)
+  assert sampler.pages_for_memory(1 << 40) == 2 * 4
+  assert sampler.pages_for_memory(3 * sampler.page_bytes_per_device() * 2) == 3  # half of the free memory
+  monkey = sampler_lib.GroupSampler(config, num_slots=2, max_prompt_length=20, max_response_length=30,
+                                    memory_utilization=0.01)
+  monkey._free_memory_per_device = lambda: 100 * monkey.page_bytes_per_device()
+  with pytest.raises(sampler_lib.PoolTooSmall, match="rollout.gpu_memory_utilization"):
+    monkey.pool_pages()
 
 
 def test_samples_of_a_group_differ_and_seeds_matter(mixed_run):
