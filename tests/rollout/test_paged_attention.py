@@ -214,5 +214,7 @@ def test_tpu_kernel_compiles_for_v5p():
   result = subprocess.run([sys.executable, "-m", "tests.rollout.aot_paged_attention_worker"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
-  bfloat16_calls, float32_calls, large_table_calls = (int(n) for n in result.stdout.split())
+  bfloat16_calls, float32_calls, large_table_calls, decode_calls, num_layers = (
+      int(n) for n in result.stdout.split())
   assert bfloat16_calls >= 1 and float32_calls == 0 and large_table_calls >= 3
+  assert decode_calls >= num_layers  # the sampler's decode step runs every layer's attention in the kernel
