@@ -1,11 +1,10 @@
-"""The policy a run starts from, and the sampler's copy of it.
+"""The policy a run starts from.
 
 The initial policy is a Hugging Face checkpoint (`model.hf_checkpoint`), or a preset with random weights; for
 the embedded default, the preset after a supervised warm-up on the synthetic task (docs/algorithm.md section
 12), cached in the workdir so that a restarted run loads it instead of training it again.
 """
 import dataclasses
-import functools
 import logging
 import os
 
@@ -93,21 +92,3 @@ def _warm_up(params: qwen2.Params, model_config: Qwen2Config, config: ml_collect
   params, _ = sft.supervised_warmup(params, model_config, examples, steps=w.steps, batch_size=w.batch_size,
                                     learning_rate=w.lr, pad_id=tokenizer.pad_id, seed=config.synthetic.seed)
   return params
-
-
-def sampler_params(params: qwen2.Params, shardings, dtype) -> qwen2.Params:
-  """The sampler's copy of the trainer's params: in the compute dtype `dtype`, in the sampler's layout.
-
-  Every use of a weight in the prefill and decode passes casts it to the compute dtype first, so a copy made in
-  that dtype samples exactly the same tokens; with bfloat16 compute over float32 master weights it takes half
-  the memory and spares the casts. The cast runs in the trainer's layout (small shards), then `sharding.reshard`
-  moves the copy on the devices.
-  """
-  if any(leaf.dtype != dtype for leaf in jax.tree.leaves(params)):
-    params = _cast(params, dtype)
-  return sharding.reshard(params, shardings)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _cast(tree, dtype):
-  return jax.tree.map(lambda x: x.astype(dtype), tree)

@@ -200,3 +200,15 @@ def warn_on_preemptions(stats: SamplerStats, rollout_step: int) -> None:
     logging.warning("Rollout step %d: %d responses preempted (the KV pool ran dry) and recomputed; raise "
                     "rollout.gpu_memory_utilization or rollout.num_pages, or lower rollout.max_num_seqs",
                     rollout_step, stats.preemptions)
+
+
+def own_loop_state(meta: dict) -> dict:
+  """This process's `RolloutCollector.state_dict` from a checkpoint's metadata: a list indexed by process
+  (checkpoints of single-process runs saved before multi-host support keep it at the top level)."""
+  states = meta.get("processes") or [{"data_iterator": meta["data_iterator"],
+                                      "dynamic_sampling": meta["dynamic_sampling"]}]
+  if len(states) != jax.process_count():
+    raise ValueError(
+        f"The checkpoint was saved by {len(states)} processes and this run has {jax.process_count()}: each "
+        "process's data stream and dynamic-sampling state resume only with the process count they were saved with")
+  return states[jax.process_index()]

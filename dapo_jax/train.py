@@ -115,12 +115,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   updater = step.Updater.for_state(params, opt_state, optimizer=optimizer, model_config=model_config,
                                    loss_config=step.LossConfig.from_config(config))
 
-  # The sampler's own layout: tensor parallel only (decode reads every weight for each token, so FSDP would
-  # gather the weights again at every step). With several hosts each process samples its own prompts, on its
-  # own devices, from a copy of the trainer's params made for each rollout step and validation.
+  # The sampler lays out its own copy of the params for each rollout step and validation: tensor parallel only
+  # (decode reads every weight for each token, so FSDP would gather the weights again at every step). With
+  # several hosts each process samples its own prompts, on its own devices.
   sampler_mesh = mesh if num_processes == 1 else sharding.process_local_mesh()
-  sampler_shardings = sharding.param_shardings(qwen2.abstract_model(model_config), sampler_mesh,
-                                               sharding.DECODE_RULES)
   sampler = rollout_collection.make_sampler(config, model_config, sampler_mesh, tokenizer.eos_ids)
   train_sampling = sampler_lib.SamplingParams(temperature=config.rollout.temperature, top_p=config.rollout.top_p,
                                               top_k=config.rollout.top_k)
@@ -134,7 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     vk = config.rollout.val_kwargs
     logging.info("Validation at rollout step %d (%d problems x %d samples) ...", at_step, len(val_prompts), vk.n)
     val = validation.validate(
-        policy.sampler_params(params, sampler_shardings, model_config.dtype), sampler, val_prompts, n=vk.n,
+        params, sampler, val_prompts, n=vk.n,
         sampling=sampler_lib.SamplingParams(temperature=vk.temperature, top_p=vk.top_p, top_k=config.rollout.top_k),
         seed=validation.validation_seed(config.trainer.seed), scorer=scorer).metrics
     writer.write_scalars(at_step, val)
@@ -178,8 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # 1-3. Sample groups, scoring each as it finishes, until dynamic sampling has decided the batch. The seed
     # differs between steps and processes.
     seed = (config.trainer.seed * 1_000_003 + rollout_step * num_processes + process_index) % 2**31
-    batch = collector.collect(policy.sampler_params(params, sampler_shardings, model_config.dtype), seed=seed,
-                              sampling=train_sampling, rollout_step=rollout_step)
+    batch = collector.collect(params, seed=seed, sampling=train_sampling, rollout_step=rollout_step)
     if batch is None:
       logging.info("The training data (trainer.total_epochs=%d) ran out after rollout step %d",
                    config.trainer.total_epochs, rollout_step)

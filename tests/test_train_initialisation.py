@@ -91,22 +91,29 @@ def test_resume_from_seeds_a_fresh_workdir(hf_checkpoint, tmp_path):
              for a, b in zip(jax.tree.leaves(from_first), jax.tree.leaves(from_second)))
 
 
-def test_the_samplers_compute_dtype_copy_samples_what_the_master_weights_sample():
-  # bfloat16 compute over float32 master weights: the sampler's copy is made in bfloat16 (half the memory), and
-  # since every use of a weight casts it to the compute dtype anyway, the tokens and log-probs are the same.
+def test_the_sampler_lays_out_one_compute_dtype_copy_of_the_trainers_params():
+  # bfloat16 compute over float32 master weights sharded FSDP x tensor: the sampler's decode weights are made
+  # from them in one program, in bfloat16 (half the memory) and tensor parallel only; since every use of a weight
+  # casts it to the compute dtype anyway, the tokens and log-probs are those of a bfloat16 copy made beforehand.
   model_config = get_preset("tiny", dtype=jnp.bfloat16, param_dtype=jnp.float32)
   params = qwen2.Qwen2(model_config, rngs=nnx.Rngs(3)).params
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 2}, jax.devices()[:2])
-  shardings = sharding.param_shardings(qwen2.abstract_model(model_config), mesh, sharding.DECODE_RULES)
-  copy = policy.sampler_params(params, shardings, model_config.dtype)
-  assert {leaf.dtype for leaf in jax.tree.leaves(copy)} == {jnp.dtype(jnp.bfloat16)}
-  assert all(leaf.sharding == target for leaf, target in zip(jax.tree.leaves(copy), jax.tree.leaves(shardings)))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+  model = qwen2.abstract_model(model_config)
+  trainer_params = sharding.shard_params(params, sharding.param_shardings(model, mesh))
   sampler = sampler_lib.GroupSampler(model_config, num_slots=4, max_prompt_length=8, max_response_length=12,
                                      mesh=mesh)
+  weights = sampler.decode_weights(trainer_params)
+  assert {leaf.dtype for leaf in jax.tree.leaves(weights.layers)} <= {jnp.dtype(jnp.bfloat16),
+                                                                      jnp.dtype(jnp.float32)}  # norms
+  assert weights.layers[0]["qkv_kernel"].dtype == jnp.bfloat16 and weights.head["embed"].dtype == jnp.bfloat16
+  assert "fsdp" not in str(weights.layers[0]["qkv_kernel"].sharding.spec)
+  assert "tensor" in str(weights.layers[0]["qkv_kernel"].sharding.spec)
+  bf16_copy = sharding.reshard(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+                               sharding.param_shardings(model, mesh, sharding.DECODE_RULES))
   prompts = [[5, 6, 7], [1, 2, 3, 4, 9]]
   sampling = sampler_lib.SamplingParams(temperature=1.0, top_p=0.9)
-  reference = sampler.sample(sharding.reshard(params, shardings), prompts, n=2, seed=1, sampling=sampling)
-  ours = sampler.sample(copy, prompts, n=2, seed=1, sampling=sampling)
+  reference = sampler.sample(bf16_copy, prompts, n=2, seed=1, sampling=sampling)
+  ours = sampler.sample(trainer_params, prompts, n=2, seed=1, sampling=sampling)
   for expected, got in zip(reference, ours):
     for a, b in zip(expected.responses, got.responses):
       np.testing.assert_array_equal(a.token_ids, b.token_ids)

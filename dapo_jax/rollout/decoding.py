@@ -4,7 +4,7 @@ Pure functions over arrays (no JetStream here, so the training program can impor
 sampler (`sampler.py`) and the JetStream engine (`engine.py`) are two drivers of the same three functions:
 
     weights = decode_weights(params, config)                                   # once per run of decoding
-    prefix = prefill(params, config, padded_prompts, prompt_lengths)           # once per prompt
+    prefix = prefill(weights, config, padded_prompts, prompt_lengths)          # once per prompt
     state = insert(prefix, state, writes, starts, sampling)                    # into pages, then n slots: a group
     state, out = decode_steps(weights, config, state, page_table, num_steps, sampling)  # all slots, num_steps tokens
 
@@ -28,8 +28,8 @@ Randomness. The token at response position t is drawn with `fold_in(response_key
 comes from (seed, prompt index, sample index) (`sampling.response_key`), so a response does not depend on the
 slot it runs in, the pages it holds, or on what runs beside it.
 
-Speed (decode is most of an RL step). Decode steps read `DecodeWeights` (`weight_layout.py`: unstacked layers,
-fused matrices). The layer loop is unrolled in Python (not scanned) so that each layer's pool is its own buffer,
+Speed (decode is most of an RL step). Prefill and decode steps read `DecodeWeights` (`weight_layout.py`:
+unstacked layers, fused matrices; the rollout's one copy of the weights). The layer loop is unrolled in Python (not scanned) so that each layer's pool is its own buffer,
 updated in place across steps, where a scan over stacked layers copies every layer's pool in and out of the loop
 on every step. The prefill applies the LM head to each prompt's last token only.
 """
@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import attention as attention_lib
 from dapo_jax.model import qwen2
 from dapo_jax.model.config import Qwen2Config
@@ -50,7 +51,7 @@ from dapo_jax.rollout import paged_attention as paged_attention_lib
 from dapo_jax.rollout import sampling as sampling_lib
 from dapo_jax.rollout.decode_state import DecodeOutput, DecodeState, Prefix
 from dapo_jax.rollout.sampling import SamplingParams
-from dapo_jax.rollout.weight_layout import DecodeWeights, assemble_decode_weights, new_decode_arrays
+from dapo_jax.rollout.weight_layout import DecodeWeights, new_decode_arrays, with_tied_unembed
 
 MIN_PREFILL_BUCKET = 16
 """The shortest prefill length bucket (`batching.bucket_length`'s minimum for prompts): prompts are padded to a
@@ -71,22 +72,42 @@ def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config, pa
           and cpu_attention.supports(group, config.head_dim, page_size) and cpu_attention.available())
 
 
-def prefill(params: qwen2.Params, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
+def prefill(weights: DecodeWeights, config: Qwen2Config, tokens: jax.Array, lengths: jax.Array,
             keys_transposed: bool = True, mesh_layout: attention_lib.MeshLayout | None = None) -> Prefix:
-  """Runs P right-padded prompts `tokens` [P, bucket_length] with true `lengths` [P] through the model
-  (`qwen2.prefill_hidden_states`; `mesh_layout`: the mesh the prompts are on, for the attention kernels).
+  """Runs P right-padded prompts `tokens` [P, bucket_length] with true `lengths` [P] through the model, on the
+  decode weights: the arithmetic of `qwen2.prefill_hidden_states`, with the prompts attending to themselves
+  through `dapo_jax/model/attention.py` (`mesh_layout`: the mesh the prompts are on, for the attention kernels).
 
   Each row's padding is written into its cache beyond its length, where it is never attended to and is
   overwritten by the response; the LM head runs on each prompt's last real token only.
   """
-  num_prompts = tokens.shape[0]
-  hidden, cache = qwen2.prefill_hidden_states(params, config, tokens, lengths, mesh_layout)
-  last_hidden = hidden[jnp.arange(num_prompts), lengths - 1]
-  logits = qwen2.logits_from_hidden(params, config, last_hidden).astype(jnp.float32)
-  # [layers, P, length, kv_heads, head_dim] -> the decode layouts (values [.., kv_heads, length, head_dim], keys
-  # the same or [.., kv_heads, head_dim, length]).
-  k = jnp.transpose(cache.k, (0, 1, 3, 4, 2)) if keys_transposed else jnp.swapaxes(cache.k, 2, 3)
-  return Prefix(k=k, v=jnp.swapaxes(cache.v, 2, 3), lengths=lengths.astype(jnp.int32), logits=logits)
+  num_prompts, length = tokens.shape
+  kv_heads, head_dim = config.num_kv_heads, config.head_dim
+  group = config.num_heads // kv_heads
+  index = jnp.arange(length, dtype=jnp.int32)
+  segment_ids = (index[None, :] < lengths[:, None]).astype(jnp.int32)
+  cos, sin = qwen2.rotary_cos_sin(jnp.broadcast_to(index, (num_prompts, length)), head_dim, config.rope_theta)
+  h = qwen2.embed_tokens(weights.head, config, tokens)  # [P, s, embed]
+  keys, values = [], []
+  for layer in weights.layers:
+    x = qwen2.rms_norm(h, layer["attn_norm"], config.rms_norm_eps)
+    qkv = jnp.einsum("bse,ekhd->bskhd", x, layer["qkv_kernel"]) + layer["qkv_bias"]
+    q = qwen2.apply_rotary(qkv[:, :, :, :group].reshape(num_prompts, length, -1, head_dim), cos, sin)
+    k = qwen2.apply_rotary(qkv[:, :, :, group], cos, sin)  # [P, s, kv_heads, d]
+    v = qkv[:, :, :, group + 1]
+    attn = attention_lib.attention(q, k, v, segment_ids=segment_ids, implementation=config.attention,
+                                   mesh_layout=mesh_layout)
+    h = h + attn.reshape(num_prompts, length, -1).astype(config.dtype) @ layer["o_kernel"]
+    x = qwen2.rms_norm(h, layer["mlp_norm"], config.rms_norm_eps)
+    gate_up = jnp.einsum("bse,etm->bstm", x, layer["gate_up_kernel"])
+    h = h + (jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]) @ layer["down_kernel"]
+    # [P, s, kv_heads, head_dim] -> the pool's layouts (values [P, kv_heads, s, head_dim], keys the same or
+    # [P, kv_heads, head_dim, s]).
+    keys.append(jnp.transpose(k, (0, 2, 3, 1)) if keys_transposed else jnp.swapaxes(k, 1, 2))
+    values.append(jnp.swapaxes(v, 1, 2))
+  last_hidden = h[jnp.arange(num_prompts), lengths - 1]
+  logits = qwen2.logits_from_hidden(weights.head, config, last_hidden).astype(jnp.float32)
+  return Prefix(k=jnp.stack(keys), v=jnp.stack(values), lengths=lengths.astype(jnp.int32), logits=logits)
 
 
 class PageWrites(NamedTuple):
@@ -274,11 +295,11 @@ def _per_device(attend, config: Qwen2Config, mesh_layout: attention_lib.MeshLayo
 
 
 class JittedFunctions(NamedTuple):
-  """`new_decode_arrays(params, greedy=False)`, `prefill(params, tokens, lengths)`,
+  """`decode_weights(params, greedy=False)`, `prefill(weights, tokens, lengths)`,
   `insert(prefix, state, writes, starts, sampling)` and `decode_steps(weights, state, page_table, num_steps,
-  sampling)`, jitted for one config (and decode-state sharding); `decode_weights(params, greedy=False)` assembles
-  `new_decode_arrays`' output with the params' own head arrays (a jitted function would return copies of
-  those)."""
+  sampling)`, jitted for one config (and decode-state sharding). `decode_weights` lays out the rollout's copy of
+  the weights (`weight_layout.decode_weights`), in the decode layout of the state's mesh where there is one;
+  `new_decode_arrays` is its jitted part (the planner compiles it)."""
   decode_weights: Callable
   new_decode_arrays: Callable
   prefill: Callable
@@ -296,15 +317,23 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
   `state_shardings` (`decode_state.decode_state_shardings`), the state they return keeps that sharding.
   `keys_transposed` is the key layout of `decode_state.keys_transposed_on` the platform; `attention_kernel`
   (`attention_kernel_on`) has decode steps run attention with the CPU kernel; `mesh_layout` is the decode
-  state's mesh, on which the prefill runs the attention kernels, and decode steps their attention, per device.
+  state's mesh, on which the decode weights are laid out tensor parallel (`sharding.decode_rules`), and the
+  prefill runs the attention kernels, and decode steps their attention, per device.
   """
   def constrain(state: DecodeState) -> DecodeState:
     if state_shardings is None:
       return state
     return jax.lax.with_sharding_constraint(state, state_shardings)
 
-  def prefill_fn(params, tokens, lengths):
-    return prefill(params, config, tokens, lengths, keys_transposed, mesh_layout)
+  def new_arrays(params, greedy=False):
+    if mesh_layout is not None:  # the weights in the sampler's layout first: the layout below follows them
+      shardings = sharding_lib.param_shardings(qwen2.abstract_model(config), mesh_layout.mesh,
+                                               sharding_lib.decode_rules(mesh_layout.rules))
+      params = jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.astype(config.dtype), params), shardings)
+    return new_decode_arrays(params, config, greedy)
+
+  def prefill_fn(weights, tokens, lengths):
+    return prefill(weights, config, tokens, lengths, keys_transposed, mesh_layout)
 
   def insert_fn(prefix, state, writes, starts, sampling):
     return constrain(insert(prefix, state, writes, starts, sampling, keys_transposed))
@@ -314,10 +343,10 @@ def jitted_functions(config: Qwen2Config, state_shardings: DecodeState | None = 
                                  attention_kernel, mesh_layout)
     return constrain(state), output
 
-  new_arrays_fn = jax.jit(functools.partial(new_decode_arrays, config=config), static_argnames=("greedy",))
+  new_arrays_fn = jax.jit(new_arrays, static_argnames=("greedy",))
 
   def weights_fn(params, greedy=False):
-    return assemble_decode_weights(params, new_arrays_fn(params, greedy=greedy), greedy)
+    return with_tied_unembed(new_arrays_fn(params, greedy=greedy), config, greedy)
 
   return JittedFunctions(
       decode_weights=weights_fn,

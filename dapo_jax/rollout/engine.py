@@ -64,9 +64,8 @@ NO_BOS_ID = -1
 
 
 class EngineParams(NamedTuple):
-  """What `load_params` returns and prefill / generate take: the model's weights (prefill reads their stacked
-  layers) and the same weights laid out for decode steps (`weight_layout.decode_weights`)."""
-  model: qwen2.Params
+  """What `load_params` returns and prefill / generate take: the model's weights laid out for prefill and decode
+  steps (`weight_layout.decode_weights`)."""
   decode: weight_layout.DecodeWeights
 
 
@@ -213,9 +212,8 @@ class QwenEngine(engine_api.Engine):
     return self.engine_params(self._params)
 
   def engine_params(self, params: qwen2.Params) -> EngineParams:
-    """`EngineParams` of model weights (e.g. freshly trained ones): adds their decode layout (a copy of the
-    decoder-layer weights)."""
-    return EngineParams(model=params, decode=self._functions.decode_weights(params, greedy=self.sampling.greedy))
+    """`EngineParams` of model weights (e.g. freshly trained ones): their decode layout on the engine's mesh."""
+    return EngineParams(decode=self._functions.decode_weights(params, greedy=self.sampling.greedy))
 
   def init_decode_state(self, *args, **kwargs) -> DecodeState:
     del args, kwargs
@@ -239,7 +237,7 @@ class QwenEngine(engine_api.Engine):
     bucket = batching.bucket_length(tokens.size, max(decoding.MIN_PREFILL_BUCKET, self.page_size))
     padded = np.zeros((1, bucket), np.int32)
     padded[0, :tokens.size] = tokens
-    prefix = self._functions.prefill(params.model, padded, np.array([tokens.size], np.int32))
+    prefix = self._functions.prefill(params.decode, padded, np.array([tokens.size], np.int32))
     return EnginePrefix(prefix=prefix, prompt_number=jnp.asarray(next(self._prompt_numbers), jnp.int32))
 
   def prefill_multisampling(self, *, params: EngineParams, padded_tokens: jax.Array | np.ndarray,

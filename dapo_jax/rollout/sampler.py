@@ -41,6 +41,7 @@ This module does not import JetStream (which loads TensorFlow); `engine.py` wrap
 JetStream's Engine API for its orchestrator and server.
 """
 from collections.abc import Callable, Iterable, Sequence
+import functools
 import os
 from typing import Any
 
@@ -61,6 +62,11 @@ from dapo_jax.rollout.sampling import SamplingParams
 from dapo_jax.rollout.sampling_run import SamplerStats, SamplingRun
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
 class PoolTooSmall(ValueError):
   """The KV pool cannot hold one response of the longest prompt and response in each page shard."""
 
@@ -69,15 +75,15 @@ class GroupSampler:
   """Samples groups of responses with continuous batching over decode slots and a paged KV cache.
 
   Build one per model shape and reuse it: compilations are cached per (prompt bucket, batch sizes, sampling
-  parameters). Parameters are passed to every `sample`/`start`, so the trainer's updated weights are used as
-  they are. For a layout of its own (tensor-parallel decode without the trainer's FSDP, or, with several hosts,
-  a mesh of each process's own devices: `sharding.process_local_mesh`), move them first with
-  `sharding.reshard(params, sharding.param_shardings(model, mesh, sharding.DECODE_RULES))`.
+  parameters). Parameters are passed to every `sample`/`start`, in any layout and dtype (the trainer's, e.g.
+  FSDP and float32): each run lays out its own copy on the sampler's mesh (`decode_weights`: tensor parallel
+  only, `sharding.DECODE_RULES`, in the compute dtype; with several hosts the mesh may be each process's own
+  devices, `sharding.process_local_mesh`).
 
   Memory: while a run is open it holds the KV pool (`pool_pages()` pages of `page_size` entries; a response
-  takes pages as it grows, so the pool serves many more responses than it could at full length) and a second
-  copy of the decoder-layer weights, unstacked for fast decode steps (`weight_layout.decode_weights`); both
-  are freed when the run closes, before the update (verl's free_cache_engine).
+  takes pages as it grows, so the pool serves many more responses than it could at full length) and one copy of
+  the weights laid out for prefill and decode steps (`weight_layout.DecodeWeights`); both are freed when the
+  run closes, before the update (verl's free_cache_engine).
   """
 
   def __init__(self, config: Qwen2Config, *, num_slots: int, max_prompt_length: int, max_response_length: int,
@@ -144,11 +150,28 @@ class GroupSampler:
     # width: decode calls then pass the whole table (one compilation); XLA's attention gathers every page passed.
     self.attention_reads_visible_only = attention_kernel or platform in ("tpu", "gpu")
     mesh_layout = attention_lib.MeshLayout(mesh, tuple(rules)) if mesh is not None else None
+    self.param_shardings = (sharding_lib.param_shardings(qwen2.abstract_model(config), mesh,
+                                                         sharding_lib.decode_rules(rules))
+                            if mesh is not None else None)
     self.functions = decoding.jitted_functions(config, self.state_shardings, self.keys_transposed, attention_kernel,
                                                mesh_layout)
     self.response_keys = jax.jit(jax.vmap(sampling_lib.response_key, in_axes=(None, 0, 0)))
     self.last_run_stats: SamplerStats | None = None
     self._active_run: SamplingRun | None = None
+
+  def decode_weights(self, params: qwen2.Params, greedy: bool = False) -> weight_layout.DecodeWeights:
+    """The run's copy of `params` (any layout and dtype, e.g. the trainer's), laid out for prefill and decode
+    steps on the sampler's mesh, in one program where the params are on the sampler's devices. Where they are
+    not (a sampler on each host's own devices), they are first cast and moved onto them (`sharding.reshard`),
+    and that interim copy is freed as soon as the decode weights are made."""
+    devices = {device for leaf in jax.tree.leaves(params) for device in leaf.sharding.device_set}
+    if self.mesh is None or devices == set(self.mesh.devices.flat):
+      return self.functions.decode_weights(params, greedy=greedy)
+    interim = sharding_lib.reshard(_cast(params, self.config.dtype), self.param_shardings)
+    weights = self.functions.decode_weights(interim, greedy=greedy)
+    for leaf in jax.tree.leaves(interim):
+      leaf.delete()
+    return weights
 
   def _devices(self) -> list[jax.Device]:
     return list(self.mesh.devices.flat) if self.mesh is not None else jax.devices()[:1]
@@ -199,8 +222,8 @@ class GroupSampler:
 
   def _decode_weights_bytes_per_device(self) -> int:
     """The decode weights a run lays out, per device (tensor parallel: split over `tensor`, when there is one)."""
-    arrays = jax.eval_shape(lambda: weight_layout.decode_layers(qwen2.abstract_model(self.config).params,
-                                                                self.config))
+    arrays = jax.eval_shape(functools.partial(weight_layout.new_decode_arrays, config=self.config),
+                            qwen2.abstract_model(self.config).params)
     total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(arrays))
     return total // (self.mesh.shape.get("tensor", 1) if self.mesh is not None else 1)
 

@@ -102,9 +102,9 @@ class SamplingRun:
 
   def __init__(self, sampler: "GroupSampler", params: qwen2.Params, *, n: int, seed: int, sampling: SamplingParams):
     self._sampler = sampler
-    self._params = params  # prefill reads the model's stacked layers
-    # Decode steps read unstacked layers (and, greedy, a [vocab, embed] LM head).
-    self._weights = sampler.functions.decode_weights(params, greedy=sampling.greedy)
+    # The run's one copy of the weights: unstacked layers (and, greedy, a [vocab, embed] LM head), read by
+    # prefill and decode steps alike.
+    self._weights = sampler.decode_weights(params, greedy=sampling.greedy)
     self.n = n
     self.seed = seed
     self.sampling = sampling
@@ -382,7 +382,7 @@ class SamplingRun:
       tokens[row, :sequence.size] = sequence
       lengths[row] = sequence.size
     self.stats.prefill_calls += 1
-    return self._sampler.functions.prefill(self._params, tokens, lengths)
+    return self._sampler.functions.prefill(self._weights, tokens, lengths)
 
   def _insert(self, group: _PendingGroup, slots: list[int]) -> None:
     """Starts the group's next `len(slots)` samples in these slots, in one device call: the prompt's full pages

@@ -1,10 +1,11 @@
-"""The model's weights laid out for decode steps: `DecodeWeights`, made once per run of decoding.
+"""The model's weights laid out for rollouts: `DecodeWeights`, made once per run of decoding, the rollout's one
+copy of the weights beside the trainer's.
 
-Decode steps read the decoder layers' weights unstacked into one array per layer and weight, in the compute dtype,
-with the q, k and v projections fused into one matrix and the MLP's gate and up into another (fewer, larger matrix
-products). Slicing a layer out of the stacked weights inside the step function would copy it on every call. The
-price is a second copy of the layer weights while decoding (made once per run by `decode_weights`; the embedding
-and LM head are read in place, but for a transposed copy of an untied LM head in greedy runs).
+Prefill and decode steps read the decoder layers' weights unstacked into one array per layer and weight, in the
+compute dtype, with the q, k and v projections fused into one matrix and the MLP's gate and up into another
+(fewer, larger matrix products). Slicing a layer out of the stacked weights inside the step function would copy
+it on every call. The embedding, final norm and LM head are copied in the compute dtype too; greedy runs also get
+the LM head as [vocab, embed] (the embedding itself when tied, else a transposed copy of the LM head).
 """
 from typing import NamedTuple
 
@@ -16,8 +17,8 @@ from dapo_jax.model.config import Qwen2Config
 
 
 class DecodeWeights(NamedTuple):
-  """The model's weights laid out for decode steps (see the module docstring); build with `decode_weights`."""
-  head: dict[str, jax.Array]               # embed, final_norm and (untied) lm_head: the params' own arrays; for
+  """The model's weights laid out for rollouts (see the module docstring); build with `decode_weights`."""
+  head: dict[str, jax.Array]               # embed, final_norm and (untied) lm_head, in the compute dtype; for
                                             # greedy decoding also unembed, the LM head as [vocab, embed] (the
                                             # embedding itself when tied, else lm_head transposed)
   layers: tuple[dict[str, jax.Array], ...]  # per layer: attn_norm, qkv_kernel [embed, kv_heads, group + 2,
@@ -27,27 +28,24 @@ class DecodeWeights(NamedTuple):
 
 
 def decode_weights(params: qwen2.Params, config: Qwen2Config, greedy: bool = False) -> DecodeWeights:
-  """`params` (the model's plain dict) as `DecodeWeights` for sampling (`greedy` False) or greedy decoding: the
-  arrays `new_decode_arrays` makes, and the params' own head."""
-  return assemble_decode_weights(params, new_decode_arrays(params, config, greedy))
+  """`params` (the model's plain dict, any dtype) as `DecodeWeights` for sampling (`greedy` False) or greedy
+  decoding: the arrays `new_decode_arrays` makes, with the tied LM head shared."""
+  return with_tied_unembed(new_decode_arrays(params, config, greedy), config, greedy)
 
 
-def new_decode_arrays(params: qwen2.Params, config: Qwen2Config, greedy: bool = False
-                      ) -> tuple[tuple[dict[str, jax.Array], ...], jax.Array | None]:
-  """The parts of `DecodeWeights` that are new arrays: the layers (`decode_layers`) and, for greedy decoding with
-  an untied LM head, its [vocab, embed] transpose (None otherwise)."""
-  unembed = params["lm_head"].T.astype(config.dtype) if greedy and not config.tie_word_embeddings else None
-  return decode_layers(params, config), unembed
+def new_decode_arrays(params: qwen2.Params, config: Qwen2Config, greedy: bool = False) -> DecodeWeights:
+  """Every array of `DecodeWeights`, new, but the tied greedy `unembed` (the embedding itself:
+  `with_tied_unembed`), which a jitted function would return as a second copy."""
+  head = {name: params[name].astype(config.dtype) for name in ("embed", "final_norm", "lm_head") if name in params}
+  if greedy and not config.tie_word_embeddings:
+    head["unembed"] = head["lm_head"].T
+  return DecodeWeights(head=head, layers=decode_layers(params, config))
 
 
-def assemble_decode_weights(params: qwen2.Params, new_arrays, greedy: bool = False) -> DecodeWeights:
-  """`DecodeWeights` from `new_decode_arrays`' output and the params' own head arrays (used in place: passing
-  them through a jitted function would copy them)."""
-  layers, unembed = new_arrays
-  head = {name: params[name] for name in ("embed", "final_norm", "lm_head") if name in params}
-  if greedy:
-    head["unembed"] = params["embed"] if unembed is None else unembed
-  return DecodeWeights(head=head, layers=layers)
+def with_tied_unembed(weights: DecodeWeights, config: Qwen2Config, greedy: bool) -> DecodeWeights:
+  if greedy and config.tie_word_embeddings:
+    return weights._replace(head=dict(weights.head, unembed=weights.head["embed"]))
+  return weights
 
 
 def decode_layers(params: qwen2.Params, config: Qwen2Config) -> tuple[dict[str, jax.Array], ...]:

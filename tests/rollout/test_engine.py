@@ -101,7 +101,7 @@ def test_bulk_insert_samples_a_group_like_the_group_sampler(checkpoints):
     state, result = engine.generate(params, state)
     tokens = np.concatenate([tokens, result.convert_to_numpy().data[:, :1]], axis=1)
   sampler = sampler_lib.GroupSampler(checkpoint.config, num_slots=4, max_prompt_length=16, max_response_length=3)
-  expected = sampler.sample(params.model, prompts, n=2, seed=5, sampling=sampling)
+  expected = sampler.sample(checkpoint.params, prompts, n=2, seed=5, sampling=sampling)
   for group, slots in zip(expected, groups):
     assert [tokens[slot].tolist() for slot in slots] == [r.token_ids.tolist() for r in group.responses]
   assert tokens[3].tolist() != tokens[0].tolist()  # the two samples of a group draw with their own keys

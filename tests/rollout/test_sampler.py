@@ -94,14 +94,14 @@ def test_greedy_decode_weights_give_the_same_steps_and_refuse_sampling(checkpoin
   config, params = checkpoint.config, checkpoint.params
   functions = decoding.jitted_functions(config)
   prompts = jnp.asarray(random_prompts(config.vocab_size, (8, 8, 8), seed=5), jnp.int32)
-  prefix = functions.prefill(params, prompts, jnp.full((3,), 8, jnp.int32))
+  prefix = functions.prefill(functions.decode_weights(params), prompts, jnp.full((3,), 8, jnp.int32))
   keys = jnp.zeros((3, 2), jnp.uint32)
   outputs = []
   for greedy in (False, True):
     weights = functions.decode_weights(params, greedy=greedy)
     assert ("unembed" in weights.head) == greedy
     if greedy and config.tie_word_embeddings:
-      assert weights.head["unembed"] is params["embed"]
+      assert weights.head["unembed"] is weights.head["embed"]  # one copy of the tied matrix
     state = decode_state.init_decode_state(config, 3, 3 * 4, 8)  # 8-entry pages: the prompts' bucket is one
     state, table = _start(functions, prefix, state, 3, 8, keys, GREEDY, page_size=8)
     state, out = functions.decode_steps(weights, state, table, num_steps=6, sampling=GREEDY)
@@ -135,7 +135,7 @@ def test_key_cache_layouts_and_the_cpu_attention_kernel_decode_the_same_tokens(c
     functions = decoding.jitted_functions(config, None, keys_transposed, attention_kernel)
     weights = functions.decode_weights(params, greedy=sampling.greedy)
     state = decode_state.init_decode_state(config, 4, 4 * 3, 16, keys_transposed=keys_transposed)
-    prefix = functions.prefill(params, tokens, lengths)
+    prefix = functions.prefill(weights, tokens, lengths)
     state, table = _start(functions, prefix, state, 4, 16, keys, sampling)
     state, first = functions.decode_steps(weights, state, table[:, :2], num_steps=8, sampling=sampling)
     state, second = functions.decode_steps(weights, state, table, num_steps=8, sampling=sampling)
