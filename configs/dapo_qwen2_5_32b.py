@@ -45,17 +45,27 @@ def get_config(arg: str | None = None):
   c.model.remat = True
   # Tensor parallel over a v5p host's 4 chips, FSDP over the hosts: make_mesh keeps each tensor group in one
   # host, so each host feeds its own rows (a tensor axis of 8 would span two hosts and is refused). This mesh,
-  # the budget above and the decode settings below fit a v5p chip's HBM on v5p-64, -128 and -256, with the peak
-  # in the rollout's prefill (beside the KV caches, the decode weights and the sampler's copy of the params) and
-  # not in the update: `scripts/plan_memory.py` reports the figures (README, "Memory plan of the 32B recipe").
+  # the budget above and the rollout settings below fit a v5p chip's HBM on v5p-64, -128 and -256:
+  # `scripts/plan_memory.py` reports the figures (README, "Memory plan of the 32B recipe").
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 4
-  # Per host (each host samples on its own chips): two groups of rollout.n. Decode reads every weight once per
-  # step whatever the number of slots, so more slots is more tokens per weight read; 64 slots' KV caches do not
-  # fit beside the rest (scripts/plan_memory.py).
-  c.rollout.max_num_seqs = 32
-  # One decode step per device call: a call that scans several steps holds temporaries larger than the KV caches
-  # themselves, which the plan has no room for (docs/benchmarks.md).
-  c.rollout.decode_steps_per_call = 1
+  # Per host (each host samples on its own chips): eight groups of rollout.n. Decode reads every weight once per
+  # step whatever the number of slots, so more slots is more tokens per weight read, up to what the KV pool
+  # below holds at once at the mean response length the plan assumes (`scripts/plan_memory.py
+  # --mean_response_length`, its concurrent_sequences_per_host); beyond that, slots would wait for pages.
+  c.rollout.max_num_seqs = 128
+  # Pages of the KV pool: JAX's TPU paged-attention kernel fetches a page at a time and holds every page table
+  # of a call in scalar memory, so large pages make fewer, larger fetches and a small table; a response wastes
+  # at most its last page.
+  c.rollout.page_size = 128
+  # The pool's share of each chip's free memory at start (beside the trainer's params and optimizer state, after
+  # the rollout's decode weights; it is freed before the update): every slot at the planned mean response
+  # length with room to spare for the long tail of longer responses, while the rollout's peak stays below the
+  # update's on v5p-64.
+  c.rollout.gpu_memory_utilization = 0.7
+  # Two decode steps per device call, the host looking at the tokens between calls. `decoding.decode_steps`
+  # unrolls so few steps: a scanned call holds temporaries as large as the KV pool, which the chip has no room
+  # for.
+  c.rollout.decode_steps_per_call = 2
   if arg:
     config_lib.apply_ablation(c, arg)
   return c

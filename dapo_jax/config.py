@@ -392,9 +392,9 @@ def single_host_recipe(full_recipe: ml_collections.ConfigDict, *, train_batch_si
   c.actor.ppo_mini_batch_size = ppo_mini_batch_size
   c.actor.micro_batch_tokens = 2 * (c.data.max_prompt_length + max_response_length)
   # The 32B recipe's mesh and decode settings are planned for a pod slice (scripts/plan_memory.py); one host
-  # takes the base config's: FSDP over all its chips, the default decode slots and steps per call.
+  # takes the base config's: FSDP over all its chips, the default decode slots, steps per call and KV pool.
   base = base_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = base.mesh.data, base.mesh.fsdp, base.mesh.tensor
-  c.rollout.max_num_seqs = base.rollout.max_num_seqs
-  c.rollout.decode_steps_per_call = base.rollout.decode_steps_per_call
+  for key in ("max_num_seqs", "decode_steps_per_call", "page_size", "gpu_memory_utilization", "num_pages"):
+    c.rollout[key] = base.rollout[key]
   return c

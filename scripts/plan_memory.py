@@ -9,8 +9,8 @@ micro-batch gradients, optimizer update) for each topology with the config's mes
 reports per-chip params, optimizer state, gradients, decode weights, the rollout's KV pool, each program's
 arguments / outputs / temporaries, the peak of each phase of a rollout step and whether it fits the chip's HBM
 (`dapo_jax/planner/`). The KV pool is `rollout.num_pages` pages, else sized as the training program sizes it at
-start (`rollout.gpu_memory_utilization` of each chip's free memory after the params, the optimizer state, the
-sampler's params and the decode weights); the plan says how many sequences of max_prompt_length +
+start (`rollout.gpu_memory_utilization` of each chip's free memory beside the trainer's params and optimizer
+state, after the rollout's decode weights); the plan says how many sequences of max_prompt_length +
 `--mean_response_length` tokens (default 4096) each host decodes at once: no more than its decode rows
 (`rollout.max_num_seqs`), nor than its pool holds (a group's full prompt pages shared by its samples).
 Topologies are named as jax names them: `v5p:4x4x4` is a v5p-128 (64 chips), `v5e:4x4` a v5litepod-16,

@@ -1,5 +1,6 @@
 """The memory planner: its parsing and shapes on their own, and scripts/plan_memory.py compiling a tiny config
 for a TPU topology (which needs libtpu, `requirements-tpu.txt`)."""
+import functools
 import importlib.util
 import json
 import pathlib
@@ -101,6 +102,29 @@ def test_forward_flops_by_hand():
   assert plan_inputs.forward_flops(mc, 2, 10, 3) == expected
 
 
+def test_concurrent_sequences_by_hand():
+  """Pages of 16 entries, prompts of 32 tokens (2 full pages, shared by a group's 8 samples), responses of 24: each
+  sequence's own pages are ceil(56 / 16) - 2 = 2, a group of 8 takes 2 + 8 x 2 = 18 pages."""
+  count = functools.partial(plan_inputs.concurrent_sequences, page_size=16, prompt_length=32, response_length=24,
+                            group_size=8)
+  # 100 pages: 5 whole groups (90 pages, 40 sequences); the 10 left hold the shared 2 and 4 more samples.
+  assert count(num_slots=256, page_shards=1, pages_per_shard=100) == 44
+  assert count(num_slots=40, page_shards=1, pages_per_shard=100) == 40  # the slots bound it
+  assert count(num_slots=256, page_shards=1, pages_per_shard=19) == 8  # 1 page left: not even the shared ones
+  assert count(num_slots=256, page_shards=1, pages_per_shard=107) == 47  # 17 left: the shared 2 and 7 samples
+  # Two page shards of 100 pages, 32 slots each: the slots bound each shard.
+  assert count(num_slots=64, page_shards=2, pages_per_shard=100) == 64
+  assert count(num_slots=512, page_shards=2, pages_per_shard=100) == 88
+  # A prompt that ends inside a page shares its full pages only: 40 tokens share 2 pages and each sequence's own
+  # are ceil(64 / 16) - 2 = 2, as above.
+  assert plan_inputs.concurrent_sequences(num_slots=256, page_shards=1, pages_per_shard=100, page_size=16,
+                                          prompt_length=40, response_length=24, group_size=8) == 44
+  # The 32B recipe's shapes: pages of 128, prompts of 2048 (16 shared pages), responses of 4096 (32 own pages), groups
+  # of 16 (528 pages): 4416 pages hold 8 groups and 5 samples of a ninth.
+  assert plan_inputs.concurrent_sequences(num_slots=256, page_shards=1, pages_per_shard=4416, page_size=128,
+                                          prompt_length=2048, response_length=4096, group_size=16) == 133
+
+
 def _libtpu_missing_reason() -> str | None:
   if importlib.util.find_spec("libtpu") is None:
     return ("libtpu is not installed (pip install -r requirements-tpu.txt; scripts/setup.sh --test installs it "
@@ -111,16 +135,17 @@ def _libtpu_missing_reason() -> str | None:
 @pytest.fixture(scope="module")
 def tiny_plan():
   """scripts/plan_memory.py --json on the tiny default config for a v5p slice of 2 hosts x 4 chips (the trainer
-  on all 8, each host sampling on its own 4), with so many decode slots that their KV cache (128 GiB a chip)
-  cannot fit while the rest does."""
+  on all 8, each host sampling on its own 4), with so many decode slots, and a KV pool sized to take all of each
+  chip's free memory, that the rollout cannot fit while the update does; concurrency counted for responses of
+  100 tokens, longer than the config's longest (40)."""
   reason = _libtpu_missing_reason()
   if reason:
     warnings.warn(reason)  # shown in pytest's summary even without -rs
     pytest.skip(reason)
   command = [sys.executable, str(REPO / "scripts" / "plan_memory.py"), "--config", str(REPO / "configs" / "default.py"),
              "--topology", "v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
-             f"--config.rollout.max_num_seqs={1 << 20}", f"--config.actor.micro_batch_tokens={63 * 72}",
-             "--json"]
+             f"--config.rollout.max_num_seqs={1 << 20}", "--config.rollout.gpu_memory_utilization=1.0",
+             f"--config.actor.micro_batch_tokens={63 * 72}", "--mean_response_length=100", "--json"]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
   (plan,) = json.loads(result.stdout)
@@ -142,14 +167,10 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   assert total / 8 <= chip["params"] < total / 4
   assert 2 * chip["params"] <= chip["optimizer_state"] <= 2 * chip["params"] + 1024
   assert chip["gradients"] == chip["params"]
-  # The sampler's copy is tensor parallel over one host's 4 chips (the 2 KV heads, which 4 does not divide, whole).
+  # Each host samples on its own chips: the interim copy of the params the decode weights are made from is tensor
+  # parallel over the host's 4 chips (the 2 KV heads, which 4 does not divide, whole), and so are the decode weights.
   assert total / 4 <= chip["sampler_params"] < total
-  # KV cache: every slot on each of the host's chips (nothing to split slots over), both KV heads (see above):
-  # layers x (k, v) x slots x 2 heads x 32 x 72 entries x 4 bytes, and a few bytes of per-slot state.
-  dec = p["decode"]
-  assert dec["slots"] == 1 << 20 and dec["cache_length"] == 32 + 40
-  kv = 4 * 2 * dec["slots"] * 2 * 32 * 72 * 4
-  assert kv <= chip["kv_cache"] <= kv + 64 * dec["slots"]
+  assert total / 4 <= chip["decode_weights"] < total
   mb = p["micro_batch"]
   # Each host's share of a mini-batch is 8 groups x 8 = 64 rows, of which 63 packed rows of 32 + 40 tokens fill the
   # budget; put_micro_batches pads them to 64 for the host's 2 of the 4 data-parallel shards and stacks the
@@ -174,26 +195,77 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   assert apply["alias_bytes"] >= chip["params"] + chip["optimizer_state"]  # updated in place (donated)
   assert programs["decode_weights"]["argument_bytes"] >= chip["sampler_params"]
   assert programs["decode_weights"]["output_bytes"] == chip["decode_weights"]
+  assert programs["prefill"]["argument_bytes"] >= chip["decode_weights"]  # prefill reads the decode weights
   assert programs["old_log_probs"]["flops"] > 0 and grads["flops"] == 3 * programs["old_log_probs"]["flops"]
+
+
+def test_plan_sizes_the_kv_pool_as_the_training_program_does(tiny_plan):
+  """The pool takes gpu_memory_utilization (here all) of each chip's free memory beside the trainer's params and
+  optimizer state, after the decode weights, in whole pages; each host's sampler holds it all (its slots on its
+  own 4 chips, one page shard), and the concurrency is counted at the longest response when the mean asked for
+  is longer."""
+  p = tiny_plan
+  chip, ro = p["per_chip"], p["rollout"]
+  assert (ro["decode_rows_per_host"], ro["steps_per_call"], ro["page_size"], ro["page_shards"]) == (1 << 20, 8, 16, 1)
+  assert (ro["cache_length"], ro["pages_per_slot"], ro["prefill_rows"], ro["prefill_width"]) == (72, 5, 256, 32)
+  # A page on each chip: 4 layers x (keys, values) x both KV heads x 16 entries x 32 x 4 bytes.
+  assert ro["page_bytes_per_chip"] == 4 * 2 * 2 * 16 * 32 * 4
+  free = p["hbm_bytes"] - chip["params"] - chip["optimizer_state"] - chip["decode_weights"]
+  assert (ro["sized_by"], ro["memory_utilization"], ro["free_bytes_per_chip_at_sizing"]) == (
+      "gpu_memory_utilization", 1.0, free)
+  assert ro["pages"] == ro["pages_per_host"] == free // ro["page_bytes_per_chip"]
+  assert ro["pool_bytes_per_chip"] == ro["pages"] * ro["page_bytes_per_chip"]
+  assert ro["pool_bytes_per_chip"] <= chip["kv_pool"] <= ro["pool_bytes_per_chip"] + 64 * ro["decode_rows_per_host"]
+  assert ro["pool_gib_per_chip"] == round(ro["pool_bytes_per_chip"] / GIB, 2)
+  assert ro["weight_bytes_per_chip"] == chip["decode_weights"] and ro["pool_error"] is None
+  # Responses of 40 tokens (not 100): 2 full prompt pages a group of 8 shares, ceil(72 / 16) - 2 = 3 pages each.
+  assert (ro["mean_response_length"], ro["counted_response_length"]) == (100, 40)
+  groups, left = divmod(ro["pages"], 2 + 8 * 3)
+  assert ro["concurrent_sequences_per_host"] == 8 * groups + max(0, (left - 2) // 3) < 1 << 20
 
 
 def test_plan_reports_what_does_not_fit_with_the_compilers_numbers(tiny_plan):
   p = tiny_plan
   decode = _program(p, "decode_steps")
   assert not decode["fits"] and "RESOURCE_EXHAUSTED" in decode["error"]
-  assert decode["available_bytes"] == p["hbm_bytes"] < p["per_chip"]["kv_cache"] <= decode["required_bytes"]
+  assert decode["available_bytes"] == p["hbm_bytes"] < decode["required_bytes"]
+  assert p["per_chip"]["kv_pool"] <= decode["required_bytes"]
   phases = {ph["name"]: ph for ph in p["phases"]}
   for name, ph in phases.items():
     program = _program(p, ph["program"])
     program_peak = program["peak_bytes"] if program["fits"] else program["required_bytes"]
     assert ph["peak_bytes"] == sum(ph["resident"].values()) + program_peak, name
     assert ph["fits"] == (program["fits"] and ph["peak_bytes"] <= p["hbm_bytes"]), name
-  # The prefill itself fits, but not beside the decode state; the update side fits.
+  # The pool stays beside the prefill and is the decode steps' argument; the update phases do not hold it (it is
+  # freed before the update).
+  assert phases["rollout: prefill"]["resident"]["kv_pool"] == p["per_chip"]["kv_pool"]
+  assert all("kv_pool" not in ph["resident"] for name, ph in phases.items() if name != "rollout: prefill")
+  # The prefill itself fits, but not beside the pool; the update side fits.
   assert _program(p, "prefill")["fits"] and not phases["rollout: prefill"]["fits"]
   assert phases["micro-batch gradients"]["fits"] and phases["optimizer update"]["fits"]
   assert not p["fits"] and p["peak_phase"] == "rollout: decode steps"
   assert p["peak_bytes"] == max(ph["peak_bytes"] for ph in p["phases"])
 
+
+def test_reports_show_the_rollout_and_its_pool(tiny_plan):
+  """The text report and the README's summary table, from the plan of the fixture."""
+  from dapo_jax.planner import report as plan_report  # pylint: disable=g-import-not-at-top
+  fields = dict(tiny_plan)
+  fields["programs"] = [plan_programs.ProgramMemory(**{k: v for k, v in r.items() if k != "fits"})
+                        for r in fields["programs"]]
+  fields["phases"] = [plan_programs.Phase(**ph) for ph in fields["phases"]]
+  plan = plan_programs.Plan(**fields)
+  ro = tiny_plan["rollout"]
+  text = plan_report.format_plan(plan)
+  assert f"KV pool: {ro['pages']} pages of 16 entries, {ro['pool_gib_per_chip']:.2f} GiB per chip" in text
+  assert "gpu_memory_utilization 1 of the" in text
+  assert f"concurrent sequences per host: {ro['concurrent_sequences_per_host']} of max_prompt_length + 40" in text
+  assert "DOES NOT FIT" in text
+  header, rule, row = plan_report.format_summary([plan]).splitlines()
+  assert header.count("|") == rule.count("|") == row.count("|") == 12
+  assert "KV pool GiB per chip (pages x entries)" in header and "concurrent sequences per host" in header
+  assert (f"| {1 << 20} (8) | {ro['pool_gib_per_chip']:.2f} ({ro['pages']} x 16) | "
+          f"{ro['concurrent_sequences_per_host']} (40) |") in row
 
 
 def test_planned_meshes_keep_tensor_groups_within_a_host():

@@ -5,11 +5,16 @@ attached (`jax.experimental.topologies`). Each device function of a rollout step
 the training program calls it, with the config's worst-case shapes and the program's shardings:
 
   rollout: `decode_weights`, `prefill` (a full prefill batch of the longest prompt bucket) and `decode_steps`
-           (the config's decode slots, each with a KV cache of prompt + response length, attending to all of
-           it), from `dapo_jax/rollout/decoding.py` through a `GroupSampler` on the sampler's mesh (the
-           trainer's on one host; with several hosts each samples on its own chips, tensor parallel, as
-           `train.py` does), reading the sampler's copy of the params (`sharding.decode_rules`, in the compute
-           dtype);
+           (the config's decode slots over the paged KV pool, with a page table of full-length rows), from
+           `dapo_jax/rollout/decoding.py` through a `GroupSampler` built as `rollout_collection.make_sampler`
+           builds it, on the sampler's mesh (the trainer's on one host; with several hosts each samples on its
+           own chips, tensor parallel, as `train.py` does). The decode weights are the rollout's one copy of the
+           weights (`sharding.decode_rules`, in the compute dtype), made from the trainer's params (with several
+           hosts, from an interim copy moved onto each host's chips). The pool is `rollout.num_pages` pages, else
+           sized as the training program sizes it at start (`GroupSampler.pages_for_memory` of each chip's HBM
+           less the trainer's params and optimizer state and the decode weights); it is held from the decode
+           weights on and freed before the update. The plan counts the sequences of max_prompt_length + a mean
+           response length that one host decodes at once (`inputs.concurrent_sequences`);
   update:  the old log-probs, gradients and apply programs of `dapo_jax/rl/step.Updater`, on the
            packed micro-batch that `batching.training_batches` makes when every trajectory
            of a mini-batch has the longest prompt and response: on each host its share of the mini-batch

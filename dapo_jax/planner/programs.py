@@ -150,9 +150,11 @@ class Plan:
                                 # unpadded), mini_batch_rows_per_host, micro_batches_per_update (per host)
   rollout: dict[str, Any]       # the sampler of one host (`rollout_section`): its decode rows (slots), steps
                                 # per call, prefill call, KV pool (pages, page size, bytes per chip, how it was
-                                # sized), the rollout's weights per chip and the sequences it decodes at once
-  per_chip: dict[str, int | None]  # bytes: params, optimizer_state, gradients, sampler_params, decode_weights,
-                                # kv_pool (the decode state: the pool and the slots' vectors)
+                                # sized), the rollout's weights per chip (the decode weights) and the sequences it
+                                # decodes at once
+  per_chip: dict[str, int | None]  # bytes: params, optimizer_state, gradients, sampler_params (the interim copy
+                                # the decode weights are made from on several hosts; 0 on one), decode_weights
+                                # (the rollout's copy), kv_pool (the decode state: the pool and the slots' vectors)
   programs: list[ProgramMemory]
   phases: list[Phase]
   peak_bytes: int | None
@@ -208,26 +210,25 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   model_name, mc = model_config(config, model)
   d = config.data
 
-  # The trainer's params and optimizer state, and the sampler's copy of the params (tensor parallel only:
-  # `sharding.decode_rules`), which the rollout holds beside them.
+  # The trainer's params and optimizer state. The rollout lays out its one copy of the weights from the params
+  # (`GroupSampler.decode_weights`): in one program where the sampler's mesh is the trainer's (one host); with
+  # several hosts, each samples on its own chips from an interim copy of the params, cast to the compute dtype and
+  # moved onto them (tensor parallel only: `sharding.decode_rules`), freed once the decode weights are made.
   abstract = qwen2.abstract_model(mc)
   param_shardings = sharding_lib.param_shardings(abstract, mesh, rules)
   params = _with_shardings(abstract.params, param_shardings)
   sampler_mesh = sampler_mesh_for(devices, mesh)
-  # In the compute dtype, as `train.py` makes it (`policy.sampler_params`).
+  interim = set(sampler_mesh.devices.flat) != set(mesh.devices.flat)
   sampler_params = _with_shardings(
       jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(mc.dtype), p), abstract.params),
-      sharding_lib.param_shardings(abstract, sampler_mesh, sharding_lib.decode_rules(rules)))
+      sharding_lib.param_shardings(abstract, sampler_mesh, sharding_lib.decode_rules(rules))) if interim else None
   optimizer = step.optimizer_from_config(config.actor.optim)
   abstract_opt_state = jax.eval_shape(optimizer.init, params)
   opt_state_shardings = sharding_lib.optimizer_state_shardings(optimizer, abstract_opt_state, param_shardings,
                                                                mesh)
   opt_state = _with_shardings(abstract_opt_state, opt_state_shardings)
   params_bytes, opt_bytes = per_device_bytes(params), per_device_bytes(opt_state)
-  sampler_params_bytes = per_device_bytes(sampler_params)
-  # The sampler params' embedding, final norm and LM head, which decode steps read in place.
-  head_bytes = per_device_bytes({name: sampler_params[name] for name in ("embed", "final_norm", "lm_head")
-                                 if name in sampler_params})
+  sampler_params_bytes = per_device_bytes(sampler_params) if interim else 0
 
   # The largest micro-batch, placed as `batch_placement.put_micro_batches` places it: every host's largest one (its
   # share of a mini-batch split by the token budget), stacked over the hosts.
@@ -269,17 +270,25 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   programs: dict[str, ProgramMemory] = {}
   fwd = forward_flops(mc, rows, width, width)  # packed rows: the LM head runs on every position
   functions = sampler.functions
-  # The decode weights: the arrays `new_decode_arrays` lays out anew, and the sampler params' own head.
+  # The decode weights: every array of them is new (`new_decode_arrays`), made from the interim copy of the
+  # params, or from the trainer's params on one host.
+  weights_source = sampler_params if interim else params
   programs["decode_weights"], weights_compiled = _compile("decode_weights", 0, functions.new_decode_arrays,
-                                                          sampler_params, greedy=sampling.greedy)
-  weights_bytes = programs["decode_weights"].output_bytes if weights_compiled is not None else None
+                                                          weights_source, greedy=sampling.greedy)
+  weights = weights_bytes = None
+  if weights_compiled is not None:
+    new_arrays = jax.eval_shape(functools.partial(functions.new_decode_arrays, greedy=sampling.greedy),
+                                weights_source)
+    weights = weight_layout.with_tied_unembed(_with_shardings(new_arrays, weights_compiled.output_shardings), mc,
+                                              sampling.greedy)
+    weights_bytes = programs["decode_weights"].output_bytes
 
   # The KV pool: rollout.num_pages, else what `GroupSampler.pool_pages(decode_weights_made=False)` takes at the
-  # training program's start, gpu_memory_utilization of each chip's free memory after what is resident then
-  # (the trainer's params and optimizer state, the sampler's params and the decode weights a run lays out).
-  resident_at_sizing = (params_bytes + opt_bytes + sampler_params_bytes
-                        + (weights_bytes if weights_bytes is not None
-                           else sampler._decode_weights_bytes_per_device()))  # pylint: disable=protected-access
+  # training program's start, gpu_memory_utilization of each chip's free memory after what is resident then (the
+  # trainer's params and optimizer state) and the decode weights that a run lays out.
+  resident_at_sizing = params_bytes + opt_bytes + (
+      weights_bytes if weights_bytes is not None
+      else sampler._decode_weights_bytes_per_device())  # pylint: disable=protected-access
   free_at_sizing = max(hbm - resident_at_sizing, 0)
   num_pages = r.num_pages or sampler.pages_for_memory(free_at_sizing)
   # At least one page per shard, so that the programs have a shape to compile for (a pool too small to run is
@@ -299,15 +308,13 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   pool_bytes = per_device_bytes((state.k, state.v))
   page_table = _abstract((slots, sampler.pages_per_slot), jnp.int32, sampler_replicated)
 
-  programs["prefill"], _ = _compile(
-      "prefill", forward_flops(mc, prefill_rows, prefill_width, 1), functions.prefill, sampler_params,
-      _abstract((prefill_rows, prefill_width), jnp.int32, sampler_replicated),
-      _abstract((prefill_rows,), jnp.int32, sampler_replicated))
-  if weights_compiled is not None:
-    new_arrays = jax.eval_shape(functools.partial(functions.new_decode_arrays, greedy=sampling.greedy),
-                                sampler_params)
-    weights = weight_layout.assemble_decode_weights(
-        sampler_params, _with_shardings(new_arrays, weights_compiled.output_shardings), sampling.greedy)
+  # Prefill and decode steps read the decode weights (unknown without a compiled decode_weights: then neither is
+  # compiled, and their phases count as not fitting).
+  if weights is not None:
+    programs["prefill"], _ = _compile(
+        "prefill", forward_flops(mc, prefill_rows, prefill_width, 1), functions.prefill, weights,
+        _abstract((prefill_rows, prefill_width), jnp.int32, sampler_replicated),
+        _abstract((prefill_rows,), jnp.int32, sampler_replicated))
     programs["decode_steps"], _ = _compile(
         "decode_steps", sampler.steps_per_call * decode_step_flops(mc, slots, sampler.cache_length),
         functions.decode_steps, weights, state, page_table, num_steps=sampler.steps_per_call, sampling=sampling)
@@ -320,18 +327,17 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   programs["apply"], _ = _compile("apply", 0, updater.apply_fn, params, opt_state, grads,
                                   _abstract((), jnp.float32, replicated))
 
-  # What stays on the chip beside each program. The rollout keeps the trainer's params and optimizer state;
-  # its run holds the decode weights and the decode state (the KV pool) from `decode_weights` on, so the prefill
-  # phase covers `insert` too (which writes a prefill's output into the pool in place). The pool is freed when the
-  # run closes, before the update. Summing gradients (sum + new gradients) holds no more than the gradient phase
-  # at its end.
+  # What stays on the chip beside each program. The rollout keeps the trainer's params and optimizer state (on one
+  # host the params are decode_weights' argument); its run holds the decode weights and the decode state (the KV
+  # pool) from `decode_weights` on, so the prefill phase covers `insert` too (which writes a prefill's output into
+  # the pool in place). The pool is freed when the run closes, before the update. Summing gradients (sum + new
+  # gradients) holds no more than the gradient phase at its end.
   trainer = {"params": params_bytes, "optimizer_state": opt_bytes}
   phase_specs = [
-      ("rollout: decode weights", "decode_weights", dict(trainer)),
-      ("rollout: prefill", "prefill", dict(trainer, decode_weights=weights_bytes, kv_pool=kv_bytes)),
-      # decode_steps reads the pool, the decode weights and the sampler params' head among its arguments; the
-      # rest of the sampler params stays beside it.
-      ("rollout: decode steps", "decode_steps", dict(trainer, sampler_params=sampler_params_bytes - head_bytes)),
+      ("rollout: decode weights", "decode_weights", dict(trainer) if interim else {"optimizer_state": opt_bytes}),
+      # prefill reads the decode weights; decode_steps the decode weights and the pool.
+      ("rollout: prefill", "prefill", dict(trainer, kv_pool=kv_bytes)),
+      ("rollout: decode steps", "decode_steps", dict(trainer)),
       ("old log-probs", "old_log_probs", {"optimizer_state": opt_bytes}),
       ("micro-batch gradients", "micro_batch_gradients", {"optimizer_state": opt_bytes,
                                                           "gradient_sum": grads_bytes}),
@@ -339,8 +345,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   ]
   phases = []
   for name, program_name, resident in phase_specs:
-    # Without a compiled decode_weights, neither the decode weights' size nor their layout (which decode_steps
-    # is compiled for) is known: such a phase has no peak and counts as not fitting.
+    # Without a compiled decode_weights, neither the decode weights' size nor their layout (which prefill and
+    # decode_steps are compiled for) is known: such a phase has no peak and counts as not fitting.
     program = programs.get(program_name)
     program_peak = None if program is None else program.peak_bytes if program.fits else program.required_bytes
     known = program_peak is not None and None not in resident.values()
@@ -351,7 +357,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   rollout = rollout_section(
       sampler, num_pages=num_pages, sized_by=("rollout.num_pages" if r.num_pages else "gpu_memory_utilization"),
       free_bytes_at_sizing=free_at_sizing, pool_bytes=pool_bytes,
-      weight_bytes=None if weights_bytes is None else sampler_params_bytes + weights_bytes,
+      weight_bytes=weights_bytes,
       group_size=r.n, mean_response_length=mean_response_length, prefill_rows=prefill_rows,
       prefill_width=prefill_width, pool_error=pool_error)
   return Plan(
@@ -378,7 +384,9 @@ def rollout_section(sampler: sampler_lib.GroupSampler, *, num_pages: int, sized_
                     prefill_rows: int, prefill_width: int, pool_error: str | None = None) -> dict[str, Any]:
   """The plan's `rollout` section: one host's sampler (its mesh is the host's own devices, or the one host's), its
   KV pool and the sequences of max_prompt_length + `mean_response_length` tokens it decodes at once
-  (`concurrent_sequences`: no more than its decode rows, nor than its pool's pages hold)."""
+  (`concurrent_sequences`: no more than its decode rows, nor than its pool's pages hold; responses longer than
+  max_response_length are counted at that length, `counted_response_length`)."""
+  counted = min(mean_response_length, sampler.max_response_length)
   return dict(
       decode_rows_per_host=sampler.num_slots, steps_per_call=sampler.steps_per_call,
       prefill_rows=prefill_rows, prefill_width=prefill_width,
@@ -388,9 +396,9 @@ def rollout_section(sampler: sampler_lib.GroupSampler, *, num_pages: int, sized_
       page_bytes_per_chip=sampler.page_bytes_per_device(),
       sized_by=sized_by, memory_utilization=sampler.memory_utilization,
       free_bytes_per_chip_at_sizing=free_bytes_at_sizing, weight_bytes_per_chip=weight_bytes,
-      mean_response_length=mean_response_length,
+      mean_response_length=mean_response_length, counted_response_length=counted,
       concurrent_sequences_per_host=concurrent_sequences(
           num_slots=sampler.num_slots, page_shards=sampler.page_shards,
           pages_per_shard=num_pages // sampler.page_shards, page_size=sampler.page_size,
-          prompt_length=sampler.max_prompt_length, response_length=mean_response_length, group_size=group_size),
+          prompt_length=sampler.max_prompt_length, response_length=counted, group_size=group_size),
       pool_error=pool_error)

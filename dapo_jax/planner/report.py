@@ -4,6 +4,9 @@ from collections.abc import Sequence
 from dapo_jax.planner.programs import GIB, Plan
 
 
+_PER_CHIP_LABELS = {"sampler_params": "interim sampler params (the decode weights' source, several hosts only)"}
+
+
 def gib(value: int | None) -> str:
   """Bytes as GiB with two decimals ("?" for unknown)."""
   return "?" if value is None else f"{value / GIB:.2f}"
@@ -33,14 +36,15 @@ def format_plan(p: Plan) -> str:
       made,
       f"  rollout: {ro['decode_rows_per_host']} decode slots{where}, "
       f"{ro['steps_per_call']} decode step{'s' if ro['steps_per_call'] > 1 else ''} per call; "
-      f"prefill {ro['prefill_rows']} x {ro['prefill_width']}; weights {gib(ro['weight_bytes_per_chip'])} GiB per "
-      "chip (sampler params + decode weights)",
+      f"prefill {ro['prefill_rows']} x {ro['prefill_width']}; its copy of the weights (the decode weights) "
+      f"{gib(ro['weight_bytes_per_chip'])} GiB per chip",
       f"  KV pool: {ro['pages']} pages of {ro['page_size']} entries, {gib(ro['pool_bytes_per_chip'])} GiB per chip "
       f"({_sized_by(ro)}); a full-length response ({ro['cache_length']} entries) takes {ro['pages_per_slot']}",
       f"  concurrent sequences per host: {ro['concurrent_sequences_per_host']} of max_prompt_length + "
-      f"{ro['mean_response_length']} tokens (no more than the decode slots, nor than the pool holds with a group's "
-      "full prompt pages shared)",
-      "  per chip (GiB): " + ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in p.per_chip.items()),
+      f"{ro['counted_response_length']} tokens (no more than the decode slots, nor than the pool holds with a "
+      "group's full prompt pages shared)",
+      "  per chip (GiB): " + ", ".join(f"{_PER_CHIP_LABELS.get(k, k.replace('_', ' '))} {gib(v)}"
+                                       for k, v in p.per_chip.items()),
       f"  {'program':<22} {'args':>8} {'out':>8} {'temp':>8} {'alias':>8} {'peak':>8} {'compile s':>10} "
       f"{'TFLOP/call':>11}",
   ]
@@ -74,14 +78,14 @@ def _sized_by(ro) -> str:
   if ro["sized_by"] == "rollout.num_pages":
     return "rollout.num_pages"
   return (f"gpu_memory_utilization {ro['memory_utilization']:g} of the {gib(ro['free_bytes_per_chip_at_sizing'])} "
-          "GiB free per chip beside the params, optimizer state, sampler params and decode weights")
+          "GiB per chip free beside the trainer's params and optimizer state and the decode weights")
 
 
 def format_summary(plans: Sequence[Plan]) -> str:
   """One line per plan: the table of the README."""
   lines = ["| topology | chips (hosts) | mesh (data, fsdp, tensor) | micro-batch rows x tokens (per device) | "
            "decode slots per host (steps per call) | KV pool GiB per chip (pages x entries) | "
-           "concurrent sequences per host (mean response) | peak GiB (phase) | HBM GiB | fits | rows placeable |",
+           "concurrent sequences per host (response length) | peak GiB (phase) | HBM GiB | fits | rows placeable |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for p in plans:
     mb, ro = p.micro_batch, p.rollout
@@ -90,7 +94,7 @@ def format_summary(plans: Sequence[Plan]) -> str:
                  f"{mb['rows']} x {mb['tokens'] // mb['rows']} ({mb['rows_per_device']}) | "
                  f"{ro['decode_rows_per_host']} ({ro['steps_per_call']}) | "
                  f"{gib(ro['pool_bytes_per_chip'])} ({ro['pages']} x {ro['page_size']}) | "
-                 f"{ro['concurrent_sequences_per_host']} ({ro['mean_response_length']}) | "
+                 f"{ro['concurrent_sequences_per_host']} ({ro['counted_response_length']}) | "
                  f"{gib(p.peak_bytes)} ({p.peak_phase}) | {gib(p.hbm_bytes)} | {'yes' if p.fits else 'no'} | "
                  f"{'yes' if p.rows_split_between_hosts else 'no'} |")
   return "\n".join(lines)

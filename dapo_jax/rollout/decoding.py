@@ -56,6 +56,11 @@ from dapo_jax.rollout.weight_layout import DecodeWeights, new_decode_arrays, wit
 MIN_PREFILL_BUCKET = 16
 """The shortest prefill length bucket (`batching.bucket_length`'s minimum for prompts): prompts are padded to a
 power of two of at least this many tokens, which bounds the number of prefill compilations."""
+UNROLLED_STEPS = 4
+"""`decode_steps` runs up to this many steps unrolled in Python, more in a `lax.scan`: XLA's TPU compiler gives a
+scan that carries the pool temporaries as large as the pool, which a chip the pool fills has no room for, where
+two unrolled steps need little beyond it (`scripts/plan_memory.py` reports a call's temporaries). The steps are
+the same operations either way, so the tokens are too."""
 
 
 def attention_kernel_on(platform: str, num_devices: int, config: Qwen2Config, page_size: int) -> bool:
@@ -204,7 +209,14 @@ def decode_steps(weights: DecodeWeights, config: Qwen2Config, state: DecodeState
                            positions=state.positions + 1)
     return state, emitted
 
-  state, (tokens, logp_sampled, logp_full) = jax.lax.scan(step, state, None, length=num_steps)
+  if num_steps <= UNROLLED_STEPS:
+    emitted = []
+    for _ in range(num_steps):
+      state, out = step(state, None)
+      emitted.append(out)
+    tokens, logp_sampled, logp_full = (jnp.stack(values) for values in zip(*emitted))
+  else:
+    state, (tokens, logp_sampled, logp_full) = jax.lax.scan(step, state, None, length=num_steps)
   return state, DecodeOutput(tokens=tokens.T, logp_sampled=logp_sampled.T, logp_full=logp_full.T)
 
 
@@ -268,11 +280,14 @@ def _attend_layer(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_pool: jax.Ar
                    page_table[jnp.arange(num_slots), jnp.minimum(column, page_table.shape[1] - 1)], num_pages)
   page = jnp.where((page >= 0) & (page < num_pages), page, num_pages)
   offset = lengths % page_size
+  # The KV head is an index of the writes, not a slice: with a sliced head axis XLA's TPU compiler changes the
+  # pool's memory layout around each write after a call's first step (a copy of the layer's pool per write).
+  heads = jnp.arange(kv_heads)[:, None]
   if keys_transposed:  # [kv, pages, d, page_size][:, page, :, offset] is [slots, kv, d]
     k_pool = k_pool.at[:, page, :, offset].set(k.astype(k_pool.dtype), mode="drop")
-  else:  # [kv, pages, page_size, d][:, page, offset] is [kv, slots, d]
-    k_pool = k_pool.at[:, page, offset].set(jnp.swapaxes(k, 0, 1).astype(k_pool.dtype), mode="drop")
-  v_pool = v_pool.at[:, page, offset].set(jnp.swapaxes(v, 0, 1).astype(v_pool.dtype), mode="drop")
+  else:  # [kv, pages, page_size, d][heads, page, offset] is [kv, slots, d]
+    k_pool = k_pool.at[heads, page[None], offset[None]].set(jnp.swapaxes(k, 0, 1).astype(k_pool.dtype), mode="drop")
+  v_pool = v_pool.at[heads, page[None], offset[None]].set(jnp.swapaxes(v, 0, 1).astype(v_pool.dtype), mode="drop")
   out = paged_attention_lib.paged_attention(
       q.reshape(num_slots, kv_heads * group, head_dim), k_pool, v_pool, lengths + 1,
       jnp.clip(page_table, 0, num_pages - 1), keys_transposed=keys_transposed)
