@@ -2,7 +2,8 @@
 packed micro-batches, our micro-batches without packing, and transformers with torch's AdamW.
 
     .venv/bin/python scripts/bench_update.py [--configs 60m] [--num_trajectories 64] [--min_length 64]
-        [--max_length 2048] [--micro_batch_tokens 4096] [--repeats 3] [--remat] [--output results.json]
+        [--max_length 2048] [--micro_batch_tokens 4096] [--repeats 3] [--remat] [--variants ...]
+        [--output results.json]
 
 All three run the same random-weight Qwen2 configuration (CONFIGS, the shapes of scripts/bench_rollout.py: the
 weights are made by transformers, saved, and loaded into our model), in float32 on the CPU, over one fixed batch
@@ -34,7 +35,9 @@ The optimizer is the default config's (`dapo_jax.config.base_config().actor.opti
 eps 1e-8, gradient clipping at the global norm) in both frameworks, at the first rollout step's learning rate
 (`step.learning_rate_at(0, ...)`); the loss settings are the default config's (`step.LossConfig.from_config`).
 Ours rematerialises the decoder layers in the backward pass as the training program does by default
-(model.remat); `--noremat` turns it off. Old log-probs are those of the current weights, so every ratio is 1.
+(model.remat), and transformers then does too (`gradient_checkpointing_enable`, which verl's DAPO recipe turns
+on), so both do the same arithmetic; `--noremat` turns it off in both. Old log-probs are those of the current
+weights, so every ratio is 1. `--variants` runs a subset (ratios and targets of the variants run).
 
 Timing: each variant runs once untimed (which compiles ours: one program per micro-batch shape, or loads it from
 JAX's persistent compilation cache, on as in the training program), then
@@ -91,6 +94,7 @@ CONFIGS = {
                 num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1_000_000.0),
 }
 VARIANTS = ("ours_packed", "ours_padded", "transformers")
+RATIOS = (("ours_packed", "transformers"), ("ours_packed", "ours_padded"), ("ours_padded", "transformers"))
 
 LENGTH_SEED = 16       # the trajectories' lengths
 TOKEN_SEED = 17        # their tokens and advantages
@@ -111,6 +115,8 @@ _REMAT = flags.DEFINE_bool("remat", None, "Rematerialise our decoder layers in t
 _COMPILATION_CACHE_DIR = flags.DEFINE_string(
     "compilation_cache_dir", "auto", "JAX's persistent compilation cache, as the training program's "
     "trainer.compilation_cache_dir (\"auto\": the default directory; \"\": off): a rerun skips compiling ours.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Which of {VARIANTS} to run (ours_padded compiles one "
+                              "program per micro-batch shape: minutes on a CPU).")
 _OUTPUT = flags.DEFINE_string("output", None, "Also write the JSON here.")
 
 
@@ -241,8 +247,10 @@ class Ours:
 class Transformers:
   """transformers' Qwen2ForCausalLM and torch's AdamW with the same settings as ours."""
 
-  def __init__(self, hf_model, train_config, loss_config: step.LossConfig):
+  def __init__(self, hf_model, train_config, loss_config: step.LossConfig, gradient_checkpointing: bool):
     self.model = hf_model.train()
+    if gradient_checkpointing:  # as verl's DAPO recipe (enable_gradient_checkpointing) and as ours with remat
+      self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optim = train_config.actor.optim
     self.learning_rate = step.learning_rate_at(0, optim.lr, optim.warmup_steps)
     self.grad_clip = optim.grad_clip
@@ -340,7 +348,7 @@ def config_results(name: str, train_config, remat: bool) -> dict:
   with tempfile.TemporaryDirectory() as directory:
     hf_model = make_hf_model(name, directory)
     ours = Ours(directory, train_config, remat)
-  theirs = Transformers(hf_model, train_config, ours.updater.loss_config)
+  theirs = Transformers(hf_model, train_config, ours.updater.loss_config, gradient_checkpointing=remat)
   trajectories = make_trajectories(lengths, CONFIGS[name]["vocab_size"])
   groups = padded_groups(lengths.tolist(), budget)
   runs = {
@@ -348,10 +356,11 @@ def config_results(name: str, train_config, remat: bool) -> dict:
       "ours_padded": lambda: ours.run(lambda: ours_padded_batches(trajectories, groups)),
       "transformers": lambda: theirs.run(trajectories, groups),
   }
+  runs = {variant: run for variant, run in runs.items() if variant in _VARIANTS.value}
   warm_up = {variant: run() for variant, run in runs.items()}  # compiles ours
   print(json.dumps({"config": name, "warm_up": {v: {k: r[k] for k in ("seconds", "pg_loss", "grad_norm")}
                                                 for v, r in warm_up.items()}}), flush=True)
-  timed = {variant: [] for variant in VARIANTS}
+  timed = {variant: [] for variant in runs}
   for repeat in range(_REPEATS.value):
     for variant, run in runs.items():
       timed[variant].append(run())
@@ -360,7 +369,7 @@ def config_results(name: str, train_config, remat: bool) -> dict:
             flush=True)
   real_tokens = int(lengths.sum())
   variants = {}
-  for variant in VARIANTS:
+  for variant in runs:
     best = min(timed[variant], key=lambda r: r["seconds"])
     variants[variant] = {
         "seconds": round(best["seconds"], 3), "tokens_per_s": round(real_tokens / best["seconds"], 1),
@@ -372,17 +381,17 @@ def config_results(name: str, train_config, remat: bool) -> dict:
         "warm_up_pg_loss": round(warm_up[variant]["pg_loss"], 6),
         "warm_up_grad_norm": round(warm_up[variant]["grad_norm"], 6),
     }
-  rate = {variant: real_tokens / min(r["seconds"] for r in timed[variant]) for variant in VARIANTS}
-  packed_padding = variants["ours_packed"]["padding_fraction"]
+  rate = {variant: real_tokens / min(r["seconds"] for r in timed[variant]) for variant in runs}
+  ratios = {f"{a}/{b}": round(rate[a] / rate[b], 3) for a, b in RATIOS if a in rate and b in rate}
+  targets = {}
+  if "ours_packed" in rate:
+    targets["packed_padding_fraction_at_most_0.10"] = variants["ours_packed"]["padding_fraction"] <= 0.10
+    if "transformers" in rate:
+      targets["ours_packed_at_least_transformers"] = rate["ours_packed"] >= rate["transformers"]
   result = {
       "config": name, "num_trajectories": len(lengths), "micro_batch_tokens": budget, "real_tokens": real_tokens,
       "lengths": length_summary(lengths), "response_tokens": sum(len(r) for r in trajectories["responses"]),
-      "variants": variants,
-      "ratios": {"ours_packed/transformers": round(rate["ours_packed"] / rate["transformers"], 3),
-                 "ours_packed/ours_padded": round(rate["ours_packed"] / rate["ours_padded"], 3),
-                 "ours_padded/transformers": round(rate["ours_padded"] / rate["transformers"], 3)},
-      "targets": {"packed_padding_fraction_at_most_0.10": packed_padding <= 0.10,
-                  "ours_packed_at_least_transformers": rate["ours_packed"] >= rate["transformers"]},
+      "variants": variants, "ratios": ratios, "targets": targets,
   }
   print(json.dumps({k: result[k] for k in ("config", "ratios", "targets")}), flush=True)
   return result
@@ -395,6 +404,8 @@ def main(argv):
     raise app.UsageError(f"unknown configs: {sorted(unknown)}")
   if not 2 <= _MIN_LENGTH.value <= _MAX_LENGTH.value:
     raise app.UsageError("need 2 <= --min_length <= --max_length (a prompt and a response token at least)")
+  if not _VARIANTS.value or set(_VARIANTS.value) - set(VARIANTS):
+    raise app.UsageError(f"--variants: one or more of {VARIANTS}")
   if _NUM_TRAJECTORIES.value < 1 or _REPEATS.value < 1 or _MICRO_BATCH_TOKENS.value < 1:
     raise app.UsageError("--num_trajectories, --repeats and --micro_batch_tokens must be >= 1")
   cache_dir = runtime.enable_compilation_cache(_COMPILATION_CACHE_DIR.value)  # before anything compiles

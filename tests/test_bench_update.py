@@ -64,3 +64,27 @@ def test_a_tiny_run_reports_every_variant_and_packing_pads_less(tmp_path):
   if result["ratios"]["ours_packed/transformers"] != 1.0:  # rounded to 1.0, the target may go either way
     assert result["targets"]["ours_packed_at_least_transformers"] == (result["ratios"]["ours_packed/transformers"]
                                                                       > 1)
+
+
+def test_a_subset_of_variants_with_remat_reports_only_their_ratios(tmp_path):
+  output = tmp_path / "bench.json"
+  subprocess.run([sys.executable, SCRIPT, "--configs", "tiny", "--num_trajectories", "4", "--min_length", "8",
+                  "--max_length", "32", "--micro_batch_tokens", "64", "--repeats", "1", "--compilation_cache_dir=",
+                  "--variants", "ours_packed,transformers", "--remat", "--output", str(output)],
+                 check=True, capture_output=True, text=True, timeout=300)
+  report = json.loads(output.read_text())
+  assert report["remat"] is True
+  [result] = report["results"]
+  assert set(result["variants"]) == {"ours_packed", "transformers"}
+  assert set(result["ratios"]) == {"ours_packed/transformers"}
+  assert set(result["targets"]) == {"packed_padding_fraction_at_most_0.10", "ours_packed_at_least_transformers"}
+  # Rematerialised on both sides (transformers with gradient checkpointing), still the same update.
+  packed, theirs = result["variants"]["ours_packed"], result["variants"]["transformers"]
+  assert theirs["warm_up_pg_loss"] == pytest.approx(packed["warm_up_pg_loss"], abs=1e-4)
+  assert theirs["warm_up_grad_norm"] == pytest.approx(packed["warm_up_grad_norm"], rel=1e-3)
+
+
+def test_unknown_variants_are_refused():
+  run = subprocess.run([sys.executable, SCRIPT, "--variants", "ours_packed,vllm"], capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode != 0 and "--variants" in run.stderr

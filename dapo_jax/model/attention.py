@@ -14,10 +14,11 @@ Implementations, all with float32 scores and softmax:
             With bfloat16 inputs it needs the default matmul precision: under jax_default_matmul_precision
             "highest" Mosaic refuses its dots ("Mosaic failed to compile TPU kernel: Bad lhs type").
   "gpu":    jax's Pallas flash attention for GPUs (`jax.experimental.pallas.ops.gpu.attention.mha`).
-  "xla":    plain XLA, block-wise over key blocks with an online softmax and a flash-style backward pass
-            (`custom_vjp`), so neither a [s, s] mask nor a [.., s, s] score array exists, for any platform.
-            Every query meets every key block (none is skipped above the diagonal): simple, at twice the
-            arithmetic of a causal kernel.
+  "xla":    plain XLA, block-wise over query blocks: a block of queries is scored against the keys up to
+            its last query (its causal prefix) with an exact softmax, and a flash-style backward pass
+            (`custom_vjp`) recomputes each block's probabilities from the saved log-sum-exp. Neither a [s, s]
+            mask nor a [.., s, s] score array exists; the keys after a block are never scored, so about half
+            of the full rows' arithmetic is skipped (what a causal kernel skips, at block granularity).
   "auto":   the kernel of the platform the program is lowered for (`lax.platform_dependent`: splash on TPU,
             the GPU kernel on CUDA, xla elsewhere). The choice is made at lowering, not from the default backend,
             so a program compiled ahead of time for a TPU topology from a CPU host gets the TPU kernel.
@@ -40,8 +41,10 @@ from jax.sharding import PartitionSpec
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
-XLA_KEY_BLOCK = 512
-"""Keys per block of the XLA implementation: its largest score array is [b, heads, s, XLA_KEY_BLOCK]."""
+XLA_QUERY_BLOCK = 128
+"""Queries per block of the XLA implementation; its largest score array is [b, heads, block, s]."""
+XLA_MAX_QUERY_BLOCKS = 32
+"""The XLA implementation's blocks are unrolled in the program: longer rows get larger blocks rather than more."""
 SPLASH_BLOCK = 512
 """The splash kernel's largest query and key tile (smaller when the padded length is not a multiple)."""
 _LANES = 128  # the splash kernel's key tiles are multiples of a TPU vector register's 128 lanes
@@ -104,60 +107,52 @@ def _pad_length(x: jax.Array, length: int, value=0) -> jax.Array:
 
 # --- XLA -----------------------------------------------------------------------------------------------------
 
-def _key_blocks(k, v, segment_ids, block):
-  """Keys, values, their segment ids and indices split into [num_blocks, ...] blocks of `block` keys; the
-  padding keys get segment id -1, which no query has, so they are never visible."""
-  b, s = segment_ids.shape
-  num_blocks = -(-s // block)
-  length = num_blocks * block
-
-  def split(x):
-    return jnp.moveaxis(x.reshape(b, num_blocks, block, *x.shape[2:]), 1, 0)
-
-  index = jnp.arange(length, dtype=jnp.int32).reshape(num_blocks, block)
-  return (split(_pad_length(k, length)), split(_pad_length(v, length)),
-          split(_pad_length(segment_ids, length, -1)), index)
+def _query_blocks(length: int, block: int) -> list[tuple[int, int]]:
+  """[start, stop) of each query block: `block` queries each (the last may be shorter), fewer and larger blocks
+  when a row would need more than XLA_MAX_QUERY_BLOCKS, so that the unrolled program stays small."""
+  block = max(block, -(-length // XLA_MAX_QUERY_BLOCKS))
+  return [(start, min(start + block, length)) for start in range(0, length, block)]
 
 
-def _block_scores(qg, k_block, q_segments, k_segments, k_index, scale):
-  """Scores [b, kv_heads, group, s, block] (float32) of all queries against one key block, and which of them
-  are visible [b, 1, 1, s, block]."""
-  s = qg.shape[1]
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k_block, preferred_element_type=jnp.float32) * scale
-  visible = ((q_segments[:, :, None] == k_segments[:, None, :])
-             & (jnp.arange(s, dtype=jnp.int32)[:, None] >= k_index[None, :]))
-  return scores, visible[:, None, None]
+def _grouped(x: jax.Array, num_kv_heads: int) -> jax.Array:
+  """[b, s, heads, d] -> [b, kv_heads, group, s, d]: each key/value head's query heads side by side."""
+  b, s, num_heads, d = x.shape
+  return jnp.transpose(x.reshape(b, s, num_kv_heads, num_heads // num_kv_heads, d), (0, 2, 3, 1, 4))
+
+
+def _ungrouped(x: jax.Array) -> jax.Array:
+  b, num_kv_heads, group, s, d = x.shape
+  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, s, num_kv_heads * group, d)
+
+
+def _prefix_scores(qg, kt, segment_ids, start, stop):
+  """Scores [b, kv_heads, group, stop - start, stop] (float32) of queries start..stop-1 against keys 0..stop-1
+  (the causal prefix of the block: the keys after `stop` are invisible to all of them), and which are visible."""
+  scores = jnp.einsum("bkgqd,bktd->bkgqt", qg[:, :, :, start:stop], kt[:, :, :stop],
+                      preferred_element_type=jnp.float32) * qg.shape[-1] ** -0.5
+  same_segment = segment_ids[:, start:stop, None] == segment_ids[:, None, :stop]
+  causal = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
+  return scores, (same_segment & causal)[:, None, None]
 
 
 def _xla_forward(q, k, v, segment_ids, block):
-  b, s, num_heads, d = q.shape
   num_kv_heads = k.shape[2]
-  qg = q.reshape(b, s, num_kv_heads, num_heads // num_kv_heads, d)
-  scale = d ** -0.5
-  stats_shape = (b, num_kv_heads, num_heads // num_kv_heads, s)
-  # Masked scores are the float32 minimum rather than -inf, so a query with nothing visible yet in the blocks
-  # seen so far has finite running statistics; its own key (always visible) later cancels them exactly.
-  low = jnp.finfo(jnp.float32).min
-
-  def step(carry, xs):
-    running_max, denominator, acc = carry
-    k_block, v_block, k_segments, k_index = xs
-    scores, visible = _block_scores(qg, k_block, segment_ids, k_segments, k_index, scale)
-    scores = jnp.where(visible, scores, low)
-    new_max = jnp.maximum(running_max, scores.max(axis=-1))
-    correction = jnp.exp(running_max - new_max)
-    p = jnp.exp(scores - new_max[..., None])
-    denominator = denominator * correction + p.sum(axis=-1)
-    acc = acc * correction[..., None] + jnp.einsum("bkgst,btkd->bkgsd", p.astype(v.dtype), v_block,
-                                                   preferred_element_type=jnp.float32)
-    return (new_max, denominator, acc), None
-
-  init = (jnp.full(stats_shape, low, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-          jnp.zeros((*stats_shape, d), jnp.float32))
-  (running_max, denominator, acc), _ = jax.lax.scan(step, init, _key_blocks(k, v, segment_ids, block))
-  out = acc / denominator[..., None]                                  # [b, kv_heads, group, s, d]
-  out = jnp.moveaxis(out, 3, 1).reshape(b, s, num_heads, d).astype(v.dtype)
-  return out, running_max + jnp.log(denominator)
+  qg = _grouped(q, num_kv_heads)
+  kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)              # [b, kv_heads, s, d]
+  outs, logsumexps = [], []
+  for start, stop in _query_blocks(q.shape[1], block):
+    scores, visible = _prefix_scores(qg, kt, segment_ids, start, stop)
+    # Every query sees at least itself, so the row maximum is finite and the float32 minimum of the masked
+    # scores vanishes in exp.
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    row_max = scores.max(axis=-1, keepdims=True)
+    p = jnp.exp(scores - row_max)
+    denominator = p.sum(axis=-1, keepdims=True)
+    outs.append(jnp.einsum("bkgqt,bktd->bkgqd", p.astype(v.dtype), vt[:, :, :stop],
+                           preferred_element_type=jnp.float32) / denominator)
+    logsumexps.append((row_max + jnp.log(denominator))[..., 0])
+  out = _ungrouped(jnp.concatenate(outs, axis=3)).astype(v.dtype)
+  return out, jnp.concatenate(logsumexps, axis=3)                     # logsumexp [b, kv_heads, group, s]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -171,45 +166,39 @@ def _xla_attention_fwd(q, k, v, segment_ids, block):
 
 
 def _xla_attention_bwd(block, residuals, d_out):
-  """Flash attention's backward pass: each key block's probabilities are recomputed from the saved
+  """Flash attention's backward pass: each query block's probabilities are recomputed from the saved
   log-sum-exp, so the backward pass holds one block of scores at a time, as the forward pass does."""
   q, k, v, segment_ids, out, logsumexp = residuals
-  b, s, num_heads, d = q.shape
-  num_kv_heads = k.shape[2]
-  group = num_heads // num_kv_heads
-  qg = q.reshape(b, s, num_kv_heads, group, d)
-  d_out = d_out.reshape(b, s, num_kv_heads, group, d)
-  scale = d ** -0.5
+  length, num_kv_heads = q.shape[1], k.shape[2]
+  qg = _grouped(q, num_kv_heads)
+  kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  d_out = _grouped(d_out, num_kv_heads).astype(jnp.float32)
   # D_i = sum_d dO_i * O_i, the softmax's backward correction per query.
-  delta = jnp.einsum("bskgd,bskgd->bkgs", d_out.astype(jnp.float32),
-                     out.reshape(b, s, num_kv_heads, group, d).astype(jnp.float32))
-
-  def step(dq, xs):
-    k_block, v_block, k_segments, k_index = xs
-    scores, visible = _block_scores(qg, k_block, segment_ids, k_segments, k_index, scale)
-    p = jnp.where(visible, jnp.exp(scores - logsumexp[..., None]), 0.0)
-    dv = jnp.einsum("bkgst,bskgd->btkd", p, d_out, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bskgd,btkd->bkgst", d_out, v_block, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[..., None]) * scale
-    dq = dq + jnp.einsum("bkgst,btkd->bskgd", ds, k_block, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bkgst,bskgd->btkd", ds, qg, preferred_element_type=jnp.float32)
-    return dq, (dk, dv)
-
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32), _key_blocks(k, v, segment_ids, block))
-
-  def join(x):  # [num_blocks, b, block, kv_heads, d] -> [b, s, kv_heads, d]
-    return jnp.moveaxis(x, 0, 1).reshape(b, -1, num_kv_heads, d)[:, :s]
-
-  return (dq.reshape(q.shape).astype(q.dtype), join(dk).astype(k.dtype), join(dv).astype(v.dtype),
+  delta = jnp.sum(d_out * _grouped(out, num_kv_heads).astype(jnp.float32), axis=-1)
+  scale = q.shape[-1] ** -0.5
+  to_length = lambda x, stop: jnp.pad(x, ((0, 0), (0, 0), (0, length - stop), (0, 0)))
+  dqs, dk, dv = [], 0.0, 0.0
+  for start, stop in _query_blocks(length, block):
+    scores, visible = _prefix_scores(qg, kt, segment_ids, start, stop)
+    p = jnp.where(visible, jnp.exp(scores - logsumexp[:, :, :, start:stop, None]), 0.0)
+    d_out_block = d_out[:, :, :, start:stop]
+    dv = dv + to_length(jnp.einsum("bkgqt,bkgqd->bktd", p, d_out_block), stop)
+    dp = jnp.einsum("bkgqd,bktd->bkgqt", d_out_block, vt[:, :, :stop], preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[:, :, :, start:stop, None]) * scale
+    dqs.append(jnp.einsum("bkgqt,bktd->bkgqd", ds, kt[:, :, :stop], preferred_element_type=jnp.float32))
+    dk = dk + to_length(jnp.einsum("bkgqt,bkgqd->bktd", ds, qg[:, :, :, start:stop],
+                                   preferred_element_type=jnp.float32), stop)
+  dq = _ungrouped(jnp.concatenate(dqs, axis=3))
+  return (dq.astype(q.dtype), jnp.swapaxes(dk, 1, 2).astype(k.dtype), jnp.swapaxes(dv, 1, 2).astype(v.dtype),
           np.zeros(segment_ids.shape, jax.dtypes.float0))
 
 
 _xla_attention.defvjp(_xla_attention_fwd, _xla_attention_bwd)
 
 
-def xla_attention(q, k, v, segment_ids, block: int = XLA_KEY_BLOCK):
-  """The "xla" implementation (see the module docstring); one block when the row is at most `block` long."""
-  return _xla_attention(q, k, v, segment_ids, min(block, q.shape[1]))
+def xla_attention(q, k, v, segment_ids, block: int = XLA_QUERY_BLOCK):
+  """The "xla" implementation (see the module docstring), in query blocks of `block` queries."""
+  return _xla_attention(q, k, v, segment_ids, block)
 
 
 # --- TPU: splash attention -----------------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def assert_same(got, want, tol=TOL):
 
 
 @pytest.mark.parametrize("length,block,num_heads,num_kv_heads", [
-    (37, 8, 4, 2),      # several key blocks, the last one partly padding
+    (37, 8, 4, 2),      # several query blocks, the last one shorter
+    (37, 1, 4, 2),      # more blocks than XLA_MAX_QUERY_BLOCKS: fewer, larger ones
     (37, 512, 4, 2),    # one block
     (24, 8, 3, 3),      # multi-head attention
     (16, 16, 4, 1)])    # one key/value head
@@ -100,7 +101,7 @@ def test_xla_builds_no_score_array_of_the_full_length():
           yield from sizes(sub)
 
   largest = max(sizes(jaxpr.jaxpr))
-  assert largest == 2 * length * block  # one block of scores per head, never [length, length]
+  assert largest == 2 * block * length  # the last query block's scores per head, never [length, length]
 
 
 @pytest.mark.parametrize("length,num_heads,num_kv_heads", [
