@@ -110,3 +110,11 @@ def put_micro_batches(micro_batches: Sequence[Mapping[str, np.ndarray]], mesh: M
   shapes = distributed.global_max(np.concatenate([_local_shape(mb) for mb in micro_batches])).reshape(count, 3)
   return [_place(mb, mesh, rules, -(-int(rows) // shards) * shards, int(prompt_width), int(response_width))
           for mb, (rows, prompt_width, response_width) in zip(micro_batches, shapes)]
+
+
+def process_rows(array: jax.Array) -> np.ndarray:
+  """The rows of a placed batch entry that this process supplied (`put_micro_batches`), with the padding rows it
+  added, in the order it supplied them: its devices' distinct row blocks in order of their first row (the order
+  in which `jax.make_array_from_process_local_data` laid them out)."""
+  blocks = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+  return np.concatenate([np.asarray(blocks[start]) for start in sorted(blocks)])

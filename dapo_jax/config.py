@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rollout.gpu_memory_utilization = 0.5  # share of the devices' free memory the KV pool may take
   c.rollout.num_pages = 0        # pages in the KV pool; 0: sized by gpu_memory_utilization
   c.rollout.decode_steps_per_call = 8      # decode steps fused per device call (EOS checked between calls)
+  # Tokens (real + padding) of a micro-batch of the old-log-prob pass per process, rows x width (verl's
+  # log_prob_max_token_len_per_gpu): forward only, so it may exceed actor.micro_batch_tokens. 0: the same.
+  c.rollout.log_prob_micro_batch_tokens = 0
   c.rollout.val_kwargs = ml_collections.ConfigDict()
   c.rollout.val_kwargs.n = 32
   c.rollout.val_kwargs.temperature = 1.0
@@ -137,6 +140,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = config_dict.placeholder(int)
   c.distributed.initialize = "auto"  # auto | always | never (`distributed.initialize`)
   return c
+
+
+def log_prob_micro_batch_tokens(config: ml_collections.ConfigDict) -> int:
+  """The old-log-prob pass's token budget: rollout.log_prob_micro_batch_tokens, or actor.micro_batch_tokens when 0."""
+  return config.rollout.log_prob_micro_batch_tokens or config.actor.micro_batch_tokens
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -253,6 +261,11 @@ def validate(config: ml_collections.ConfigDict, *, extra_sections: tuple[str, ..
   _check(a.micro_batch_tokens >= d.max_prompt_length + d.max_response_length, "actor.micro_batch_tokens",
          f"({a.micro_batch_tokens}) must fit one full-length trajectory "
          f"(data.max_prompt_length + data.max_response_length = {d.max_prompt_length + d.max_response_length})")
+  _check(r.log_prob_micro_batch_tokens == 0
+         or r.log_prob_micro_batch_tokens >= d.max_prompt_length + d.max_response_length,
+         "rollout.log_prob_micro_batch_tokens",
+         f"({r.log_prob_micro_batch_tokens}) must be 0 (actor.micro_batch_tokens) or fit one full-length "
+         f"trajectory ({d.max_prompt_length + d.max_response_length} tokens)")
   _check(0 <= a.clip_ratio_low < 1 and a.clip_ratio_high >= 0, "actor.clip_ratio_low",
          "clip_ratio_low must be in [0, 1) and clip_ratio_high >= 0")
   _check(a.clip_ratio_c > 1, "actor.clip_ratio_c", f"the dual-clip bound must be > 1, got {a.clip_ratio_c}")
@@ -395,6 +408,7 @@ def single_host_recipe(full_recipe: ml_collections.ConfigDict, *, train_batch_si
   # takes the base config's: FSDP over all its chips, the default decode slots, steps per call and KV pool.
   base = base_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = base.mesh.data, base.mesh.fsdp, base.mesh.tensor
-  for key in ("max_num_seqs", "decode_steps_per_call", "page_size", "gpu_memory_utilization", "num_pages"):
+  for key in ("max_num_seqs", "decode_steps_per_call", "page_size", "gpu_memory_utilization", "num_pages",
+              "log_prob_micro_batch_tokens"):
     c.rollout[key] = base.rollout[key]
   return c

@@ -70,7 +70,8 @@ def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int
   maximum. Ours: `train/unshaped_score` (the reward function's score alone). Of the dynamic-sampling metrics,
   group counts add up; `train/num_gen_batches` is the mean over processes (the prompts drawn /
   data.gen_batch_size); `train/raw_acc` is the mean over every finished group, each process's weighted by its
-  share of them. With one process every value is its own.
+  share of them. `global_seqlen/*` are over the processes' token totals (verl's per data-parallel rank). With one
+  process every value is its own.
   """
   def joined(key, dtype=np.float64):
     return np.concatenate([np.asarray(getattr(p, key), dtype) for p in per_process])
@@ -102,6 +103,12 @@ def step_metrics(per_process: list[ProcessStatistics], *, max_prompt_length: int
   out["reward/timeouts"] = float(sum(p.timeouts for p in per_process))
   out["rollout/preemptions"] = float(sum(p.preemptions for p in per_process))
   out["rollout/kv_pool_utilization"] = float(np.mean([p.kv_pool_utilization for p in per_process]))
+  # verl's global_seqlen/*: the tokens (prompt + response) each data-parallel rank trains on; here a rank is a
+  # process (its rows split evenly over its devices), and no rebalancing follows (docs/algorithm.md section 6).
+  tokens = [int(p.prompt_lengths.sum() + p.response_lengths.sum()) for p in per_process]
+  out.update({"global_seqlen/min": float(min(tokens)), "global_seqlen/max": float(max(tokens)),
+              "global_seqlen/minmax_diff": float(max(tokens) - min(tokens)),
+              "global_seqlen/mean": float(np.mean(tokens))})
   return out, response_lengths, prompt_lengths + response_lengths
 
 

@@ -18,7 +18,7 @@ data-parallel up to the update:
     docs/algorithm.md section 4 apply to each process's stream, and max_num_gen_batches bounds each process;
   * the update is global: mini-batch i is every process's i-th share of actor.ppo_mini_batch_size / P groups,
     and token-mean divides by the token count of the whole mini-batch (docs/algorithm.md section 5);
-    actor.micro_batch_tokens and rollout.max_num_seqs are per process;
+    actor.micro_batch_tokens, rollout.log_prob_micro_batch_tokens and rollout.max_num_seqs are per process;
   * the processes stop together: when the data of one runs out, when one has spent its generation batches
     (the run fails everywhere), or after the step in which one was sent SIGTERM;
   * metrics are the whole step's (group counts summed, scores and lengths over every process's groups, raw
@@ -28,6 +28,7 @@ data-parallel up to the update:
     of processes it was saved with.
 With one process each rule is the single-host one.
 """
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from dapo_jax import batch_placement
 from dapo_jax import checkpoint as checkpoint_lib
 from dapo_jax import config as config_lib
 from dapo_jax import distributed
+from dapo_jax import old_log_probs
 from dapo_jax import policy
 from dapo_jax import rollout_collection
 from dapo_jax import scoring
@@ -183,8 +185,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       break
     gen_time = time.time() - step_start
 
-    # 4-5. Group advantages, then old log-probs (before any update of this step). Each process places its own
-    # rows; every mini-batch is global, and the old log-probs stay on the devices.
+    # 4-5. Group advantages, then old log-probs (before any update of this step) in micro-batches of their own
+    # budget. Each process places its own rows; every mini-batch is global.
     old_start = time.time()
     advantages = advantages_lib.group_advantages(batch.rewards, batch.group_index,
                                                  norm_by_std=config.algorithm.norm_adv_by_std)
@@ -194,10 +196,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows_per_update=config.actor.ppo_mini_batch_size // num_processes * config.rollout.n,
         micro_batch_tokens=config.actor.micro_batch_tokens, pad_id=tokenizer.pad_id,
         max_prompt_width=config.data.max_prompt_length, max_response_width=config.data.max_response_length)
+    old_log_probs.add_old_log_probs(mini_batches, functools.partial(updater.old_log_probs, params), mesh=mesh,
+                                    micro_batch_tokens=config_lib.log_prob_micro_batch_tokens(config))
     mini_batches = [batch_placement.put_micro_batches(micro_batches, mesh) for micro_batches in mini_batches]
     placed = [mb for micro_batches in mini_batches for mb in micro_batches]
-    for mb in placed:
-      mb["old_logp"] = updater.old_log_probs(params, mb)
     mismatch, padding = step.logprob_mismatch(placed), step.padding_fraction(placed)
     old_time = time.time() - old_start
 

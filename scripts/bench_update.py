@@ -17,8 +17,9 @@ accumulation over them:
 
   * ours_packed: what the training program does (dapo_jax/train.py steps 4-6): `rl.batching.training_batches`
     packs the trajectories first-fit into rows of the length bucket of the longest one and groups the rows into
-    micro-batches of budget // width rows; `batch_placement.put_micro_batches` places them on a one-device
-    mesh, `step.Updater.old_log_probs` adds `old_logp` to each, and `step.Updater(...)` runs the update.
+    micro-batches of budget // width rows; `old_log_probs.add_old_log_probs` adds `old_logp` to each (with
+    the same budget, the training program's default), `batch_placement.put_micro_batches` places them on a
+    one-device mesh and `step.Updater(...)` runs the update.
   * ours_padded: the same programs without packing: one trajectory per row, rows right-padded to the longest
     trajectory of their micro-batch. The package builds no such micro-batches for training, so the script
     builds them with `rl.batching.pack` given one trajectory per row (the packed layout, so the Updater runs the
@@ -35,16 +36,16 @@ The optimizer is the default config's (`dapo_jax.config.base_config().actor.opti
 eps 1e-8, gradient clipping at the global norm) in both frameworks, at the first rollout step's learning rate
 (`step.learning_rate_at(0, ...)`); the loss settings are the default config's (`step.LossConfig.from_config`).
 Ours rematerialises the decoder layers in the backward pass as the training program does by default
-(model.remat), and transformers then does too (`gradient_checkpointing_enable`, which verl's DAPO recipe turns
-on), so both do the same arithmetic; `--noremat` turns it off in both. Old log-probs are those of the current
+(model.remat), and transformers then does too (`activation_checkpointing_enable`, what verl's DAPO recipe
+turns on), so both do the same arithmetic; `--noremat` turns it off in both. Old log-probs are those of the current
 weights, so every ratio is 1. `--variants` runs a subset (ratios and targets of the variants run).
 
 Timing: each variant runs once untimed (which compiles ours: one program per micro-batch shape, or loads it from
 JAX's persistent compilation cache, on as in the training program), then
 `repeats` times, the three alternating, and the best run is kept. A run of ours is the micro-batches' building
-and placement (`batching_s`), the old log-prob pass (`old_log_prob_s`) and the update (`update_s`), each waited
-for; a run of transformers is its tensors' building, the no-grad forward for the old log-probs and the
-forward + backward + step, timed the same way. `seconds` is their sum; `tokens_per_s` counts only real tokens
+on the host (`batching_s`), their placement and the old log-prob pass (`old_log_prob_s`) and the update
+(`update_s`), each waited for; a run of transformers is its tensors' building, the no-grad forward for the old
+log-probs and the forward + backward + step, timed the same way. `seconds` is their sum; `tokens_per_s` counts only real tokens
 (the sum of the trajectories' lengths) over it; `padding_fraction` is the share of token slots (rows x width
 over the micro-batches) holding no trajectory token (`step.padding_fraction` for ours). The first (untimed)
 run of each variant starts from the same weights (ours padded after one update of ours packed, at a tiny
@@ -55,6 +56,7 @@ as fast as transformers in real tokens/s. The machine may be shared: the load av
 recorded; compare figures from one run only.
 """
 from collections.abc import Sequence
+import functools
 import json
 import os
 import pathlib
@@ -75,6 +77,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 # pylint: disable=wrong-import-position
 from dapo_jax import batch_placement
 from dapo_jax import config as config_lib
+from dapo_jax import old_log_probs
 from dapo_jax import runtime
 from dapo_jax import sharding
 from dapo_jax.model import hf_io
@@ -217,15 +220,25 @@ class Ours:
                                           loss_config=step.LossConfig.from_config(train_config))
     self.learning_rate = step.learning_rate_at(0, optim.lr, optim.warmup_steps)
 
-  def run(self, build) -> dict:
-    """One run: build and place the micro-batches, old log-probs, the update; seconds of each and the result."""
+  def run(self, build, log_prob_tokens: int | None) -> dict:
+    """One run: build the micro-batches, old log-probs, the update; seconds of each and the result.
+
+    `log_prob_tokens`: the old-log-prob pass's token budget, the pass run as the training program runs it
+    (`old_log_probs.add_old_log_probs`, the micro-batches placed after it); None (the padded micro-batches, whose
+    widths differ): the micro-batches are placed first and each gets its old log-probs in one call.
+    """
     start = time.perf_counter()
-    placed = batch_placement.put_micro_batches(build(), self.mesh)
-    jax.block_until_ready(placed)
+    micro_batches = build()
     built = time.perf_counter()
-    for mb in placed:
-      mb["old_logp"] = self.updater.old_log_probs(self.params, mb)
-    jax.block_until_ready([mb["old_logp"] for mb in placed])
+    if log_prob_tokens:
+      old_log_probs.add_old_log_probs([micro_batches], functools.partial(self.updater.old_log_probs, self.params),
+                                      micro_batch_tokens=log_prob_tokens, mesh=self.mesh)
+      placed = batch_placement.put_micro_batches(micro_batches, self.mesh)
+    else:
+      placed = batch_placement.put_micro_batches(micro_batches, self.mesh)
+      for mb in placed:
+        mb["old_logp"] = self.updater.old_log_probs(self.params, mb)
+    jax.block_until_ready(placed)
     old = time.perf_counter()
     self.params, self.opt_state, metrics = self.updater(self.params, self.opt_state, placed,
                                                         learning_rate=self.learning_rate)
@@ -250,7 +263,7 @@ class Transformers:
   def __init__(self, hf_model, train_config, loss_config: step.LossConfig, gradient_checkpointing: bool):
     self.model = hf_model.train()
     if gradient_checkpointing:  # as verl's DAPO recipe (enable_gradient_checkpointing) and as ours with remat
-      self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+      self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     optim = train_config.actor.optim
     self.learning_rate = step.learning_rate_at(0, optim.lr, optim.warmup_steps)
     self.grad_clip = optim.grad_clip
@@ -352,8 +365,8 @@ def config_results(name: str, train_config, remat: bool) -> dict:
   trajectories = make_trajectories(lengths, CONFIGS[name]["vocab_size"])
   groups = padded_groups(lengths.tolist(), budget)
   runs = {
-      "ours_packed": lambda: ours.run(lambda: ours_packed_batches(trajectories, budget)),
-      "ours_padded": lambda: ours.run(lambda: ours_padded_batches(trajectories, groups)),
+      "ours_packed": lambda: ours.run(lambda: ours_packed_batches(trajectories, budget), budget),
+      "ours_padded": lambda: ours.run(lambda: ours_padded_batches(trajectories, groups), None),
       "transformers": lambda: theirs.run(trajectories, groups),
   }
   runs = {variant: run for variant, run in runs.items() if variant in _VARIANTS.value}

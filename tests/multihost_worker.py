@@ -9,6 +9,7 @@ the mini-batch gradients and one DAPO update, save and restore an orbax checkpoi
 samples greedily on its own devices from weights resharded out of the trainer's layout. Process 0 writes
 WORKDIR/outputs.npz (everything gathered); each writes its greedy tokens.
 """
+import functools
 import json
 import os
 import sys
@@ -24,10 +25,12 @@ def main(process_id: int, num_processes: int, coordinator_address: str, workdir:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from dapo_jax import batch_placement  # pylint: disable=g-import-not-at-top
+  from dapo_jax import old_log_probs  # pylint: disable=g-import-not-at-top
   from dapo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from dapo_jax import sharding  # pylint: disable=g-import-not-at-top
   from dapo_jax.model import hf_io  # pylint: disable=g-import-not-at-top
   from dapo_jax.model import qwen2  # pylint: disable=g-import-not-at-top
+  from dapo_jax.rl import batching  # pylint: disable=g-import-not-at-top
   from dapo_jax.rl import step  # pylint: disable=g-import-not-at-top
   from dapo_jax.rollout import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
   from dapo_jax.rollout.sampling import GREEDY  # pylint: disable=g-import-not-at-top
@@ -57,6 +60,25 @@ def main(process_id: int, num_processes: int, coordinator_address: str, workdir:
   updater = step.Updater.for_state(params, opt_state, optimizer=optimizer, model_config=config,
                                    loss_config=loss_config)
   old_logps = [updater.old_log_probs(params, mb) for mb in placed]
+
+  # The old-log-prob pass in micro-batches of its own budget (3 rows a call; the update's have 2) gives each
+  # process the log-probs of its own rows, as one call per update micro-batch does. The processes have
+  # different numbers of rows, so they agree on the calls.
+  rng = np.random.default_rng(process_id)
+  count = 7 if process_id == 0 else 3
+  prompts = [rng.integers(1, config.vocab_size, rng.integers(1, 6)).tolist() for _ in range(count)]
+  responses = [rng.integers(1, config.vocab_size, rng.integers(1, 9)).tolist() for _ in range(count)]
+  [packed] = batching.training_batches(prompts, responses, [np.zeros(len(r), np.float32) for r in responses],
+                                       np.ones(count, np.float32), np.zeros(count, bool), rows_per_update=count,
+                                       micro_batch_tokens=2 * 16, pad_id=0, max_prompt_width=5, max_response_width=11)
+  old_log_probs.add_old_log_probs([packed], functools.partial(updater.old_log_probs, params),
+                                  micro_batch_tokens=3 * 16, mesh=mesh)
+  expected = [batch_placement.process_rows(updater.old_log_probs(params, mb)) for mb in
+              batch_placement.put_micro_batches([{k: v for k, v in mb.items() if k != "old_logp"} for mb in packed],
+                                                mesh)]
+  for mb, want in zip(packed, expected):
+    rows, width = mb["old_logp"].shape
+    np.testing.assert_allclose(mb["old_logp"], want[:rows, :width], rtol=1e-5, atol=1e-6)
 
   # Devices listed so that jax's own layout would give every tensor pair one device of each process (as jax lays
   # a tensor axis of 4 across two v5p hosts): make_mesh lays the mesh out process-major instead, each process

@@ -195,6 +195,8 @@ def _valid():
     (lambda c: setattr(c.algorithm.filter_groups, "metric", "seq_reward"), "config.algorithm.filter_groups.metric"),
     (lambda c: setattr(c.data, "truncation", "right"), "config.data.truncation"),
     (lambda c: setattr(c.actor, "micro_batch_tokens", 1000), "config.actor.micro_batch_tokens"),
+    (lambda c: setattr(c.rollout, "log_prob_micro_batch_tokens", 1000),
+     "config.rollout.log_prob_micro_batch_tokens"),
     (lambda c: setattr(c.model, "hf_checkpoint", None), "config.model.hf_checkpoint"),
     (lambda c: setattr(c.data, "train_files", ""), "config.data.train_files"),
     (lambda c: setattr(c.data, "val_files", "a.parquet,,b.parquet"), "config.data.val_files"),

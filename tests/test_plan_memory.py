@@ -50,6 +50,11 @@ def test_worst_case_micro_batch_follows_the_token_budget_and_pads_rows_to_the_da
   assert plan_inputs.micro_batch_rows(c) == 5
   c.actor.micro_batch_tokens = 59  # less than one row: a row still gets a micro-batch of its own
   assert plan_inputs.micro_batch_rows(c) == 1
+  # The old-log-prob pass's budget: 12 rows of 60 (of the mini-batch's 16 x 8 = 128).
+  c.rollout.log_prob_micro_batch_tokens = 60 * 12 + 59
+  budget = config_lib.log_prob_micro_batch_tokens(c)
+  assert plan_inputs.micro_batch_rows(c, budget=budget) == 12
+  assert plan_inputs.worst_case_micro_batch(c, data_parallel=8, budget=budget)["input_ids"].shape == (16, 60)
 
 
 def test_worst_case_micro_batch_stacks_every_hosts_rows():
@@ -145,7 +150,8 @@ def tiny_plan():
   command = [sys.executable, str(REPO / "scripts" / "plan_memory.py"), "--config", str(REPO / "configs" / "default.py"),
              "--topology", "v5p:2x2x2", "--config.mesh.fsdp=4", "--config.mesh.tensor=2",
              f"--config.rollout.max_num_seqs={1 << 20}", "--config.rollout.gpu_memory_utilization=1.0",
-             f"--config.actor.micro_batch_tokens={63 * 72}", "--mean_response_length=100", "--json"]
+             f"--config.actor.micro_batch_tokens={63 * 72}", f"--config.rollout.log_prob_micro_batch_tokens={16 * 72}",
+             "--mean_response_length=100", "--json"]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
   (plan,) = json.loads(result.stdout)
@@ -178,6 +184,7 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   assert (mb["mini_batch_rows_per_host"], mb["rows_per_host"], mb["micro_batches_per_update"]) == (64, 63, 2)
   assert (mb["rows"], mb["padding_rows"], mb["width"]) == (128, 2, 72)
   assert mb["tokens"] == 128 * 72 and (mb["rows_per_device"], mb["data_parallel"]) == (32, 4)
+  assert mb["log_prob_rows"] == 2 * 16  # the old-log-prob pass's own budget: 16 rows a host
   assert p["mesh_layout"].startswith("jax.make_mesh's physical layout")
 
   programs = {r["name"]: r for r in p["programs"]}
@@ -196,7 +203,8 @@ def test_plan_reports_per_chip_bytes_that_add_up(tiny_plan):
   assert programs["decode_weights"]["argument_bytes"] >= chip["sampler_params"]
   assert programs["decode_weights"]["output_bytes"] == chip["decode_weights"]
   assert programs["prefill"]["argument_bytes"] >= chip["decode_weights"]  # prefill reads the decode weights
-  assert programs["old_log_probs"]["flops"] > 0 and grads["flops"] == 3 * programs["old_log_probs"]["flops"]
+  # The gradients' forward and backward over 128 rows; the old log-probs' forward over their 32.
+  assert programs["old_log_probs"]["flops"] > 0 and grads["flops"] == 3 * 4 * programs["old_log_probs"]["flops"]
 
 
 def test_plan_sizes_the_kv_pool_as_the_training_program_does(tiny_plan):

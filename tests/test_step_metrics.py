@@ -40,9 +40,13 @@ def test_step_metrics_of_two_processes_by_hand():
   assert out["train/num_gen_batches"] == 1.5  # prompts drawn / data.gen_batch_size
   assert out["train/raw_acc"] == (0.25 * 2 + 0.5 * 6) / 8  # over the 8 finished groups
   assert (out["train/overlong_masked"], out["reward/timeouts"]) == (1.0, 2.0)
+  # Tokens per process (verl's global_seqlen per rank): 3 + 9 + 4 + 4 = 20 and 9 + 9 + 6 + 6 = 30.
+  assert (out["global_seqlen/min"], out["global_seqlen/max"], out["global_seqlen/minmax_diff"],
+          out["global_seqlen/mean"]) == (20.0, 30.0, 10.0, 25.0)
   # One process: its own values, exactly.
   alone, _, _ = step_metrics.step_metrics([second], **lengths)
   assert alone["train/raw_acc"] == 0.5 and alone["train/num_gen_batches"] == 2.0
+  assert alone["global_seqlen/min"] == alone["global_seqlen/max"] == 30.0 and alone["global_seqlen/minmax_diff"] == 0
 
 
 def test_throughput_is_per_device():

@@ -115,18 +115,20 @@ def _row_width(config: ml_collections.ConfigDict) -> int:
   return batching.packed_row_width([longest], longest)
 
 
-def micro_batch_rows(config: ml_collections.ConfigDict, num_processes: int = 1) -> int:
+def micro_batch_rows(config: ml_collections.ConfigDict, num_processes: int = 1, budget: int | None = None) -> int:
   """Rows of a process's largest micro-batch: its share of a mini-batch (actor.ppo_mini_batch_size /
   `num_processes` groups of rollout.n, as `train.py` deals them out) of full-length trajectories, one a row,
-  packed into micro-batches of actor.micro_batch_tokens // row width rows (`batching.training_batches`, which
-  runs on each process's share).
+  packed into micro-batches of `budget` // row width rows (`batching.training_batches`, which runs on each
+  process's share). `budget` defaults to the update's, actor.micro_batch_tokens; the old-log-prob pass's is
+  `config.log_prob_micro_batch_tokens(config)` (`old_log_probs.add_old_log_probs`).
   Attention makes the longest rows the worst case: its scores grow with the square of the row width."""
+  budget = config.actor.micro_batch_tokens if budget is None else budget
   count = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
-  return min(count, max(1, config.actor.micro_batch_tokens // _row_width(config)))
+  return min(count, max(1, budget // _row_width(config)))
 
 
-def global_micro_batch_rows(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1
-                            ) -> int:
+def global_micro_batch_rows(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1,
+                            budget: int | None = None) -> int:
   """Rows of the global micro-batch that `batch_placement.put_micro_batches` builds from every process's largest one:
   each process's rows padded up to a multiple of the row blocks it holds (data_parallel / num_processes; a mesh
   from `sharding.make_mesh` gives every process the same number), stacked over the processes."""
@@ -134,16 +136,16 @@ def global_micro_batch_rows(config: ml_collections.ConfigDict, data_parallel: in
     raise ValueError(f"{num_processes} processes cannot split {data_parallel} blocks of batch rows between them "
                      "(sharding.rows_split_between_processes)")
   blocks = data_parallel // num_processes
-  return num_processes * (-(-micro_batch_rows(config, num_processes) // blocks) * blocks)
+  return num_processes * (-(-micro_batch_rows(config, num_processes, budget) // blocks) * blocks)
 
 
-def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1
-                           ) -> dict[str, np.ndarray]:
-  """The largest global micro-batch (`global_micro_batch_rows`) of full-length trajectories packed by
+def worst_case_micro_batch(config: ml_collections.ConfigDict, data_parallel: int = 1, num_processes: int = 1,
+                           budget: int | None = None) -> dict[str, np.ndarray]:
+  """The largest global micro-batch (`global_micro_batch_rows` for `budget`) of full-length trajectories packed by
   `batching.pack` as the training program packs them (one a row), with the arrays it adds (advantages and
-  sampler log-probs in `batching.training_batches`, old log-probs in `train.py`)."""
+  sampler log-probs in `batching.training_batches`, old log-probs in `old_log_probs.add_old_log_probs`)."""
   d = config.data
-  rows = global_micro_batch_rows(config, data_parallel, num_processes)
+  rows = global_micro_batch_rows(config, data_parallel, num_processes, budget)
   batch = batching.pack([[1] * d.max_prompt_length] * rows, [[1] * d.max_response_length] * rows,
                         [[i] for i in range(rows)], row_width=_row_width(config), pad_id=0,
                         advantages=np.zeros(rows, np.float32),

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 
+from dapo_jax import config as config_lib
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import qwen2
 from dapo_jax.planner.inputs import (concurrent_sequences, config_error, decode_step_flops, forward_flops, mesh_for,
@@ -147,7 +148,8 @@ class Plan:
   micro_batch: dict[str, Any]   # the global micro-batch: rows, width (packed), tokens,
                                 # padding_rows (added to fill the data-parallel shards), rows_per_device,
                                 # data_parallel; and each host's part: rows_per_host (the token budget's rows,
-                                # unpadded), mini_batch_rows_per_host, micro_batches_per_update (per host)
+                                # unpadded), mini_batch_rows_per_host, micro_batches_per_update (per host);
+                                # log_prob_rows: the old-log-prob pass's global micro-batch rows
   rollout: dict[str, Any]       # the sampler of one host (`rollout_section`): its decode rows (slots), steps
                                 # per call, prefill call, KV pool (pages, page size, bytes per chip, how it was
                                 # sized), the rollout's weights per chip (the decode weights) and the sequences it
@@ -239,7 +241,12 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   rows, width = batch_np["input_ids"].shape
   update_batch = {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
       ("batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape)) for k, v in batch_np.items()}
-  old_logp_batch = {k: v for k, v in update_batch.items() if k != "old_logp"}
+  # The old-log-prob pass's largest micro-batch: the same rows grouped by its own budget.
+  log_prob_np = worst_case_micro_batch(config, data_parallel, num_processes,
+                                       config_lib.log_prob_micro_batch_tokens(config))
+  log_prob_rows = log_prob_np["input_ids"].shape[0]
+  old_logp_batch = {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
+      ("batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape)) for k, v in log_prob_np.items() if k != "old_logp"}
   rows_per_device = update_batch["input_ids"].sharding.shard_shape(update_batch["input_ids"].shape)[0]
   totals = {"num_tokens": _abstract((), jnp.float32, replicated), "num_seqs": _abstract((), jnp.float32, replicated)}
   loss_config = step.LossConfig.from_config(config)
@@ -318,7 +325,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
     programs["decode_steps"], _ = _compile(
         "decode_steps", sampler.steps_per_call * decode_step_flops(mc, slots, sampler.cache_length),
         functions.decode_steps, weights, state, page_table, num_steps=sampler.steps_per_call, sampling=sampling)
-  programs["old_log_probs"], _ = _compile("old_log_probs", fwd, updater.old_log_probs_fn, params, old_logp_batch)
+  programs["old_log_probs"], _ = _compile("old_log_probs", forward_flops(mc, log_prob_rows, width, width),
+                                          updater.old_log_probs_fn, params, old_logp_batch)
   programs["micro_batch_gradients"], _ = _compile("micro_batch_gradients", 3 * fwd, updater.gradients_fn, params,
                                                   update_batch, totals)
   grads = _with_shardings(jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params),
@@ -371,7 +379,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
                        padding_rows=rows - num_processes * process_rows, rows_per_device=rows_per_device,
                        data_parallel=data_parallel, rows_per_host=process_rows,
                        mini_batch_rows_per_host=process_share,
-                       micro_batches_per_update=-(-process_share // process_rows)),
+                       micro_batches_per_update=-(-process_share // process_rows),
+                       log_prob_rows=log_prob_rows),
       rollout=rollout,
       per_chip=dict(params=params_bytes, optimizer_state=opt_bytes, gradients=grads_bytes,
                     sampler_params=sampler_params_bytes, decode_weights=weights_bytes, kv_pool=kv_bytes),

@@ -23,7 +23,8 @@ def format_plan(p: Plan) -> str:
   count = mb["micro_batches_per_update"]
   made = (f"  {share} ({mb['mini_batch_rows_per_host']} rows) is split by actor.micro_batch_tokens into "
           f"{count} micro-batch{'es' if count > 1 else ''} of up to {mb['rows_per_host']} "
-          f"row{'s' if mb['rows_per_host'] > 1 else ''}")
+          f"row{'s' if mb['rows_per_host'] > 1 else ''}; the old-log-prob pass's micro-batch "
+          f"(rollout.log_prob_micro_batch_tokens) has {mb['log_prob_rows']} rows")
   where = ""
   if p.num_processes > 1:
     sampler_mesh = " ".join(f"{k}={v}" for k, v in p.sampler_mesh.items())
