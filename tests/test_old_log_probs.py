@@ -25,8 +25,8 @@ def case():
   count = 13
   prompts = [rng.integers(1, 64, rng.integers(1, 6)).tolist() for _ in range(count)]
   responses = [rng.integers(1, 64, rng.integers(1, 12)).tolist() for _ in range(count)]
-  responses[0] = responses[0][:1] + [1] * 10  # one trajectory of 16 tokens at most: the rows are 16 wide
-  prompts[0] = prompts[0][:1] + [1] * 4
+  for i in (0, 8):  # a trajectory of 16 tokens in each mini-batch: the rows are 16 wide
+    prompts[i], responses[i] = prompts[i][:1] + [1] * 4, responses[i][:1] + [1] * 10
 
   def mini_batches():  # two mini-batches (8 and 5 trajectories), micro-batches of 2 rows
     return batching.training_batches(prompts, responses, [np.zeros(len(r), np.float32) for r in responses],

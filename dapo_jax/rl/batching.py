@@ -2,9 +2,9 @@
 
 Training (`training_batches`) packs trajectories, prompt then response, one after another into rows, as verl's
 remove-padding does (`pack`: segment ids, positions restarting per trajectory, per-token values aligned to the
-token predicted). Row widths are length buckets (powers of two) capped at the longest trajectory the config
-allows (data.max_prompt_length + data.max_response_length), so the jitted passes compile once per bucket
-rather than once per batch. Rows are filled first-fit in the batch's own order (so a run is reproducible).
+token predicted). Row widths are length buckets (`row_width_bucket`: four per doubling) capped at the longest
+trajectory the config allows (data.max_prompt_length + data.max_response_length), so the jitted passes compile
+once per bucket rather than once per batch. Rows are filled first-fit in the batch's own order (so a run is reproducible).
 `collate` is the unpacked layout (prompts left-padded, responses right-padded) that SFT uses.
 """
 from collections.abc import Sequence
@@ -63,10 +63,23 @@ def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
           "response_mask": response_mask}
 
 
+def row_width_bucket(length: int, minimum: int = 8) -> int:
+  """The smallest width of the form m * 2^k, m in {4, 5, 6, 7}, that holds `length` (and >= minimum): four steps
+  per doubling (..., 32, 40, 48, 56, 64, 80, ...), so a row wastes at most a fifth of its width on the bucket
+  rather than half, for up to four compiled shapes per doubling instead of one."""
+  if length <= minimum:
+    return minimum
+  step = max(1, (1 << (int(length) - 1).bit_length() - 1) // 4)
+  return -(-int(length) // step) * step
+
+
 def packed_row_width(lengths: Sequence[int], max_width: int) -> int:
-  """The row width of packed micro-batches: the length bucket (`capped_bucket_length`) of the longest trajectory
-  (prompt + response), capped at `max_width` (data.max_prompt_length + data.max_response_length)."""
-  return capped_bucket_length(max(lengths, default=1), max_width)
+  """The row width of packed micro-batches: the `row_width_bucket` of the longest trajectory (prompt +
+  response), capped at `max_width` (data.max_prompt_length + data.max_response_length)."""
+  longest = max(lengths, default=1)
+  if longest > max_width:
+    raise ValueError(f"packed_row_width: a trajectory of {longest} tokens is over the maximum width {max_width}")
+  return min(row_width_bucket(longest), max_width)
 
 
 def training_batches(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],

@@ -72,6 +72,18 @@ def test_training_batches_pack_rows_of_the_bucket_width_into_the_token_budget():
   np.testing.assert_array_equal(second["input_ids"], [[9, 9, 8, 8, 0, 0, 0, 0]])
 
 
+def test_row_width_bucket_has_four_widths_per_doubling():
+  assert [batching.row_width_bucket(n) for n in (1, 8, 9, 11, 16, 17, 33, 42, 56, 57, 65, 100)] == [
+      8, 8, 10, 12, 16, 20, 40, 48, 56, 64, 80, 112]
+  # DAPO's longest response, 20,480 tokens, is a bucket (5 x 2^12); a longest trajectory of 2,048 + 20,480 buckets
+  # to 24,576, capped at the config's maximum.
+  assert batching.row_width_bucket(20480) == 20480 and batching.row_width_bucket(22528) == 24576
+  assert batching.packed_row_width([22528], 22528) == 22528 and batching.packed_row_width([20481], 22528) == 22528
+  assert batching.packed_row_width([30, 57], 72) == 64 and batching.packed_row_width([70], 72) == 72
+  with pytest.raises(ValueError, match="over the maximum width"):
+    batching.packed_row_width([73], 72)
+
+
 def test_pack_rows_is_first_fit_in_order():
   # Row width 8: 5 opens row 0, 4 opens row 1, 3 fits row 0 (5 + 3), 2 fits row 1, 4 opens row 2.
   assert batching.pack_rows([5, 4, 3, 2, 4], 8) == [[0, 2], [1, 3], [4]]
