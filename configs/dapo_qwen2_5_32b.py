@@ -26,6 +26,9 @@ def get_config(arg: str | None = None):
   # full-length trajectories of 2048 + 20480 tokens, the largest budget whose update fits v5p-64 in the memory
   # plan (scripts/plan_memory.py; README, "Memory plan of the 32B recipe"), with splash attention and remat.
   c.actor.micro_batch_tokens = 4 * (2048 + 20480)
+  # The old-log-prob pass (forward only, no activations kept for a backward pass): 32 full-length trajectories per
+  # host per call, half a host's share of a mini-batch; the same memory plan fits it.
+  c.rollout.log_prob_micro_batch_tokens = 32 * (2048 + 20480)
   c.actor.loss_agg_mode = "token-mean"
   c.actor.clip_ratio_low, c.actor.clip_ratio_high, c.actor.clip_ratio_c = 0.2, 0.28, 10.0
   c.actor.optim.lr = 1e-6

@@ -78,6 +78,8 @@ def test_worst_case_micro_batch_stacks_every_hosts_rows():
   big = config_lib.load_config_file(str(REPO / "configs" / "dapo_qwen2_5_32b.py"))
   assert big.actor.micro_batch_tokens == 4 * (2048 + 20480)
   assert plan_inputs.micro_batch_rows(big, num_processes=16) == 4
+  # Its old-log-prob pass takes 32 full-length rows a call: a host's whole share on 16 hosts.
+  assert plan_inputs.micro_batch_rows(big, num_processes=16, budget=config_lib.log_prob_micro_batch_tokens(big)) == 32
   assert plan_inputs.global_micro_batch_rows(big, data_parallel=16, num_processes=16) == 64
   with pytest.raises(ValueError, match="cannot split 6 blocks of batch rows"):
     plan_inputs.global_micro_batch_rows(c, data_parallel=6, num_processes=4)
