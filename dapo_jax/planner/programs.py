@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
+import numpy as np
 
 from dapo_jax import config as config_lib
 from dapo_jax import sharding as sharding_lib
@@ -239,14 +240,17 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   process_rows = micro_batch_rows(config, num_processes)
   process_share = max(1, config.actor.ppo_mini_batch_size // num_processes) * config.rollout.n
   rows, width = batch_np["input_ids"].shape
-  update_batch = {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
-      ("batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape)) for k, v in batch_np.items()}
+
+  def placed(batch: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:  # rows over the data axes
+    return {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
+        ("batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape)) for k, v in batch.items()}
+
+  update_batch = placed(batch_np)
   # The old-log-prob pass's largest micro-batch: the same rows grouped by its own budget.
   log_prob_np = worst_case_micro_batch(config, data_parallel, num_processes,
                                        config_lib.log_prob_micro_batch_tokens(config))
   log_prob_rows = log_prob_np["input_ids"].shape[0]
-  old_logp_batch = {k: _abstract(v.shape, v.dtype, sharding_lib.logical_sharding(
-      ("batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape)) for k, v in log_prob_np.items() if k != "old_logp"}
+  old_logp_batch = placed({k: v for k, v in log_prob_np.items() if k != "old_logp"})
   rows_per_device = update_batch["input_ids"].sharding.shard_shape(update_batch["input_ids"].shape)[0]
   totals = {"num_tokens": _abstract((), jnp.float32, replicated), "num_seqs": _abstract((), jnp.float32, replicated)}
   loss_config = step.LossConfig.from_config(config)
