@@ -68,16 +68,8 @@ from dapo_jax.model import hf_io
 from dapo_jax.rollout import sampler as sampler_lib
 from dapo_jax.rollout.sampling import GREEDY, SamplingParams
 # pylint: enable=wrong-import-position
+from bench_models import CONFIGS, random_hf_model  # pylint: disable=wrong-import-position
 
-# transformers Qwen2Config keyword arguments of the benchmarked shapes.
-CONFIGS = {
-    # The model preset "tiny" of dapo_jax.model.config.
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10_000.0),
-    # ~55M weights (39M of them in the embedding and the untied head), as in issue 4.
-    "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1_000_000.0),
-}
 MODES = {"greedy": GREEDY, "sample": SamplingParams(temperature=1.0, top_p=1.0, top_k=0)}
 
 SCENARIOS = ("uniform", "long_tail")
@@ -197,9 +189,7 @@ def matmuls_only_seconds(hf_config: dict, batch: int, prompt_length: int, new_to
 
 
 def make_models(name: str, directory: str):
-  torch.manual_seed(0)
-  hf_config = transformers.Qwen2Config(max_position_embeddings=4096, **CONFIGS[name])
-  hf_model = transformers.Qwen2ForCausalLM(hf_config).to(torch.float32).eval()
+  hf_model = random_hf_model(name).eval()
   hf_model.generation_config.eos_token_id = None
   hf_model.generation_config.pad_token_id = 0
   hf_model.save_pretrained(directory)

@@ -5,7 +5,7 @@ packed micro-batches, our micro-batches without packing, and transformers with t
         [--max_length 2048] [--micro_batch_tokens 4096] [--repeats 3] [--remat] [--variants ...]
         [--output results.json]
 
-All three run the same random-weight Qwen2 configuration (CONFIGS, the shapes of scripts/bench_rollout.py: the
+All three run the same random-weight Qwen2 configuration (scripts/bench_models.py, shared with bench_rollout.py: the
 weights are made by transformers, saved, and loaded into our model), in float32 on the CPU, over one fixed batch
 of trajectories with long-tailed lengths: `num_trajectories` total lengths (prompt + response) drawn lognormal with
 a fixed seed (LENGTH_SEED), median at 40% of the way from `min_length` to `max_length` on a log scale and sigma
@@ -45,8 +45,8 @@ JAX's persistent compilation cache, on as in the training program), then
 `repeats` times, the three alternating, and the best run is kept. A run of ours is the micro-batches' building
 on the host (`batching_s`), their placement and the old log-prob pass (`old_log_prob_s`) and the update
 (`update_s`), each waited for; a run of transformers is its tensors' building, the no-grad forward for the old
-log-probs and the forward + backward + step, timed the same way. `seconds` is their sum; `tokens_per_s` counts only real tokens
-(the sum of the trajectories' lengths) over it; `padding_fraction` is the share of token slots (rows x width
+log-probs and the forward + backward + step, timed the same way. `seconds` is their sum; `tokens_per_s` counts only
+real tokens (the sum of the trajectories' lengths) over it; `padding_fraction` is the share of token slots (rows x width
 over the micro-batches) holding no trajectory token (`step.padding_fraction` for ours). The first (untimed)
 run of each variant starts from the same weights (ours padded after one update of ours packed, at a tiny
 learning rate), so its loss and gradient norm are printed as a check that the three compute the same update.
@@ -85,17 +85,8 @@ from dapo_jax.rl import batching
 from dapo_jax.rl import loss as loss_lib
 from dapo_jax.rl import step
 # pylint: enable=wrong-import-position
+from bench_models import CONFIGS, random_hf_model  # pylint: disable=wrong-import-position
 
-# transformers Qwen2Config keyword arguments of the benchmarked shapes: those of scripts/bench_rollout.py (copied:
-# importing that script would define its absl flags, whose names collide with these).
-CONFIGS = {
-    # The model preset "tiny" of dapo_jax.model.config.
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10_000.0),
-    # ~55M weights (39M of them in the embedding and the untied head), as in issue 4.
-    "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1_000_000.0),
-}
 VARIANTS = ("ours_packed", "ours_padded", "transformers")
 RATIOS = (("ours_packed", "transformers"), ("ours_packed", "ours_padded"), ("ours_padded", "transformers"))
 
@@ -346,10 +337,8 @@ class Transformers:
 
 
 def make_hf_model(name: str, directory: str):
-  """A random-weight transformers Qwen2 (seed 0), float32, saved to `directory` (as scripts/bench_rollout.py)."""
-  torch.manual_seed(0)
-  hf_config = transformers.Qwen2Config(max_position_embeddings=4096, **CONFIGS[name])
-  hf_model = transformers.Qwen2ForCausalLM(hf_config).to(torch.float32)
+  """`bench_models.random_hf_model(name)`, saved to `directory`."""
+  hf_model = random_hf_model(name)
   hf_model.save_pretrained(directory)
   ATTENTION_IMPLEMENTATION["name"] = hf_model.config._attn_implementation  # pylint: disable=protected-access
   return hf_model
