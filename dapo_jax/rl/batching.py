@@ -4,7 +4,8 @@ Training (`training_batches`) packs trajectories, prompt then response, one afte
 remove-padding does (`pack`: segment ids, positions restarting per trajectory, per-token values aligned to the
 token predicted). Row widths are length buckets (`row_width_bucket`: four per doubling) capped at the longest
 trajectory the config allows (data.max_prompt_length + data.max_response_length), so the jitted passes compile
-once per bucket rather than once per batch. Rows are filled first-fit in the batch's own order (so a run is reproducible).
+once per bucket rather than once per batch. Rows are filled first-fit in the batch's own order (so a run is
+reproducible).
 `collate` is the unpacked layout (prompts left-padded, responses right-padded) that SFT uses.
 """
 from collections.abc import Sequence
@@ -17,12 +18,13 @@ def bucket_length(length: int, minimum: int = 8) -> int:
   return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
-def capped_bucket_length(length: int, maximum: int | None = None) -> int:
-  """`bucket_length(length)`, but no wider than `maximum` (the longest length allowed) when one is given."""
+def capped_bucket_length(length: int, maximum: int | None = None, bucket=bucket_length) -> int:
+  """`bucket(length)` (`bucket_length` or `row_width_bucket`), but no wider than `maximum` (the longest length
+  allowed) when one is given."""
   if maximum is not None and length > maximum:
     raise ValueError(f"capped_bucket_length: length {length} is over the maximum width {maximum}")
-  bucket = bucket_length(length)
-  return bucket if maximum is None else min(bucket, maximum)
+  width = bucket(length)
+  return width if maximum is None else min(width, maximum)
 
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
@@ -76,10 +78,7 @@ def row_width_bucket(length: int, minimum: int = 8) -> int:
 def packed_row_width(lengths: Sequence[int], max_width: int) -> int:
   """The row width of packed micro-batches: the `row_width_bucket` of the longest trajectory (prompt +
   response), capped at `max_width` (data.max_prompt_length + data.max_response_length)."""
-  longest = max(lengths, default=1)
-  if longest > max_width:
-    raise ValueError(f"packed_row_width: a trajectory of {longest} tokens is over the maximum width {max_width}")
-  return min(row_width_bucket(longest), max_width)
+  return capped_bucket_length(max(lengths, default=1), max_width, bucket=row_width_bucket)
 
 
 def training_batches(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
