@@ -12,6 +12,10 @@ import numpy as np
 
 from dapo_jax import batch_placement
 
+INPUTS = ("input_ids", "segment_ids", "positions", "response_mask")
+"""What the pass reads of a packed micro-batch (the response mask zeroes the other positions' values); the
+per-token advantages and sampler log-probs stay on the host."""
+
 
 def add_old_log_probs(mini_batches: Sequence[Sequence[dict[str, np.ndarray]]],
                       log_probs: Callable[[dict[str, jax.Array]], jax.Array], *, micro_batch_tokens: int,
@@ -20,11 +24,11 @@ def add_old_log_probs(mini_batches: Sequence[Sequence[dict[str, np.ndarray]]],
   micro-batches, `training_batches`' layout) in place.
 
   Each mini-batch's rows are regrouped, in order, into micro-batches of `micro_batch_tokens // width` rows (at
-  least one), placed with `put_micro_batches` (with several processes, they agree on the calls and shapes, so
-  every process makes every call) and passed to `log_probs`, the jitted forward pass.
+  least one), their `INPUTS` placed with `put_micro_batches` (with several processes, they agree on the calls and
+  shapes, so every process makes every call) and passed to `log_probs`, the jitted forward pass.
   """
   for micro_batches in mini_batches:
-    rows = {key: np.concatenate([mb[key] for mb in micro_batches]) for key in micro_batches[0]}
+    rows = {key: np.concatenate([mb[key] for mb in micro_batches]) for key in INPUTS}
     count, width = rows["input_ids"].shape
     per_call = max(1, micro_batch_tokens // width)
     calls = [{key: value[first:first + per_call] for key, value in rows.items()}

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from dapo_jax import config as config_lib
+from dapo_jax import old_log_probs
 from dapo_jax import sharding as sharding_lib
 from dapo_jax.model import qwen2
 from dapo_jax.planner.inputs import (concurrent_sequences, config_error, decode_step_flops, forward_flops, mesh_for,
@@ -250,7 +251,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, model: str | None 
   log_prob_np = worst_case_micro_batch(config, data_parallel, num_processes,
                                        config_lib.log_prob_micro_batch_tokens(config))
   log_prob_rows = log_prob_np["input_ids"].shape[0]
-  old_logp_batch = placed({k: v for k, v in log_prob_np.items() if k != "old_logp"})
+  old_logp_batch = placed({k: log_prob_np[k] for k in old_log_probs.INPUTS})
   rows_per_device = update_batch["input_ids"].sharding.shard_shape(update_batch["input_ids"].shape)[0]
   totals = {"num_tokens": _abstract((), jnp.float32, replicated), "num_seqs": _abstract((), jnp.float32, replicated)}
   loss_config = step.LossConfig.from_config(config)
