@@ -1,9 +1,9 @@
 """The embedded default: DAPO on a tiny Qwen2-shaped model and a synthetic arithmetic task, on a 2-core CPU.
 
 Task: "What is a + b * c?" (a in 10..99, b and c in 2..9), responses `b*c=p`, `a+p=s`, `Answer: s`, scored by
-math_dapo. The base model is made by a short supervised warm-up in which half of the reference solutions use
+math_dapo. The base model is made by a short supervised warm-up in which 70% of the reference solutions use
 the wrong order of operations while the reward checks the true a + b * c, so the base sometimes reasons the
-right way and RL has a real behaviour to reinforce (docs/algorithm.md section 12 has the measurements these
+right way (and does its arithmetic well) and RL has a real behaviour to reinforce (docs/algorithm.md section 12 has the measurements these
 settings come from). `python -m dapo_jax.train` with no flags runs it in ./runs/default.
 
 The argument selects a rung of the Table 1 ladder (`--config configs/default.py:grpo`).
@@ -55,10 +55,10 @@ def get_config(arg: str | None = None):
   c.synthetic.num_heldout = 200
   c.synthetic.train_repeats = 4
   c.warmup = ml_collections.ConfigDict()
-  c.warmup.steps = 600
+  c.warmup.steps = 900
   c.warmup.batch_size = 64
   c.warmup.lr = 1e-3
-  c.warmup.wrong_order_fraction = 0.5
+  c.warmup.wrong_order_fraction = 0.7
   if arg:
     config_lib.apply_ablation(c, arg)
   return c
