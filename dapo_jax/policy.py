@@ -5,6 +5,7 @@ the embedded default, the preset after a supervised warm-up on the synthetic tas
 12), cached in the workdir so that a restarted run loads it instead of training it again.
 """
 import dataclasses
+import json
 import logging
 import os
 
@@ -52,6 +53,7 @@ def initial_policy(config: ml_collections.ConfigDict, workdir: str, tokenizer: t
     return _load(config.model.hf_checkpoint, config, mesh)
   base_dir = os.path.join(workdir, "base_model")
   if "warmup" in config and os.path.exists(os.path.join(base_dir, "config.json")):
+    _check_cached_warmup(base_dir, config)
     logging.info("Loading the warmed-up base model cached in %s", base_dir)
     return _load(base_dir, config, mesh)
   model_config = get_preset(config.model.preset, dtype=dtype, param_dtype=param_dtype, remat=config.model.remat)
@@ -65,8 +67,41 @@ def initial_policy(config: ml_collections.ConfigDict, workdir: str, tokenizer: t
   params = _warm_up(params, model_config, config, tokenizer)
   if distributed.is_primary():
     tokenizer.save(base_dir)
+    with open(os.path.join(base_dir, WARMUP_SETTINGS_FILE), "w") as f:
+      json.dump(_warmup_settings(config), f, indent=2)
   hf_io.save_hf_checkpoint(params, model_config, base_dir)  # every process gathers, process 0 writes
   return model_config, params
+
+
+# Written beside the cached base model: the config values its warm-up was made from.
+WARMUP_SETTINGS_FILE = "warmup_settings.json"
+
+
+def _warmup_settings(config: ml_collections.ConfigDict) -> dict:
+  """The config values that decide the warmed-up base model, by dotted key."""
+  settings = {"model.preset": config.model.preset, "trainer.seed": config.trainer.seed,
+              "synthetic.seed": config.synthetic.seed, "synthetic.num_heldout": config.synthetic.num_heldout}
+  settings.update({f"warmup.{key}": value for key, value in config.warmup.items()})
+  return settings
+
+
+def _check_cached_warmup(base_dir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a cached base model made from other warm-up settings than the config's (e.g. by an older default),
+  which would otherwise be reused without a word."""
+  path = os.path.join(base_dir, WARMUP_SETTINGS_FILE)
+  if not os.path.exists(path):
+    raise config_lib.ConfigError(
+        f"{base_dir} holds a base model without {WARMUP_SETTINGS_FILE}, so it cannot be checked against "
+        "config.warmup (it was made by an older version): remove the workdir, or give a new --workdir")
+  with open(path) as f:
+    cached = json.load(f)
+  wanted = _warmup_settings(config)
+  differing = sorted(k for k in wanted.keys() | cached.keys() if cached.get(k) != wanted.get(k))
+  if differing:
+    described = ", ".join(f"{k}={cached.get(k)!r} (config: {wanted.get(k)!r})" for k in differing)
+    raise config_lib.ConfigError(
+        f"{base_dir} was warmed up with {described}: remove the workdir (its checkpoints continue that base "
+        "model), or give a new --workdir")
 
 
 def _load(directory: str, config: ml_collections.ConfigDict, mesh) -> tuple[Qwen2Config, qwen2.Params]:

@@ -167,3 +167,22 @@ def test_each_validation_computes_its_metrics_once(hf_checkpoint, tmp_path, monk
   c.trainer.val_before_train = True
   train.train(c, str(tmp_path))
   assert len(calls) == 3  # before training and after each of the 2 steps
+
+
+def test_a_cached_base_model_from_other_warmup_settings_is_refused(tmp_path):
+  c = _short_config(warmup__steps=2, warmup__batch_size=4)
+  workdir = str(tmp_path)
+  tokenizer = tokenizer_lib.load_tokenizer(policy.prepare_synthetic_task(c, workdir))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+  _, made = policy.initial_policy(c, workdir, tokenizer, mesh)
+  _, reloaded = policy.initial_policy(c, workdir, tokenizer, mesh)  # same settings: the cache is reused
+  for a, b in zip(jax.tree.leaves(made), jax.tree.leaves(reloaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  c.warmup.wrong_order_fraction = 0.25
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"base_model was warmed up with warmup.wrong_order_fraction=0.7 \(config: 0.25\)"):
+    policy.initial_policy(c, workdir, tokenizer, mesh)
+  os.remove(os.path.join(workdir, "base_model", policy.WARMUP_SETTINGS_FILE))  # as an older version left it
+  with pytest.raises(config_lib.ConfigError, match="cannot be checked against config.warmup"):
+    policy.initial_policy(c, workdir, tokenizer, mesh)
