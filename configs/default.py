@@ -4,7 +4,8 @@ Task: "What is a + b * c?" (a in 10..99, b and c in 2..9), responses `b*c=p`, `a
 math_dapo. The base model is made by a short supervised warm-up in which 70% of the reference solutions use
 the wrong order of operations while the reward checks the true a + b * c, so the base does its arithmetic well
 but only sometimes reasons in the right order, and RL has a real behaviour to reinforce (docs/algorithm.md
-section 12 has the measurements these settings come from). `python -m dapo_jax.train` with no flags runs it in ./runs/default.
+section 12 has the measurements these settings come from). `python -m dapo_jax.train` with no flags runs it in
+./runs/default.
 
 The argument selects a rung of the Table 1 ladder (`--config configs/default.py:grpo`).
 """
