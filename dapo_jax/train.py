@@ -37,6 +37,7 @@ import time
 from dapo_jax import runtime  # first: it quiets what TensorFlow prints while clu imports it
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from clu import metric_writers
 import jax
 import ml_collections
@@ -81,7 +82,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_processes, process_index = jax.process_count(), jax.process_index()
   config_lib.validate(config, extra_sections=_EXTRA_SECTIONS, num_processes=num_processes, workdir=workdir)
   preemption = distributed.PreemptionSignal()
-  writer = metric_writers.create_default_writer(workdir, just_logging=not distributed.is_primary())
+  writer = _metric_writer(workdir)
   if distributed.is_primary():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
@@ -274,6 +275,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pool.close()
   writer.close()
   return last_metrics
+
+
+def _metric_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard event files, written by process 0. The console keeps to step_metrics' one line per step unless
+  absl's verbosity is raised (`--verbosity=1`), which logs every metric too (clu's LoggingWriter)."""
+  writers = [metric_writers.SummaryWriter(workdir)] if distributed.is_primary() else []
+  if absl_logging.get_verbosity() >= absl_logging.DEBUG:
+    writers.append(metric_writers.LoggingWriter())
+  return metric_writers.MultiWriter(writers)
 
 
 def main(argv):

@@ -1,7 +1,9 @@
-"""Where a run's first weights come from (a Hugging Face checkpoint directory, or another run's checkpoint), and
-the sampler's copy of them."""
+"""Where a run's first weights come from (a Hugging Face checkpoint directory, another run's checkpoint, or the
+warmed-up base model cached in the workdir), the sampler's copy of them, and what a short run logs."""
+import logging
 import os
 
+from absl import logging as absl_logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -186,3 +188,17 @@ def test_a_cached_base_model_from_other_warmup_settings_is_refused(tmp_path):
   os.remove(os.path.join(workdir, "base_model", policy.WARMUP_SETTINGS_FILE))  # as an older version left it
   with pytest.raises(config_lib.ConfigError, match="cannot be checked against config.warmup"):
     policy.initial_policy(c, workdir, tokenizer, mesh)
+
+
+@pytest.mark.parametrize("verbosity", [0, 1])
+def test_the_console_gets_every_metric_only_when_verbose(hf_checkpoint, tmp_path, caplog, verbosity):
+  previous = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(verbosity)
+  try:
+    with caplog.at_level(logging.INFO):
+      train.train(_short_config(model__hf_checkpoint=hf_checkpoint), str(tmp_path))
+  finally:
+    absl_logging.set_verbosity(previous)
+  assert "step 1/1: score" in caplog.text  # step_metrics' own line, always
+  assert ("Histogram for 'response_length'" in caplog.text) == (verbosity == 1)  # clu's LoggingWriter
+  assert "critic/score/mean" in metrics.read_scalars(str(tmp_path))  # TensorBoard files either way
